@@ -1,0 +1,1 @@
+"""The embedded lab: real QEMU migrations between network namespaces."""

@@ -1,0 +1,168 @@
+"""Links over netlink (pyroute2): bridges, veths, addresses, ring sizes, FDB.
+
+The only module that changes links.  Every function takes the namespace it
+acts in (``None`` for the caller's own).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute, NetNS
+from pyroute2.netlink.exceptions import NetlinkError
+
+from .errors import KernelError
+
+log = logging.getLogger(__name__)
+
+NUD_NOARP = 0x40
+NTF_SELF = 0x02
+NTF_MASTER = 0x04
+NTF_STICKY = 0x40
+
+
+@contextlib.contextmanager
+def _ipr(ns: str | None) -> Iterator[IPRoute]:
+    try:
+        handle = NetNS(ns) if ns else IPRoute()
+    except (OSError, NetlinkError) as exc:
+        raise KernelError(f"cannot open netlink in namespace {ns}: {exc}") from exc
+    try:
+        yield handle
+    except NetlinkError as exc:
+        raise KernelError(f"netlink error in namespace {ns or 'host'}: {exc}") from exc
+    finally:
+        handle.close()
+
+
+def _index(ipr: IPRoute, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise KernelError(f"no link named {ifname}")
+    return int(found[0])
+
+
+def add_bridge(ns: str | None, ifname: str) -> None:
+    with _ipr(ns) as ipr:
+        ipr.link("add", ifname=ifname, kind="bridge")
+        idx = _index(ipr, ifname)
+        # No STP, no forwarding delay: the lab LAN must forward at once.
+        ipr.link("set", index=idx, br_stp_state=0, br_forward_delay=0)
+        ipr.link("set", index=idx, state="up")
+
+
+def add_veth(ns_a: str | None, name_a: str, ns_b: str | None, name_b: str) -> None:
+    """Create a veth pair with one end in each namespace, both up."""
+    with _ipr(ns_a) as ipr:
+        peer: dict[str, str] = {"ifname": name_b}
+        if ns_b != ns_a and ns_b is not None:
+            peer["net_ns_fd"] = ns_b  # created straight in place: names may clash
+        ipr.link("add", ifname=name_a, kind="veth", peer=peer)
+        ipr.link("set", index=_index(ipr, name_a), state="up")
+    with _ipr(ns_b) as ipr:
+        ipr.link("set", index=_index(ipr, name_b), state="up")
+
+
+def set_up(ns: str | None, ifname: str) -> None:
+    with _ipr(ns) as ipr:
+        ipr.link("set", index=_index(ipr, ifname), state="up")
+
+
+def enslave(ns: str | None, ifname: str, bridge: str) -> None:
+    with _ipr(ns) as ipr:
+        ipr.link("set", index=_index(ipr, ifname), master=_index(ipr, bridge), state="up")
+
+
+def add_address(ns: str | None, ifname: str, address: str, prefixlen: int) -> None:
+    with _ipr(ns) as ipr:
+        ipr.addr("add", index=_index(ipr, ifname), address=address, prefixlen=prefixlen)
+
+
+def set_txqueuelen(ns: str | None, ifname: str, qlen: int) -> None:
+    with _ipr(ns) as ipr:
+        ipr.link("set", index=_index(ipr, ifname), txqlen=qlen)
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    ifname: str
+    index: int
+    mac: str
+    txqueuelen: int
+    tx_packets: int
+    tx_dropped: int
+    rx_packets: int
+    master: int | None
+
+
+def info(ns: str | None, ifname: str) -> LinkInfo:
+    with _ipr(ns) as ipr:
+        msg = ipr.get_links(_index(ipr, ifname))[0]
+    stats = msg.get_attr("IFLA_STATS64") or {}
+    return LinkInfo(
+        ifname=ifname,
+        index=msg["index"],
+        mac=msg.get_attr("IFLA_ADDRESS") or "",
+        txqueuelen=msg.get_attr("IFLA_TXQLEN") or 0,
+        tx_packets=stats.get("tx_packets", 0),
+        tx_dropped=stats.get("tx_dropped", 0),
+        rx_packets=stats.get("rx_packets", 0),
+        master=msg.get_attr("IFLA_MASTER"),
+    )
+
+
+def exists(ns: str | None, ifname: str) -> bool:
+    with _ipr(ns) as ipr:
+        return bool(ipr.link_lookup(ifname=ifname))
+
+
+def names(ns: str | None) -> list[str]:
+    with _ipr(ns) as ipr:
+        return [str(m.get_attr("IFLA_IFNAME")) for m in ipr.get_links()]
+
+
+def wait_for(ns: str | None, ifname: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not exists(ns, ifname):
+        if time.monotonic() > deadline:
+            raise KernelError(f"link {ifname} did not appear within {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def pin_mac(ns: str | None, port: str, mac: str) -> None:
+    """Pin ``mac`` to bridge port ``port`` with a sticky static FDB entry.
+
+    A plain static entry still roams when the MAC is seen elsewhere; a
+    sticky one does not (DESIGN §2).
+    """
+    with _ipr(ns) as ipr:
+        idx = _index(ipr, port)
+        ipr.fdb("replace", ifindex=idx, lladdr=mac, state=NUD_NOARP,
+                flags=NTF_MASTER | NTF_STICKY)
+    log.debug("pinned %s to %s in %s", mac, port, ns)
+
+
+def unpin_mac(ns: str | None, port: str, mac: str) -> None:
+    with _ipr(ns) as ipr:
+        idx = _index(ipr, port)
+        try:
+            ipr.fdb("del", ifindex=idx, lladdr=mac, flags=NTF_MASTER)
+        except NetlinkError as exc:
+            if exc.code != 2:  # ENOENT: already gone
+                raise
+    log.debug("unpinned %s from %s in %s", mac, port, ns)
+
+
+def fdb_port_of(ns: str | None, mac: str) -> str | None:
+    """Name of the bridge port the FDB currently maps ``mac`` to."""
+    mac = mac.lower()
+    with _ipr(ns) as ipr:
+        for entry in ipr.fdb("dump"):
+            if (entry.get_attr("NDA_LLADDR") or "").lower() == mac and not entry["flags"] & NTF_SELF:
+                port = ipr.get_links(entry["ifindex"])[0]
+                return str(port.get_attr("IFLA_IFNAME"))
+    return None

@@ -1,0 +1,146 @@
+"""Drive one QEMU live migration over QMP and time its switchover."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import MigrationFailed, QMPError
+from .qmp import Event, Monitor
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[dict[str, Any]], None]
+HookFn = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class MigrationOptions:
+    uri: str
+    downtime_limit_ms: int | None = None
+    max_bandwidth: int | None = None
+    switchover_pause_ms: int = 0
+    timeout_s: float = 600.0
+    resume_timeout_s: float = 60.0
+
+
+@dataclass
+class MigrationResult:
+    status: str = "none"
+    downtime_ms: int | None = None
+    total_time_ms: int | None = None
+    setup_time_ms: int | None = None
+    ram: dict[str, Any] = field(default_factory=dict)
+    src_stop_t: float | None = None
+    completed_t: float | None = None
+    dst_resume_t: float | None = None
+    events: list[tuple[float, str, str]] = field(default_factory=list)
+
+
+def progress_line(info: dict[str, Any]) -> dict[str, Any]:
+    """Pick what an operator wants to see from a ``query-migrate`` answer."""
+    ram = info.get("ram", {})
+    return {
+        "status": info.get("status"),
+        "transferred_mib": round(ram.get("transferred", 0) / 2**20, 1),
+        "remaining_mib": round(ram.get("remaining", 0) / 2**20, 1),
+        "total_mib": round(ram.get("total", 0) / 2**20, 1),
+        "dirty_pages_rate": ram.get("dirty-pages-rate", 0),
+        "pass": ram.get("dirty-sync-count", 0),
+        "expected_downtime_ms": info.get("expected-downtime"),
+    }
+
+
+async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
+                  progress: ProgressFn | None = None,
+                  before_continue: HookFn | None = None) -> MigrationResult:
+    """Run the migration from ``src``; watch ``dst`` for its RESUME.
+
+    Returns when the source reports ``completed`` and the destination runs.
+    Raises :class:`MigrationFailed` when QEMU reports failure or cancel.
+    """
+    res = MigrationResult()
+    caps = [{"capability": "events", "state": True}]
+    if opts.switchover_pause_ms > 0:
+        caps.append({"capability": "pause-before-switchover", "state": True})
+    await src.execute("migrate-set-capabilities", {"capabilities": caps})
+    params: dict[str, Any] = {}
+    if opts.downtime_limit_ms is not None:
+        params["downtime-limit"] = opts.downtime_limit_ms
+    if opts.max_bandwidth is not None:
+        params["max-bandwidth"] = opts.max_bandwidth
+    if params:
+        await src.execute("migrate-set-parameters", params)
+
+    dst_resumed = asyncio.Event()
+
+    async def watch_dst() -> None:
+        assert dst is not None
+        while True:
+            ev = await dst.next_event(1.0)
+            if ev is None:
+                continue
+            res.events.append((ev.received, "dst", ev.name))
+            if ev.name == "RESUME":
+                res.dst_resume_t = ev.received
+                dst_resumed.set()
+                return
+
+    dst_task = asyncio.create_task(watch_dst()) if dst is not None else None
+    try:
+        await src.execute("migrate", {"uri": opts.uri})
+        deadline = time.monotonic() + opts.timeout_s
+        next_poll = 0.0
+        while True:
+            if time.monotonic() > deadline:
+                await src.execute("migrate_cancel")
+                raise MigrationFailed(f"migration did not finish within {opts.timeout_s:.0f} s; cancelled")
+            ev: Event | None = await src.next_event(0.05)
+            if ev is not None:
+                res.events.append((ev.received, "src", ev.name + ":" + str(ev.data.get("status", ""))))
+                if ev.name == "STOP" and res.src_stop_t is None:
+                    res.src_stop_t = ev.received
+                if ev.name == "MIGRATION":
+                    status = ev.data.get("status")
+                    res.status = str(status)
+                    if status == "pre-switchover" and opts.switchover_pause_ms > 0:
+                        if before_continue is not None:
+                            await before_continue()
+                        await asyncio.sleep(opts.switchover_pause_ms / 1000)
+                        await src.execute("migrate-continue", {"state": "pre-switchover"})
+                    elif status == "completed":
+                        res.completed_t = ev.received
+                        break
+                    elif status in ("failed", "cancelled"):
+                        info = await src.execute("query-migrate")
+                        raise MigrationFailed(f"migration {status}: {info.get('error-desc', 'no reason given')}")
+            if progress is not None and time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + 0.5
+                progress(progress_line(await src.execute("query-migrate")))
+        info = await src.execute("query-migrate")
+        res.downtime_ms = info.get("downtime")
+        res.total_time_ms = info.get("total-time")
+        res.setup_time_ms = info.get("setup-time")
+        res.ram = dict(info.get("ram", {}))
+        if progress is not None:
+            progress(progress_line(info))
+        if dst_task is not None:
+            try:
+                await asyncio.wait_for(dst_resumed.wait(), opts.resume_timeout_s)
+            except asyncio.TimeoutError as exc:
+                raise MigrationFailed("the source completed but the destination did not resume "
+                                      f"within {opts.resume_timeout_s:.0f} s") from exc
+        return res
+    except QMPError:
+        raise
+    finally:
+        if dst_task is not None and not dst_task.done():
+            dst_task.cancel()
+            try:
+                await dst_task
+            except (asyncio.CancelledError, QMPError):
+                pass
