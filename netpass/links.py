@@ -33,7 +33,7 @@ def _ipr(ns: str | None) -> Iterator[IPRoute]:
         raise KernelError(f"cannot open netlink in namespace {ns}: {exc}") from exc
     try:
         yield handle
-    except NetlinkError as exc:
+    except (NetlinkError, OSError) as exc:
         raise KernelError(f"netlink error in namespace {ns or 'host'}: {exc}") from exc
     finally:
         handle.close()

@@ -86,7 +86,7 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
                 continue
             res.events.append((ev.received, "dst", ev.name))
             if ev.name == "RESUME":
-                res.dst_resume_t = ev.received
+                res.dst_resume_t = ev.emitted
                 dst_resumed.set()
                 return
 
@@ -103,7 +103,7 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
             if ev is not None:
                 res.events.append((ev.received, "src", ev.name + ":" + str(ev.data.get("status", ""))))
                 if ev.name == "STOP" and res.src_stop_t is None:
-                    res.src_stop_t = ev.received
+                    res.src_stop_t = ev.emitted
                 if ev.name == "MIGRATION":
                     status = ev.data.get("status")
                     res.status = str(status)
@@ -113,7 +113,7 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
                         await asyncio.sleep(opts.switchover_pause_ms / 1000)
                         await src.execute("migrate-continue", {"state": "pre-switchover"})
                     elif status == "completed":
-                        res.completed_t = ev.received
+                        res.completed_t = ev.emitted
                         break
                     elif status in ("failed", "cancelled"):
                         info = await src.execute("query-migrate")

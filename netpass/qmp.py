@@ -22,22 +22,24 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Event:
-    """A QMP event with the monotonic time netpass received it."""
+    """A QMP event.  ``received`` is when netpass read it and ``emitted``
+    when QEMU raised it (QEMU's wall-clock stamp moved onto the monotonic
+    clock); under TCG the two can differ by tens of milliseconds."""
 
     name: str
     data: dict[str, Any]
     received: float
     qemu_time: float
+    emitted: float
 
     @classmethod
     def from_msg(cls, msg: Any) -> Event:
         ts = msg.get("timestamp", {})
-        return cls(
-            name=str(msg["event"]),
-            data=dict(msg.get("data", {})),
-            received=time.monotonic(),
-            qemu_time=ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6,
-        )
+        now_mono, now_wall = time.monotonic(), time.time()
+        qemu_time = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
+        emitted = qemu_time - (now_wall - now_mono) if qemu_time else now_mono
+        return cls(name=str(msg["event"]), data=dict(msg.get("data", {})),
+                   received=now_mono, qemu_time=qemu_time, emitted=min(emitted, now_mono))
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import select
 import socket
@@ -62,7 +63,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted list."""
     if not sorted_values:
         return 0.0
-    rank = max(1, min(len(sorted_values), int(round(q / 100.0 * len(sorted_values) + 0.5))))
+    rank = max(1, min(len(sorted_values), math.ceil(q / 100.0 * len(sorted_values))))
     return sorted_values[rank - 1]
 
 

@@ -1,0 +1,95 @@
+"""Tap file descriptors: /dev/net/tun, fdinfo and pidfd_getfd(2).
+
+The only module that opens taps or takes fds from another process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass
+
+from .errors import KernelError, PermissionProblem
+
+log = logging.getLogger(__name__)
+
+TUNSETIFF = 0x400454CA
+TUNGETIFF = 0x800454D2
+TUNGETVNETHDRSZ = 0x800454D7
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
+SYS_PIDFD_OPEN = 434
+SYS_PIDFD_GETFD = 438
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def open_tap(name: str, vnet_hdr: bool = False) -> int:
+    """Create (or attach to) tap ``name`` in the caller's namespace; return the fd."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+    except OSError as exc:
+        os.close(fd)
+        raise KernelError(f"cannot open tap {name}: {exc}") from exc
+    return fd
+
+
+def pidfd_open(pid: int) -> int:
+    return os.pidfd_open(pid)
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    """Duplicate ``target_fd`` of the process behind ``pidfd`` into ours."""
+    fd = _libc.syscall(SYS_PIDFD_GETFD, pidfd, target_fd, 0)
+    if fd < 0:
+        err = ctypes.get_errno()
+        if err in (1, 13):  # EPERM, EACCES
+            raise PermissionProblem(
+                f"pidfd_getfd refused ({os.strerror(err)}): netpass needs CAP_SYS_PTRACE and "
+                "ptrace rights over QEMU (check kernel.yama.ptrace_scope and the QEMU sandbox)")
+        raise KernelError(f"pidfd_getfd failed: {os.strerror(err)}")
+    return int(fd)
+
+
+@dataclass(frozen=True)
+class TapFd:
+    pid: int
+    fd: int
+    ifname: str
+
+
+_IFF_RE = re.compile(r"^iff:\s*(\S+)", re.M)
+
+
+def tap_fds_of(pid: int) -> list[TapFd]:
+    """Every tun/tap fd that process ``pid`` holds, from /proc/PID/fdinfo."""
+    out: list[TapFd] = []
+    base = f"/proc/{pid}/fd"
+    try:
+        entries = os.listdir(base)
+    except OSError as exc:
+        raise KernelError(f"cannot list fds of pid {pid}: {exc}") from exc
+    for entry in entries:
+        try:
+            if os.readlink(f"{base}/{entry}") != "/dev/net/tun":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{entry}") as fh:
+                m = _IFF_RE.search(fh.read())
+        except OSError:
+            continue
+        if m:
+            out.append(TapFd(pid=pid, fd=int(entry), ifname=m.group(1)))
+    return sorted(out, key=lambda t: t.fd)
+
+
+def vnet_hdr_size(fd: int) -> int:
+    buf = fcntl.ioctl(fd, TUNGETVNETHDRSZ, struct.pack("i", 0))
+    return int(struct.unpack("i", buf)[0])

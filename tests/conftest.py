@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def lab_pids() -> list[int]:
+    """Pids of QEMU processes that belong to any lab run (by their rundir)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmd and b"/run/netpass-lab/" in cmd:
+            out.append(int(entry))
+    return out
+
+
+@pytest.fixture(scope="session")
+def root_required() -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("lab tests must run as root in CI")
+        pytest.skip("lab tests need root: run sudo scripts/test")
+
+
+@pytest.fixture(scope="session")
+def guest_image(root_required: None):
+    from netpass.lab import image
+
+    return image.build()
+
+
+@pytest.fixture
+def no_leftovers(root_required: None):
+    """Fail the test if it leaves a lab namespace or a lab QEMU behind."""
+    from netpass.lab.topology import leftovers
+
+    before_ns = set(leftovers())
+    before_pids = set(lab_pids())
+    yield
+    assert set(leftovers()) - before_ns == set(), "lab namespaces left behind"
+    assert set(lab_pids()) - before_pids == set(), "lab QEMU processes left behind"
+
+
+def run_cli(*args: str, user: str | None = None, timeout: float = 600,
+            **kw: object) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "netpass.cli", *args]
+    if user is not None:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=ROOT, **kw)  # type: ignore[arg-type]

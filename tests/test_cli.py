@@ -1,0 +1,93 @@
+"""The command line: arguments, exit codes, errors that say what to fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from netpass.lab.topology import leftovers
+
+from .conftest import ROOT, run_cli
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["demo", "--rate", "0"], "--rate must be positive"),
+    (["demo", "--rate", "fast"], "--rate must be a number"),
+    (["demo", "--pause-ms", "-5"], "--pause-ms must be zero or more"),
+    (["demo", "--mode", "turbo"], "invalid choice"),
+    (["nosuch"], "invalid choice"),
+])
+def test_bad_arguments(args: list[str], needle: str) -> None:
+    res = run_cli(*args)
+    assert res.returncode == 2
+    assert needle in res.stderr
+
+
+def test_version() -> None:
+    res = run_cli("--version")
+    assert res.returncode == 0 and res.stdout.startswith("netpass ")
+
+
+def _others_can_run_us() -> bool:
+    """Whether user nobody can reach this checkout and its Python."""
+    for path in (ROOT, Path(sys.executable).resolve()):
+        for parent in [path, *path.parents]:
+            if parent.is_dir() and not parent.stat().st_mode & stat.S_IXOTH:
+                return False
+    return True
+
+
+def _as_nobody(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+               *args: str) -> tuple[int, str, str]:
+    """Run the CLI as user nobody for real where possible, else in-process
+    with the effective uid reported as nobody's."""
+    if _others_can_run_us() and not os.environ.get("NETPASS_TEST_INPROCESS"):
+        res = run_cli(*args, user="65534")
+        return res.returncode, res.stdout, res.stderr
+    from netpass import cli, doctor
+
+    monkeypatch.setattr(os, "geteuid", lambda: 65534)
+    monkeypatch.setattr(doctor, "_caps", lambda: 0)
+    rc = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_demo_without_root_says_so(root_required: None, monkeypatch, capsys) -> None:
+    rc, _out, err = _as_nobody(monkeypatch, capsys, "demo")
+    assert rc == 77, err
+    assert "needs root" in err and "sudo" in err
+
+
+def test_doctor_without_root_fails_clearly(root_required: None, monkeypatch, capsys) -> None:
+    rc, out, _err = _as_nobody(monkeypatch, capsys, "doctor", "--json")
+    assert rc == 1
+    data = json.loads(out)
+    assert data["ok"] is False
+    assert data["checks"][0]["name"] == "root" and not data["checks"][0]["ok"]
+
+
+def test_doctor_json_as_root(root_required: None) -> None:
+    before = set(leftovers())
+    res = run_cli("doctor", "--json")
+    data = json.loads(res.stdout)
+    names = {c["name"] for c in data["checks"]}
+    assert {"root", "pidfd_getfd", "tun", "tc_clsact_u32_mirred", "nft_netdev_fwd_dup",
+            "nft_queue", "sch_plug", "vhost_net", "qemu"} <= names
+    assert res.returncode == (0 if data["ok"] else 1)
+    assert data["ok"], data  # this host must be able to run netpass
+    assert "hold (strict ordering)" in data["uses"]
+    # the probes run in a throw-away namespace that is gone afterwards
+    assert not [n for n in os.listdir("/run/netns") if n.startswith("npdoctor-")]
+    assert set(leftovers()) == before
+
+
+def test_doctor_table(root_required: None) -> None:
+    res = run_cli("doctor")
+    assert res.returncode == 0
+    assert "pidfd_getfd" in res.stdout and "capture" in res.stdout
