@@ -93,3 +93,39 @@ def tap_fds_of(pid: int) -> list[TapFd]:
 def vnet_hdr_size(fd: int) -> int:
     buf = fcntl.ioctl(fd, TUNGETVNETHDRSZ, struct.pack("i", 0))
     return int(struct.unpack("i", buf)[0])
+
+
+def readable(fds: list[int]) -> bool:
+    """Whether any of these tap fds has a frame waiting in its ring.
+
+    tun reports POLLIN exactly when its ring is not empty, so this looks at
+    the ring without taking anything from it.
+    """
+    import select
+
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def read_frame(fd: int, bufsize: int = 65_600) -> bytes | None:
+    """One frame (with its virtio-net header, if any), or None if the ring is empty."""
+    try:
+        return os.read(fd, bufsize)
+    except BlockingIOError:
+        return None
+
+
+def ensure_nonblocking(fd: int) -> bool:
+    """Report whether the fd is non-blocking; QEMU opens taps that way.
+
+    The flag lives on the open file description, which is shared with QEMU,
+    so netpass never changes it: it only refuses to read a blocking one.
+    """
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
+
+
+def set_nonblocking(fd: int) -> None:
+    """For taps netpass owns (parking taps) only."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)

@@ -1,0 +1,256 @@
+"""The authenticated channel between ``netpass migrate`` and an agent.
+
+TCP (optionally TLS), one message at a time::
+
+    length  I   bytes after this field (type + payload + mac)
+    type    B   HELLO, CHALLENGE, AUTH, AUTH_OK, ERROR, CONTROL, BATCH
+    payload     JSON for control messages, a wire batch for BATCH
+    mac     16  HMAC-SHA256, truncated, once the handshake is done
+
+Handshake (the token itself never crosses the wire):
+
+    client -> HELLO     {proto, nonce_c}
+    agent  -> CHALLENGE {nonce_s, proof_s = HMAC(token, "server" | nonce_c | nonce_s)}
+    client checks proof_s (so the agent is authenticated too), then
+    client -> AUTH      {proof_c = HMAC(token, "client" | nonce_c | nonce_s)}
+    agent  -> AUTH_OK, or ERROR {code: "auth"} and closes
+
+After it, each direction MACs every message with its own key,
+``HMAC(token, "c2s"|"s2c" | nonce_c | nonce_s)``, over a message counter,
+the type and the payload.  A replayed, reordered, injected or altered
+message fails its MAC; one replayed from another session too, since the
+nonces differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import ssl
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import NetpassError, UsageError
+
+log = logging.getLogger(__name__)
+
+PROTO = 1
+HELLO, CHALLENGE, AUTH, AUTH_OK, ERROR, CONTROL, BATCH = range(1, 8)
+PREFIX = struct.Struct("!IB")
+MAC_LEN = 16
+MAX_MESSAGE = 32 << 20
+HANDSHAKE_TIMEOUT = 10.0
+MIN_TOKEN = 16
+
+
+class ChannelError(NetpassError):
+    """The channel broke or carried something malformed."""
+
+
+class AuthError(ChannelError):
+    """The other end does not hold the same token."""
+
+    exit_code = 3
+
+
+class RemoteError(ChannelError):
+    """The other end reported an error."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def load_token(path: str | Path) -> bytes:
+    """Read a token file; refuse short tokens, warn about loose permissions."""
+    p = Path(path)
+    try:
+        st = p.stat()
+        token = p.read_bytes().strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read token file {p}: {exc.strerror}") from exc
+    if len(token) < MIN_TOKEN:
+        raise UsageError(f"token in {p} is {len(token)} bytes; use at least {MIN_TOKEN} "
+                         "(e.g. head -c 32 /dev/urandom | base64 > FILE)")
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("token file %s is readable by others: chmod 600 it", p)
+    return token
+
+
+def _mac(key: bytes, counter: int, mtype: int, payload: bytes) -> bytes:
+    h = hmac.new(key, struct.pack("!QB", counter, mtype), hashlib.sha256)
+    h.update(payload)
+    return h.digest()[:MAC_LEN]
+
+
+def _derive(token: bytes, label: bytes, nc: bytes, ns: bytes) -> bytes:
+    return hmac.new(token, label + nc + ns, hashlib.sha256).digest()
+
+
+@dataclass
+class Channel:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    send_key: bytes | None = None
+    recv_key: bytes | None = None
+    sent: int = 0
+    received: int = 0
+    bytes_out: int = 0
+    peer: str = "?"
+
+    async def send(self, mtype: int, payload: bytes) -> None:
+        mac = b""
+        if self.send_key is not None:
+            mac = _mac(self.send_key, self.sent, mtype, payload)
+            self.sent += 1
+        size = 1 + len(payload) + len(mac)
+        if size > MAX_MESSAGE:
+            raise ChannelError(f"message of {size} bytes exceeds {MAX_MESSAGE}")
+        # One vectored write: prefix, payload and MAC without joining them.
+        self.writer.writelines([PREFIX.pack(size, mtype), payload, mac])
+        self.bytes_out += PREFIX.size + len(payload) + len(mac)
+        try:
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise ChannelError(f"connection to {self.peer} lost: {exc}") from exc
+
+    async def send_json(self, mtype: int, obj: dict[str, Any]) -> None:
+        await self.send(mtype, json.dumps(obj).encode())
+
+    async def recv(self, timeout: float | None = None) -> tuple[int, bytes]:
+        try:
+            head = await asyncio.wait_for(self.reader.readexactly(PREFIX.size), timeout)
+            size, mtype = PREFIX.unpack(head)
+            if not 1 <= size <= MAX_MESSAGE:
+                raise ChannelError(f"{self.peer} sent a message of {size} bytes: refused")
+            body = await asyncio.wait_for(self.reader.readexactly(size - 1), timeout)
+        except asyncio.IncompleteReadError as exc:
+            raise ChannelError(f"{self.peer} closed the connection") from exc
+        except asyncio.TimeoutError as exc:
+            raise ChannelError(f"{self.peer} sent nothing for {timeout:.0f} s") from exc
+        except (ConnectionError, OSError) as exc:
+            raise ChannelError(f"connection to {self.peer} lost: {exc}") from exc
+        if self.recv_key is not None:
+            if len(body) < MAC_LEN:
+                raise ChannelError(f"{self.peer} sent a message without its MAC")
+            payload, mac = body[:-MAC_LEN], body[-MAC_LEN:]
+            if not hmac.compare_digest(mac, _mac(self.recv_key, self.received, mtype, payload)):
+                raise ChannelError(f"message {self.received} from {self.peer} failed "
+                                   "authentication (altered, replayed or injected)")
+            self.received += 1
+        else:
+            payload = body
+        if mtype == ERROR:
+            err = _json(payload)
+            code = str(err.get("code", "error"))
+            if code == "auth":
+                raise AuthError(str(err.get("message", "authentication failed")))
+            raise RemoteError(code, str(err.get("message", "remote error")))
+        return mtype, payload
+
+    async def recv_json(self, expect: int, timeout: float | None = None) -> dict[str, Any]:
+        mtype, payload = await self.recv(timeout)
+        if mtype != expect:
+            raise ChannelError(f"{self.peer} sent message type {mtype}, expected {expect}")
+        return _json(payload)
+
+    async def close(self) -> None:
+        try:
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 2)
+        except (ConnectionError, OSError, asyncio.TimeoutError, ssl.SSLError):
+            pass
+
+
+def _json(payload: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ChannelError("malformed control message") from exc
+    if not isinstance(obj, dict):
+        raise ChannelError("control message is not an object")
+    return obj
+
+
+def _hexfield(obj: dict[str, Any], key: str, size: int) -> bytes:
+    try:
+        raw = bytes.fromhex(str(obj[key]))
+    except (KeyError, ValueError) as exc:
+        raise ChannelError(f"handshake field {key} missing or malformed") from exc
+    if len(raw) != size:
+        raise ChannelError(f"handshake field {key} has the wrong size")
+    return raw
+
+
+async def client_handshake(ch: Channel, token: bytes) -> None:
+    nc = os.urandom(32)
+    await ch.send_json(HELLO, {"proto": PROTO, "nonce": nc.hex()})
+    msg = await ch.recv_json(CHALLENGE, HANDSHAKE_TIMEOUT)
+    ns = _hexfield(msg, "nonce", 32)
+    proof_s = _hexfield(msg, "proof", 32)
+    if not hmac.compare_digest(proof_s, _derive(token, b"server", nc, ns)):
+        await ch.close()
+        raise AuthError(f"authentication failed: the agent at {ch.peer} does not hold the same "
+                        "token (check --token-file on both hosts)")
+    await ch.send_json(AUTH, {"proof": _derive(token, b"client", nc, ns).hex()})
+    try:
+        await ch.recv_json(AUTH_OK, HANDSHAKE_TIMEOUT)
+    except AuthError as exc:
+        raise AuthError(f"authentication failed: the agent at {ch.peer} refused our token "
+                        f"({exc}); check --token-file on both hosts") from exc
+    ch.send_key = _derive(token, b"c2s", nc, ns)
+    ch.recv_key = _derive(token, b"s2c", nc, ns)
+
+
+async def server_handshake(ch: Channel, token: bytes) -> None:
+    hello = await ch.recv_json(HELLO, HANDSHAKE_TIMEOUT)
+    if hello.get("proto") != PROTO:
+        await ch.send_json(ERROR, {"code": "proto", "message": f"protocol {hello.get('proto')} "
+                                   f"is not supported; this agent speaks {PROTO}"})
+        raise ChannelError(f"{ch.peer} speaks protocol {hello.get('proto')}")
+    nc = _hexfield(hello, "nonce", 32)
+    ns = os.urandom(32)
+    await ch.send_json(CHALLENGE, {"nonce": ns.hex(), "proof": _derive(token, b"server", nc, ns).hex()})
+    auth = await ch.recv_json(AUTH, HANDSHAKE_TIMEOUT)
+    proof_c = _hexfield(auth, "proof", 32)
+    if not hmac.compare_digest(proof_c, _derive(token, b"client", nc, ns)):
+        await ch.send_json(ERROR, {"code": "auth", "message": "wrong token"})
+        raise AuthError(f"client {ch.peer} failed authentication (wrong token)")
+    await ch.send_json(AUTH_OK, {})
+    ch.send_key = _derive(token, b"s2c", nc, ns)
+    ch.recv_key = _derive(token, b"c2s", nc, ns)
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+async def connect(hostport: str, token: bytes, tls_ca: str | None = None,
+                  timeout: float = 10.0) -> Channel:
+    host, port = parse_hostport(hostport)
+    ctx = None
+    if tls_ca:
+        ctx = ssl.create_default_context(cafile=tls_ca)
+        ctx.check_hostname = False  # the token authenticates the agent; TLS adds secrecy
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ctx), timeout)
+    except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        raise ChannelError(f"cannot reach the agent at {hostport}: {exc or 'timed out'}; "
+                           "is 'netpass agent' running there?") from exc
+    ch = Channel(reader, writer, peer=hostport)
+    try:
+        await client_handshake(ch, token)
+    except BaseException:
+        await ch.close()
+        raise
+    return ch

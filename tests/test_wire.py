@@ -1,0 +1,119 @@
+"""The batch decoder: round trips, and property/fuzz tests on hostile input."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from netpass import wire
+from netpass.errors import NetpassError
+from netpass.wire import Frame, WireError
+
+frames_st = st.lists(
+    st.builds(Frame,
+              nic=st.integers(0, 3),
+              vnet_hdr=st.sampled_from([b"", bytes(10), b"\x01" + bytes(9)]),
+              data=st.binary(min_size=14, max_size=300),
+              ts_us=st.integers(0, 2**32 - 1)),
+    max_size=40)
+
+
+@given(frames_st, st.integers(0, 2**64 - 1), st.booleans())
+def test_roundtrip(frames: list[Frame], seq: int, compress: bool) -> None:
+    batch = wire.decode(wire.encode(seq, frames, compress), nic_count=4)
+    assert batch.seq == seq
+    assert batch.frames == frames
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], max_examples=300)
+@given(st.binary(max_size=600))
+def test_random_bytes_never_crash(blob: bytes) -> None:
+    try:
+        wire.decode(blob)
+    except WireError:
+        pass
+
+
+@settings(max_examples=300)
+@given(frames_st.filter(bool), st.data())
+def test_any_single_byte_corruption_is_caught(frames: list[Frame], data: st.DataObject) -> None:
+    blob = bytearray(wire.encode(7, frames, compress=data.draw(st.booleans())))
+    pos = data.draw(st.integers(0, len(blob) - 1))
+    blob[pos] ^= data.draw(st.integers(1, 255))
+    try:
+        batch = wire.decode(bytes(blob), nic_count=4)
+    except WireError:
+        return
+    # Only the seq and ts fields are not covered by the CRC or a check.
+    assert len(batch.frames) == len(frames)
+    assert [f.data for f in batch.frames] == [f.data for f in frames]
+
+
+@given(frames_st.filter(bool), st.data())
+def test_truncation_is_caught(frames: list[Frame], data: st.DataObject) -> None:
+    blob = wire.encode(1, frames)
+    cut = data.draw(st.integers(0, len(blob) - 1))
+    with pytest.raises(WireError):
+        wire.decode(blob[:cut])
+
+
+def _header(**kw: int) -> bytes:
+    fields = dict(magic=wire.MAGIC, version=1, flags=0, reserved=0, seq=0, count=0, raw_len=0,
+                  body_len=0, crc=0)
+    fields.update(kw)  # type: ignore[arg-type]
+    return wire.HEADER.pack(*fields.values())
+
+
+@pytest.mark.parametrize("blob,needle", [
+    (b"", "shorter"),
+    (_header(magic=b"XXXX"), "bad magic"),  # type: ignore[arg-type]
+    (_header(version=9), "version 9"),
+    (_header(flags=0x80), "unknown flags"),
+    (_header(count=10**6), "limit"),
+    (_header(raw_len=1 << 30), "exceed"),
+    (_header(body_len=5), "carries 0"),
+])
+def test_header_defects(blob: bytes, needle: str) -> None:
+    with pytest.raises(WireError, match=needle):
+        wire.decode(blob)
+
+
+def test_decompression_bomb_is_bounded() -> None:
+    import zstandard
+
+    raw = bytes(64 << 20)
+    body = zstandard.ZstdCompressor().compress(raw)
+    blob = _header(flags=1, count=1, raw_len=100, body_len=len(body), crc=zlib.crc32(raw[:100])) + body
+    with pytest.raises(WireError):
+        wire.decode(blob)
+
+
+def test_nic_index_checked_against_session() -> None:
+    blob = wire.encode(0, [Frame(5, b"", bytes(60))])
+    with pytest.raises(WireError, match="NIC index 5"):
+        wire.decode(blob, nic_count=2)
+
+
+def test_encoder_refuses_bad_frames() -> None:
+    with pytest.raises(WireError):
+        wire.encode(0, [Frame(0, b"abc", bytes(60))])
+    with pytest.raises(WireError):
+        wire.encode(0, [Frame(0, b"", bytes(5))])
+    assert issubclass(WireError, NetpassError)
+
+
+def test_garbage_after_records() -> None:
+    raw = wire.RECORD.pack(0, 0, 0, 0, 14) + bytes(14) + b"junk"
+    blob = _header(count=1, raw_len=len(raw), body_len=len(raw), crc=zlib.crc32(raw)) + raw
+    with pytest.raises(WireError, match="garbage"):
+        wire.decode(blob)
+
+
+def test_group_bit() -> None:
+    assert wire.is_group(b"\xff" * 6) and wire.is_group(b"\x01\x00\x5e\x00\x00\x01")
+    assert not wire.is_group(b"\x52\x54\x00\x12\x34\x56")
+    assert struct.calcsize("!4sBBHQIIII") == wire.HEADER.size == 32
