@@ -83,6 +83,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the replies over time")
     demo.add_argument("--cache", type=Path, help="guest image cache (default /var/cache/netpass)")
 
+    agent = sub.add_parser("agent", help="serve migration sessions on this host")
+    agent.add_argument("--listen", required=True, metavar="HOST:PORT")
+    agent.add_argument("--token-file", required=True, type=Path)
+    agent.add_argument("--qmp-root", type=Path, default=Path("/run"),
+                       help="only open QMP sockets under this directory (default /run)")
+    agent.add_argument("--max-cache-bytes", type=_positive(int, "--max-cache-bytes"),
+                       default=256 << 20, help="frames held per session, in bytes (default 256 MiB)")
+    agent.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
+    agent.add_argument("--tls-key", help="the certificate's key (PEM)")
+
+    mig = sub.add_parser("migrate", help="live-migrate a VM with zero network loss")
+    mig.add_argument("--qmp", required=True, help="the source VM's QMP socket")
+    mig.add_argument("--uri", required=True, help="QEMU migration URI, e.g. tcp:HOST:PORT")
+    mig.add_argument("--dest-agent", required=True, metavar="HOST:PORT")
+    mig.add_argument("--dest-qmp", required=True, help="the destination VM's QMP socket, on its host")
+    mig.add_argument("--token-file", required=True, type=Path)
+    mig.add_argument("--report", type=Path, metavar="FILE.json", help="write the session report here")
+    mig.add_argument("--best-effort", action="store_true",
+                     help="if netpass cannot arm, migrate without it (and say so) instead of aborting")
+    mig.add_argument("--max-cache-bytes", type=_positive(int, "--max-cache-bytes"), default=256 << 20,
+                     help="bound on captured frames held in memory (default 256 MiB)")
+    mig.add_argument("--linger-ms", type=_positive(int, "--linger-ms"), default=300,
+                     help="keep catching late frames until this long a quiet period after the resume")
+    mig.add_argument("--linger-max-ms", type=_positive(int, "--linger-max-ms"), default=5000,
+                     help="upper bound on catching late frames after the resume (default 5000)")
+    mig.add_argument("--tls-ca", help="talk TLS to the agent, trusting this CA (PEM)")
+    mig.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+
     doc = sub.add_parser("doctor", help="what this host supports and what netpass will use")
     doc.add_argument("--json", action="store_true")
 
@@ -175,6 +203,77 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if rep.ok else 1
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    _require_root("netpass agent")
+    import asyncio
+
+    from .agent import Agent, AgentConfig
+    from .channel import load_token
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if not args.qmp_root.is_dir():
+        raise UsageError(f"--qmp-root {args.qmp_root} is not a directory")
+    cfg = AgentConfig(listen=args.listen, token=load_token(args.token_file), qmp_root=args.qmp_root,
+                      max_cache_bytes=args.max_cache_bytes,
+                      tls_cert=args.tls_cert, tls_key=args.tls_key)
+    if not logging.getLogger().isEnabledFor(logging.INFO):
+        logging.getLogger().setLevel(logging.INFO)
+    asyncio.run(Agent(cfg).serve_forever())
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    _require_root("netpass migrate")
+    import asyncio
+
+    from .channel import load_token
+    from .source import MigrateOptions, migrate
+
+    opts = MigrateOptions(qmp=args.qmp, uri=args.uri, dest_agent=args.dest_agent,
+                          dest_qmp=args.dest_qmp, token=load_token(args.token_file),
+                          best_effort=args.best_effort, max_cache_bytes=args.max_cache_bytes,
+                          linger_quiet_ms=args.linger_ms,
+                          linger_max_ms=args.linger_max_ms, tls_ca=args.tls_ca)
+    report: dict[str, Any] | None = None
+    with err_console.status("arming") as status:
+        def progress(kind: str, data: dict[str, Any]) -> None:
+            if kind == "migration":
+                status.update(
+                    f"{data['status']}: {data['transferred_mib']} MiB sent, "
+                    f"{data['remaining_mib']} MiB left of {data['total_mib']}, pass {data['pass']}, "
+                    f"dirty {data['dirty_pages_rate']} pages/s, expected downtime "
+                    f"{data['expected_downtime_ms']} ms")
+            else:
+                err_console.log(data.get("message", ""))
+        try:
+            report = asyncio.run(migrate(opts, progress))
+        except NetpassError as exc:
+            report = getattr(exc, "report", None)
+            raise
+        finally:
+            if report is not None and args.report:
+                args.report.write_text(json.dumps(report, indent=2) + "\n")
+            if report is not None and args.json:
+                print(json.dumps(report))
+    assert report is not None
+    if not args.json:
+        _print_report(report)
+    return 0
+
+
+def _print_report(rep: dict[str, Any]) -> None:
+    table = Table(title=f"netpass session {rep['session']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("frames_captured", "frames_replayed", "frames_dropped", "bytes_captured", "bytes_wire",
+                "downtime_ms", "stop_to_resume_ms", "replay_delay_ms", "destination_status"):
+        table.add_row(key, str(rep.get(key)))
+    out_console.print(table)
+    for note in rep.get("notes", []):
+        out_console.print(f"note: {note}")
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     _require_root("netpass lab")
     from .lab import image
@@ -197,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     global _MAIN_PID
     _MAIN_PID = os.getpid()
     signal.signal(signal.SIGTERM, _on_sigterm)
-    handlers = {"demo": cmd_demo, "doctor": cmd_doctor, "lab": cmd_lab}
+    handlers = {"demo": cmd_demo, "doctor": cmd_doctor, "lab": cmd_lab, "agent": cmd_agent,
+                "migrate": cmd_migrate}
     try:
         return handlers[args.command](args)
     except UsageError as exc:

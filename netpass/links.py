@@ -6,11 +6,15 @@ acts in (``None`` for the caller's own).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from pyroute2 import IPRoute, NetNS
 from pyroute2.netlink.exceptions import NetlinkError
@@ -23,6 +27,44 @@ NUD_NOARP = 0x40
 NTF_SELF = 0x02
 NTF_MASTER = 0x04
 NTF_STICKY = 0x40
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _loop_safe(fn: F) -> F:
+    """pyroute2's synchronous API runs its own event loop, which it cannot do
+    inside a running one: from async code, run the call in a helper thread."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return fn(*args, **kwargs)
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = fn(*args, **kwargs)
+            except BaseException as exc:  # re-raised in the caller's thread
+                box["error"] = exc
+
+        t = threading.Thread(target=target, name=f"netlink-{fn.__name__}")
+        t.start()
+        t.join()
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+    return wrapper  # type: ignore[return-value]
+
+
+def tx_packets(ifname: str) -> int:
+    """QEMU's reads from a tap, from sysfs: cheap enough to poll."""
+    try:
+        with open(f"/sys/class/net/{ifname}/statistics/tx_packets") as fh:
+            return int(fh.read())
+    except OSError as exc:
+        raise KernelError(f"cannot read tx_packets of {ifname}: {exc.strerror}") from exc
 
 
 @contextlib.contextmanager
@@ -46,6 +88,7 @@ def _index(ipr: IPRoute, ifname: str) -> int:
     return int(found[0])
 
 
+@_loop_safe
 def add_bridge(ns: str | None, ifname: str) -> None:
     with _ipr(ns) as ipr:
         ipr.link("add", ifname=ifname, kind="bridge")
@@ -55,6 +98,7 @@ def add_bridge(ns: str | None, ifname: str) -> None:
         ipr.link("set", index=idx, state="up")
 
 
+@_loop_safe
 def add_veth(ns_a: str | None, name_a: str, ns_b: str | None, name_b: str) -> None:
     """Create a veth pair with one end in each namespace, both up."""
     with _ipr(ns_a) as ipr:
@@ -67,21 +111,25 @@ def add_veth(ns_a: str | None, name_a: str, ns_b: str | None, name_b: str) -> No
         ipr.link("set", index=_index(ipr, name_b), state="up")
 
 
+@_loop_safe
 def set_up(ns: str | None, ifname: str) -> None:
     with _ipr(ns) as ipr:
         ipr.link("set", index=_index(ipr, ifname), state="up")
 
 
+@_loop_safe
 def enslave(ns: str | None, ifname: str, bridge: str) -> None:
     with _ipr(ns) as ipr:
         ipr.link("set", index=_index(ipr, ifname), master=_index(ipr, bridge), state="up")
 
 
+@_loop_safe
 def add_address(ns: str | None, ifname: str, address: str, prefixlen: int) -> None:
     with _ipr(ns) as ipr:
         ipr.addr("add", index=_index(ipr, ifname), address=address, prefixlen=prefixlen)
 
 
+@_loop_safe
 def set_txqueuelen(ns: str | None, ifname: str, qlen: int) -> None:
     with _ipr(ns) as ipr:
         ipr.link("set", index=_index(ipr, ifname), txqlen=qlen)
@@ -99,6 +147,7 @@ class LinkInfo:
     master: int | None
 
 
+@_loop_safe
 def info(ns: str | None, ifname: str) -> LinkInfo:
     with _ipr(ns) as ipr:
         msg = ipr.get_links(_index(ipr, ifname))[0]
@@ -115,11 +164,13 @@ def info(ns: str | None, ifname: str) -> LinkInfo:
     )
 
 
+@_loop_safe
 def exists(ns: str | None, ifname: str) -> bool:
     with _ipr(ns) as ipr:
         return bool(ipr.link_lookup(ifname=ifname))
 
 
+@_loop_safe
 def names(ns: str | None) -> list[str]:
     with _ipr(ns) as ipr:
         return [str(m.get_attr("IFLA_IFNAME")) for m in ipr.get_links()]
@@ -133,6 +184,7 @@ def wait_for(ns: str | None, ifname: str, timeout: float) -> None:
         time.sleep(0.02)
 
 
+@_loop_safe
 def pin_mac(ns: str | None, port: str, mac: str) -> None:
     """Pin ``mac`` to bridge port ``port`` with a sticky static FDB entry.
 
@@ -146,6 +198,7 @@ def pin_mac(ns: str | None, port: str, mac: str) -> None:
     log.debug("pinned %s to %s in %s", mac, port, ns)
 
 
+@_loop_safe
 def unpin_mac(ns: str | None, port: str, mac: str) -> None:
     with _ipr(ns) as ipr:
         idx = _index(ipr, port)
@@ -157,6 +210,7 @@ def unpin_mac(ns: str | None, port: str, mac: str) -> None:
     log.debug("unpinned %s from %s in %s", mac, port, ns)
 
 
+@_loop_safe
 def fdb_port_of(ns: str | None, mac: str) -> str | None:
     """Name of the bridge port the FDB currently maps ``mac`` to."""
     mac = mac.lower()

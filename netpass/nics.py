@@ -27,6 +27,7 @@ class DiscoveryError(NetpassError):
 class Nic:
     mac: str
     tap: str
+    name: str = "?"
     model: str = "?"
     netdev: str = "?"
     qemu_fds: list[int] = field(default_factory=list)
@@ -39,18 +40,18 @@ _NIC_RE = re.compile(r"^(?P<name>\S+): index=\d+,type=nic,model=(?P<model>[^,]+)
 _PEER_RE = re.compile(r"^\s*\\\s*(?P<id>[^:]+): index=\d+,type=(?P<type>[^,]+)(?P<rest>.*)$")
 
 
-def parse_info_network(text: str) -> list[tuple[str, str, str, str, str]]:
-    """(model, mac, netdev id, netdev type, options) per NIC from ``info network``."""
+def parse_info_network(text: str) -> list[tuple[str, str, str, str, str, str]]:
+    """(NIC name, model, mac, netdev id, netdev type, options) per NIC from ``info network``."""
     out = []
-    current: tuple[str, str] | None = None
+    current: tuple[str, str, str] | None = None
     for line in text.splitlines():
         m = _NIC_RE.match(line.strip())
         if m:
-            current = (m["model"], m["mac"].lower())
+            current = (m["name"], m["model"], m["mac"].lower())
             continue
         p = _PEER_RE.match(line)
         if p and current is not None:
-            out.append((current[0], current[1], p["id"].strip(), p["type"], p["rest"]))
+            out.append((*current, p["id"].strip(), p["type"], p["rest"]))
             current = None
     return out
 
@@ -60,7 +61,7 @@ async def discover(mon: Monitor, pid: int) -> list[Nic]:
     fds = tapfd.tap_fds_of(pid)
     by_fd = {t.fd: t.ifname for t in fds}
     nics: list[Nic] = []
-    for model, mac, netdev, ntype, rest in parse_info_network(str(text)):
+    for name, model, mac, netdev, ntype, rest in parse_info_network(str(text)):
         if ntype != "tap":
             log.info("NIC %s uses a %s backend: not a tap, netpass cannot cover it", mac, ntype)
             continue
@@ -73,7 +74,104 @@ async def discover(mon: Monitor, pid: int) -> list[Nic]:
         queue_fds = [t.fd for t in fds if t.ifname == ifname]
         if not queue_fds:
             raise DiscoveryError(f"QEMU pid {pid} holds no fd for tap {ifname} of NIC {mac}")
-        nics.append(Nic(mac=mac, tap=ifname, model=model, netdev=netdev, qemu_fds=queue_fds))
+        nics.append(Nic(mac=mac, tap=ifname, name=name, model=model, netdev=netdev, qemu_fds=queue_fds))
     if not nics:
         raise DiscoveryError(f"QEMU pid {pid} has no NIC on a tap backend: nothing for netpass to do")
     return nics
+
+
+async def virtio_paths(mon: Monitor) -> dict[str, str]:
+    """MAC -> QOM path of each virtio-net device, or {} when this QEMU lacks
+    the (experimental) virtio introspection commands."""
+    from .errors import QMPError
+
+    try:
+        devices = await mon.execute("x-query-virtio")
+    except QMPError:
+        return {}
+    out: dict[str, str] = {}
+    for dev in devices:
+        if dev.get("name") != "virtio-net":
+            continue
+        try:
+            mac = await mon.execute("qom-get", {"path": dev["path"], "property": "mac"})
+        except QMPError:
+            continue
+        out[str(mac).lower()] = str(dev["path"])
+    return out
+
+
+async def rx_used(mon: Monitor, path: str, queues: int) -> int:
+    """Buffers the device has handed to the guest on its RX queues (mod 2^16 each)."""
+    total = 0
+    for q in range(queues):
+        st = await mon.execute("x-query-virtio-queue-status", {"path": path, "queue": 2 * q})
+        total += int(st["used-idx"])
+    return total
+
+
+@dataclass(frozen=True)
+class RxFilter:
+    """What a virtio-net NIC accepts, from ``query-rx-filter`` (QEMU's receive_filter)."""
+
+    promiscuous: bool
+    broadcast: bool
+    unicast: str
+    multicast: str
+    unicast_overflow: bool
+    multicast_overflow: bool
+    main_mac: bytes
+    unicast_table: frozenset[bytes]
+    multicast_table: frozenset[bytes]
+    vlan: str
+    vlan_table: frozenset[int]
+
+    @classmethod
+    def from_qmp(cls, info: dict[str, object]) -> RxFilter:
+        def mac(text: object) -> bytes:
+            return bytes.fromhex(str(text).replace(":", ""))
+
+        return cls(
+            promiscuous=bool(info.get("promiscuous")),
+            broadcast=bool(info.get("broadcast-allowed", True)),
+            unicast=str(info.get("unicast", "normal")),
+            multicast=str(info.get("multicast", "normal")),
+            unicast_overflow=bool(info.get("unicast-overflow")),
+            multicast_overflow=bool(info.get("multicast-overflow")),
+            main_mac=mac(info.get("main-mac", "00:00:00:00:00:00")),
+            unicast_table=frozenset(mac(m) for m in info.get("unicast-table", []) or []),  # type: ignore[union-attr]
+            multicast_table=frozenset(mac(m) for m in info.get("multicast-table", []) or []),  # type: ignore[union-attr]
+            vlan=str(info.get("vlan", "none")),
+            vlan_table=frozenset(int(v) for v in info.get("vlan-table", []) or []),  # type: ignore[union-attr]
+        )
+
+    def accepts(self, frame: bytes) -> bool:
+        if self.promiscuous:
+            return True
+        if self.vlan == "normal" and frame[12:14] == b"\x81\x00":
+            if (int.from_bytes(frame[14:16], "big") & 0x0FFF) not in self.vlan_table:
+                return False
+        dst = frame[:6]
+        if dst[0] & 1:
+            if dst == b"\xff" * 6:
+                return self.broadcast
+            if self.multicast == "none":
+                return False
+            if self.multicast == "all" or self.multicast_overflow:
+                return True
+            return dst in self.multicast_table
+        if self.unicast == "none":
+            return False
+        if self.unicast == "all" or dst == self.main_mac or self.unicast_overflow:
+            return True
+        return dst in self.unicast_table
+
+
+async def rx_filter(mon: Monitor, name: str) -> RxFilter | None:
+    from .errors import QMPError
+
+    try:
+        found = await mon.execute("query-rx-filter", {"name": name})
+    except QMPError:
+        return None
+    return RxFilter.from_qmp(found[0]) if found else None

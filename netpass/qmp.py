@@ -92,7 +92,7 @@ class Monitor:
             return await asyncio.wait_for(self._client.execute(cmd, args),
                                           timeout or self.timeout)
         except ExecuteError as exc:
-            raise QMPError(f"{self.name}: {cmd} failed: {exc.error.desc}") from exc
+            raise QMPError(f"{self.name}: {cmd} failed: {exc}") from exc
         except asyncio.TimeoutError as exc:
             raise QMPError(f"{self.name}: {cmd} got no answer in {timeout or self.timeout:.0f} s") from exc
         except (OSError, EOFError, _LibQMPError) as exc:

@@ -18,7 +18,7 @@ from ..errors import LabError
 from ..migration import MigrationOptions, MigrationResult, migrate
 from ..qmp import Monitor
 from .image import GuestImage
-from .topology import GUEST_IP, GUEST_MAC, Lab
+from .topology import GUEST_IP, GUEST_MAC, MIG_DST, Lab
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,10 @@ class ScenarioOptions:
     max_duration_s: float = 120.0
     downtime_limit_ms: int | None = None
     timeline_path: Path | None = None
+    mode: str = "baseline"
+    migrate_args: tuple[str, ...] = ()
+    token_override: bytes | None = None
+    on_pre_switchover: str = "continue"
 
 
 def _prober_argv(lab: Lab, opts: ScenarioOptions, duration: float, timeline: Path | None,
@@ -90,8 +94,11 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
         probe_t0 = time.monotonic()
         try:
             time.sleep(opts.warmup_s)
-            say("migrating")
-            result = asyncio.run(_drive(lab, opts, say))
+            say("migrating" + (" with netpass" if opts.mode == "netpass" else ""))
+            if opts.mode == "netpass":
+                result, report = asyncio.run(_drive_netpass(lab, opts, say))
+            else:
+                result, report = asyncio.run(_drive(lab, opts, say)), None
             if opts.lan_lag_ms > 0:
                 assert result.dst_resume_t is not None
                 wait = result.dst_resume_t + opts.lan_lag_ms / 1000 - time.monotonic()
@@ -103,22 +110,26 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
             out, err = prober.communicate(timeout=60)
         if prober.returncode != 0:
             raise LabError(f"prober failed: {err.decode()[-500:]}")
+        dst_exit = lab.dst_vm.proc.poll() if lab.dst_vm.proc else None
         stats: dict[str, Any] = json.loads(out)
         stats["downtime_ms"] = result.downtime_ms
         stats["total_time_ms"] = result.total_time_ms
         stats["switchover_pause_ms"] = opts.switchover_pause_ms
         stats["lan_lag_ms"] = opts.lan_lag_ms
         stats["kill_source"] = opts.kill_source
+        stats["dst_qemu_exit"] = dst_exit
 
         def rel(t: float | None) -> float | None:
             return None if t is None else round((t - probe_t0) * 1000, 1)
 
         stats["src_stop_ms"] = rel(result.src_stop_t)
         stats["dst_resume_ms"] = rel(result.dst_resume_t)
+        if report is not None:
+            stats["report"] = report
         return stats
 
 
-async def _drive(lab: Lab, opts: ScenarioOptions, say: Say) -> MigrationResult:
+async def _drive(lab: Lab, opts: ScenarioOptions, say: Say) -> MigrationResult:  # baseline
     assert lab.src_vm is not None and lab.dst_vm is not None
     mopts = MigrationOptions(uri=lab.migration_uri, switchover_pause_ms=opts.switchover_pause_ms,
                              downtime_limit_ms=opts.downtime_limit_ms)
@@ -128,3 +139,146 @@ async def _drive(lab: Lab, opts: ScenarioOptions, say: Say) -> MigrationResult:
     if opts.kill_source:
         lab.src_vm.kill()
     return result
+
+
+AGENT_PORT = 7411
+
+
+def _cli(lab: Lab, role: str, *args: str) -> list[str]:
+    return netns.exec_argv(lab.ns(role), [sys.executable, "-m", "netpass.cli", *args])
+
+
+async def _wait_for_line(path: Path, needle: str, proc: asyncio.subprocess.Process, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and needle in path.read_text(errors="replace"):
+            return
+        if proc.returncode is not None:
+            raise LabError(f"the agent exited: {path.read_text(errors='replace')[-800:]}")
+        await asyncio.sleep(0.05)
+    raise LabError(f"the agent did not start within {timeout:.0f} s")
+
+
+async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[MigrationResult, dict[str, Any]]:
+    """Run 'netpass agent' on the destination host and 'netpass migrate' on the
+    source host, while the lab plays the management layer on the watch sockets."""
+    import os
+    import secrets
+
+    assert lab.src_vm is not None and lab.dst_vm is not None
+    token = lab.rundir / "token"
+    token.write_text(secrets.token_hex(32))
+    os.chmod(token, 0o600)
+    client_token = token
+    if opts.token_override is not None:
+        client_token = lab.rundir / "client-token"
+        client_token.write_bytes(opts.token_override)
+        os.chmod(client_token, 0o600)
+    agent_log = lab.rundir / "agent.log"
+    report_path = lab.rundir / "report.json"
+    res = MigrationResult()
+    with open(agent_log, "wb") as alog:
+        agent = await asyncio.create_subprocess_exec(
+            *_cli(lab, "dst", "-v", "agent", "--listen", f"{MIG_DST}:{AGENT_PORT}",
+                  "--token-file", str(token), "--qmp-root", str(lab.rundir)),
+            stdin=asyncio.subprocess.DEVNULL, stdout=alog, stderr=alog)
+    migrate_proc = None
+    try:
+        await _wait_for_line(agent_log, "agent listening", agent, 30)
+        async with Monitor(lab.src_vm.watch_qmp, "src-watch") as sw, \
+                Monitor(lab.dst_vm.watch_qmp, "dst-watch") as dw:
+            if opts.switchover_pause_ms > 0 or opts.on_pre_switchover != "continue":
+                await sw.execute("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "pause-before-switchover", "state": True}]})
+            migrate_proc = await asyncio.create_subprocess_exec(
+                *_cli(lab, "src", "-v", "migrate", "--qmp", lab.src_vm.qmp, "--uri", lab.migration_uri,
+                      "--dest-agent", f"{MIG_DST}:{AGENT_PORT}", "--dest-qmp", lab.dst_vm.qmp,
+                      "--token-file", str(client_token), "--report", str(report_path), "--json",
+                      *opts.migrate_args),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE)
+            communicate = asyncio.create_task(migrate_proc.communicate())
+            unpinned = opts.lan_lag_ms <= 0
+            while not communicate.done() or not unpinned:
+                ev = await sw.next_event(0.01)
+                if ev is not None:
+                    res.events.append((ev.received, "src", ev.name + ":" + str(ev.data.get("status", ""))))
+                    if ev.name == "STOP" and res.src_stop_t is None:
+                        res.src_stop_t = ev.emitted
+                    if ev.name == "MIGRATION" and ev.data.get("status") == "pre-switchover":
+                        if opts.on_pre_switchover == "cancel":
+                            say("lab: cancelling the migration at pre-switchover")
+                            await sw.execute("migrate_cancel")
+                        else:
+                            await asyncio.sleep(opts.switchover_pause_ms / 1000)
+                            await sw.execute("migrate-continue", {"state": "pre-switchover"})
+                    if ev.name == "MIGRATION" and ev.data.get("status") == "completed":
+                        res.completed_t = ev.emitted
+                        if opts.kill_source:
+                            lab.src_vm.kill()
+                ev = await dw.next_event(0.001)
+                if ev is not None and ev.name == "RESUME" and res.dst_resume_t is None:
+                    res.dst_resume_t = ev.emitted
+                if not unpinned and res.dst_resume_t is not None and \
+                        time.monotonic() >= res.dst_resume_t + opts.lan_lag_ms / 1000:
+                    links.unpin_mac(lab.ns("lan"), "p-src", GUEST_MAC)
+                    unpinned = True
+                if not unpinned and communicate.done() and res.dst_resume_t is None:
+                    unpinned = True  # the migration failed: nothing resumed
+                if opts.kill_source and not lab.src_vm.alive():
+                    # The watch socket is gone with the source QEMU: keep to the destination.
+                    while not communicate.done() or not unpinned:
+                        ev = await dw.next_event(0.01)
+                        if ev is not None and ev.name == "RESUME" and res.dst_resume_t is None:
+                            res.dst_resume_t = ev.emitted
+                        if not unpinned and res.dst_resume_t is not None and \
+                                time.monotonic() >= res.dst_resume_t + opts.lan_lag_ms / 1000:
+                            links.unpin_mac(lab.ns("lan"), "p-src", GUEST_MAC)
+                            unpinned = True
+                        if not unpinned and communicate.done() and res.dst_resume_t is None:
+                            unpinned = True
+                    break
+            out, err = await communicate
+            if lab.src_vm.alive():
+                try:
+                    info = await sw.execute("query-migrate")
+                    res.downtime_ms = info.get("downtime")
+                    res.total_time_ms = info.get("total-time")
+                except Exception:  # noqa: BLE001 - best effort figures for the lab
+                    pass
+    finally:
+        if migrate_proc is not None and migrate_proc.returncode is None:
+            migrate_proc.kill()
+            await migrate_proc.wait()
+        if agent.returncode is None:
+            agent.terminate()
+            try:
+                await asyncio.wait_for(agent.wait(), 10)
+            except asyncio.TimeoutError:
+                agent.kill()
+                await agent.wait()
+    keep = os.environ.get("NETPASS_LAB_KEEP_LOGS")
+    if keep:
+        import shutil
+
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(agent_log, Path(keep) / f"{lab.run_id}-agent.log")
+        for vm_log in lab.rundir.glob("*.log"):
+            if vm_log.name in ("src.log", "dst.log"):
+                pass
+        for vm_log in list(lab.rundir.glob("*.log")) + list(lab.rundir.glob("*.console")):
+            if True:
+                shutil.copy(vm_log, Path(keep) / f"{lab.run_id}-{vm_log.name}")
+        (Path(keep) / f"{lab.run_id}-migrate.log").write_bytes(err)
+    report: dict[str, Any] = {}
+    if report_path.exists():
+        report = json.loads(report_path.read_text())
+    report["exit_code"] = migrate_proc.returncode if migrate_proc else None
+    report["stderr_tail"] = err.decode(errors="replace")[-100000:]
+    report["agent_log_tail"] = agent_log.read_text(errors="replace")[-2500:]
+    if res.downtime_ms is None:
+        res.downtime_ms = report.get("downtime_ms")
+        res.total_time_ms = report.get("total_time_ms")
+    say(f"netpass migrate exited {report['exit_code']}: captured {report.get('frames_captured')}, "
+        f"replayed {report.get('frames_replayed')}")
+    return res, report

@@ -1,0 +1,424 @@
+"""``netpass agent``: serves migration sessions on a host.
+
+On the destination it owns a session's replay: it checks every batch,
+queues frames into the destination VM's taps before the VM resumes, within
+each ring's room, feeds the rest as the VM consumes them, resumes the VM
+when netpass stopped it, and reports what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import links, tapfd, wire
+from .channel import (ABORT_TYPES, BATCH, CONTROL, ERROR, AuthError, Channel, ChannelError,
+                      parse_hostport, server_handshake)
+from .errors import NetpassError, QMPError, UsageError
+from .nics import Nic, discover
+from .packet import Injector
+from .qmp import Monitor, peer_pid
+from .session import State, StateMachine
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AGENT_CACHE = 256 << 20
+
+
+@dataclass
+class AgentConfig:
+    listen: str
+    token: bytes
+    qmp_root: Path
+    max_cache_bytes: int = DEFAULT_AGENT_CACHE
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+class SessionError(NetpassError):
+    """A session request the agent refuses, with a code for the client."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class DestNic:
+    nic: Nic
+    injector: Injector
+    fds: list[int]
+    orig_qlen: int
+    base_tx: int
+    pending: deque[wire.Frame] = field(default_factory=deque)
+    pending_bytes: int = 0
+    injected: int = 0
+    inflight: int = 0
+    tx_mark: int = 0
+    replayed: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+
+class DestSession:
+    def __init__(self, cfg: AgentConfig, ch: Channel, sid: str) -> None:
+        self.cfg = cfg
+        self.ch = ch
+        self.sid = sid
+        self.sm = StateMachine(sid)
+        self.mon: Monitor | None = None
+        self.nics: list[DestNic] = []
+        self.next_seq = 0
+        self.running = False
+        self.resume_t: float | None = None
+        self.last_consumed_t: float | None = None
+        self.cache_bytes = 0
+        self.batches = 0
+        self.feeder: asyncio.Task[None] | None = None
+        self.unconsumed = False
+
+    # -- arming -------------------------------------------------------------------------
+    def _check_qmp_path(self, path: str) -> str:
+        real = os.path.realpath(path)
+        root = os.path.realpath(self.cfg.qmp_root)
+        if os.path.commonpath([real, root]) != root:
+            raise SessionError("qmp_root", f"QMP socket {path} is outside this agent's --qmp-root {root}")
+        if not os.path.exists(real):
+            raise SessionError("qmp", f"no QMP socket at {path} on the destination")
+        return real
+
+    async def arm(self, req: dict[str, Any]) -> dict[str, Any]:
+        qmp_path = self._check_qmp_path(str(req.get("dest_qmp", "")))
+        macs = [str(m).lower() for m in req.get("macs", [])]
+        if not macs or len(macs) > 64:
+            raise SessionError("bad_request", "the session must name 1 to 64 NIC MACs")
+        pid = peer_pid(qmp_path)
+        self.mon = Monitor(qmp_path, f"dst-{self.sid}")
+        await self.mon.connect()
+        status = await self.mon.status()
+        if status != "inmigrate":
+            raise SessionError("dest_state", f"destination VM is '{status}', not waiting for an "
+                               "incoming migration (-incoming)")
+        found = {n.mac: n for n in await discover(self.mon, pid)}
+        pidfd = tapfd.pidfd_open(pid)
+        try:
+            for mac in macs:
+                nic = found.get(mac)
+                if nic is None:
+                    raise SessionError("nic", f"the destination VM has no NIC with MAC {mac} "
+                                       f"(it has {', '.join(found) or 'none'})")
+                fds = [tapfd.pidfd_getfd(pidfd, fd) for fd in nic.qemu_fds]
+                info = links.info(None, nic.tap)
+                dn = DestNic(nic=nic, injector=Injector(nic.tap), fds=fds,
+                             orig_qlen=info.txqueuelen, base_tx=info.tx_packets)
+                self.nics.append(dn)
+                # The ring is used at its size: changing txqueuelen on a live
+                # tap drops frames; what does not fit is fed as the VM reads.
+                dn.tx_mark = info.tx_packets
+        finally:
+            os.close(pidfd)
+        self.sm.to(State.ARMED)
+        return {"nics": [{"mac": d.nic.mac, "tap": d.nic.tap, "ring": d.orig_qlen} for d in self.nics]}
+
+    # -- replay -------------------------------------------------------------------------
+    def _room(self, dn: DestNic) -> int:
+        """Frames we may still queue: the ring size, less what we put there
+        that the VM has not read yet (tx_packets counts QEMU's reads)."""
+        ring = dn.orig_qlen or 500
+        if not tapfd.readable(dn.fds):
+            dn.inflight = 0  # the ring is empty: everything we queued was read
+        else:
+            tx = links.tx_packets(dn.nic.tap)
+            dn.inflight = max(0, dn.inflight - (tx - dn.tx_mark))
+            dn.tx_mark = tx
+        # Keep a quarter of the ring for live frames that arrive meanwhile.
+        return max(0, ring * 3 // 4 - dn.inflight)
+
+    def feed(self) -> None:
+        for dn in self.nics:
+            if not dn.pending:
+                continue
+            room = self._room(dn)
+            while dn.pending and room > 0:
+                f = dn.pending.popleft()
+                dn.pending_bytes -= len(f.data)
+                self.cache_bytes -= len(f.data)
+                try:
+                    dn.injector.send(f.vnet_hdr, f.data)
+                except NetpassError as exc:
+                    log.warning("session=%s replay failed on %s: %s", self.sid, dn.nic.tap, exc)
+                    dn.drop("inject_error")
+                    continue
+                dn.replayed += 1
+                dn.inflight += 1
+                room -= 1
+                self.unconsumed = True
+
+    async def _feeder(self) -> None:
+        while True:
+            if any(dn.pending for dn in self.nics):
+                self.feed()
+                await asyncio.sleep(0.0005)
+            elif self.unconsumed and self.running:
+                # Everything queued is inside the VM once the rings are empty.
+                if not any(tapfd.readable(dn.fds) for dn in self.nics):
+                    self.last_consumed_t = time.monotonic()
+                    self.unconsumed = False
+                await asyncio.sleep(0.0005)
+            else:
+                await asyncio.sleep(0.002)
+
+    def accept(self, blob: bytes) -> dict[str, Any]:
+        batch = wire.decode(blob, nic_count=len(self.nics))
+        if batch.seq != self.next_seq:
+            raise SessionError("bad_batch", f"batch {batch.seq} out of sequence (expected {self.next_seq})")
+        self.next_seq += 1
+        self.batches += 1
+        accepted = dropped = 0
+        for f in batch.frames:
+            dn = self.nics[f.nic]
+            dst = wire.dst_mac(f.data)
+            if dst != bytes.fromhex(dn.nic.mac.replace(":", "")) and not wire.is_group(dst):
+                dn.drop("foreign_mac")
+                dropped += 1
+                continue
+            if self.cache_bytes + len(f.data) > self.cfg.max_cache_bytes:
+                dn.drop("agent_cache_full")
+                dropped += 1
+                continue
+            dn.pending.append(f)
+            dn.pending_bytes += len(f.data)
+            self.cache_bytes += len(f.data)
+            accepted += 1
+        self.feed()
+        return {"seq": batch.seq, "accepted": accepted, "dropped": dropped}
+
+    async def migrated(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The source completed: wait for the destination VM to run.
+
+        QEMU starts it by itself, or a management layer that started it with
+        ``-S`` continues it; netpass never resumes a VM on its own.
+        """
+        assert self.mon is not None
+        while (ev := await self.mon.next_event(0)) is not None:  # events queued since arming
+            if ev.name == "RESUME" and self.resume_t is None:
+                self.resume_t = ev.emitted
+        wait_s = float(req.get("wait_running_s", 30))
+        deadline = time.monotonic() + wait_s
+        status = await self.mon.status()
+        next_poll = time.monotonic() + 0.05
+        while status != "running" and time.monotonic() < deadline:
+            ev = await self.mon.next_event(0.002)
+            self.feed()
+            if ev is not None and ev.name == "RESUME":
+                self.resume_t = ev.emitted
+                status = "running"
+                break
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + 0.05
+                status = await self.mon.status()
+        if status == "running" and self.resume_t is None:
+            self.resume_t = time.monotonic()
+        self.feed()
+        self.running = status == "running"
+        return {"status": status}
+
+    async def finish(self, timeout: float) -> dict[str, Any]:
+        """Wait until every queued frame is inside the VM, then report."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.feed()
+            if not any(dn.pending for dn in self.nics) and not any(tapfd.readable(dn.fds) for dn in self.nics):
+                break
+            await asyncio.sleep(0.001)
+        if self.unconsumed or self.last_consumed_t is None:
+            self.last_consumed_t = time.monotonic()
+        for dn in self.nics:
+            if dn.pending:
+                dn.drop("not_consumed_in_time", len(dn.pending))
+                dn.pending.clear()
+        return self.report()
+
+    def report(self) -> dict[str, Any]:
+        delay = None
+        if self.resume_t is not None and self.last_consumed_t is not None:
+            delay = round(max(0.0, self.last_consumed_t - self.resume_t) * 1000, 1)
+        return {
+            "session": self.sid,
+            "state": self.sm.state.value,
+            "batches": self.batches,
+            "replay_delay_ms": delay,
+            "nics": [{"mac": dn.nic.mac, "tap": dn.nic.tap, "replayed": dn.replayed,
+                      "dropped": dict(dn.dropped)} for dn in self.nics],
+        }
+
+    def abort(self) -> dict[str, Any]:
+        for dn in self.nics:
+            if dn.pending:
+                dn.drop("aborted", len(dn.pending))
+                dn.pending.clear()
+        return self.report()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def cleanup(self) -> None:
+        if self.feeder is not None:
+            self.feeder.cancel()
+            try:
+                await self.feeder
+            except asyncio.CancelledError:
+                pass
+        for dn in self.nics:
+            dn.injector.close()
+            for fd in dn.fds:
+                os.close(fd)
+        self.nics.clear()
+        if self.mon is not None:
+            await self.mon.close()
+
+    async def run(self, first: dict[str, Any]) -> None:
+        ch = self.ch
+        try:
+            armed = await self.arm(first)
+            await ch.send_json(CONTROL, {"op": "armed", "session": self.sid, **armed})
+            self.feeder = asyncio.create_task(self._feeder())
+            while True:
+                mtype, payload = await ch.recv(timeout=600)
+                if mtype == BATCH:
+                    if self.sm.state is State.ARMED:
+                        self.sm.to(State.CAPTURING)
+                        self.sm.to(State.SHIPPING)
+                    try:
+                        ack = self.accept(payload)
+                    except wire.WireError as exc:
+                        raise SessionError("bad_batch", f"batch {self.next_seq} rejected: {exc}") from exc
+                    await ch.send_json(CONTROL, {"op": "ack", **ack})
+                    continue
+                msg = _control(payload, mtype)
+                op = msg.get("op")
+                if op == "migrated":
+                    if self.sm.state is State.ARMED:
+                        self.sm.to(State.CAPTURING)
+                        self.sm.to(State.SHIPPING)
+                    res = await self.migrated(msg)
+                    self.sm.to(State.REPLAYING)
+                    await ch.send_json(CONTROL, {"op": "resumed", **res})
+                elif op == "end":
+                    rep = await self.finish(float(msg.get("timeout", 10)))
+                    self.sm.to(State.DONE)
+                    rep["state"] = "done"
+                    await ch.send_json(CONTROL, {"op": "report", **rep})
+                    return
+                elif op in ABORT_TYPES:
+                    rep = self.abort()
+                    self.sm.fail(str(msg.get("reason", "aborted by the source")))
+                    rep["state"] = "failed"
+                    await ch.send_json(CONTROL, {"op": "report", **rep})
+                    return
+                else:
+                    raise SessionError("bad_request", f"unknown operation {op!r}")
+        except SessionError as exc:
+            log.error("session=%s refused: %s", self.sid, exc)
+            self.sm.fail(str(exc))
+            try:
+                await ch.send_json(ERROR, {"code": exc.code, "message": str(exc), "report": self.abort()})
+            except ChannelError:
+                pass
+        except (ChannelError, QMPError, NetpassError, OSError) as exc:
+            log.error("session=%s failed: %s", self.sid, exc)
+            self.sm.fail(str(exc))
+            try:
+                await ch.send_json(ERROR, {"code": "agent", "message": str(exc)})
+            except ChannelError:
+                pass
+        finally:
+            await self.cleanup()
+
+
+def _control(payload: bytes, mtype: int) -> dict[str, Any]:
+    import json
+
+    if mtype != CONTROL:
+        raise SessionError("bad_request", f"unexpected message type {mtype}")
+    try:
+        msg = json.loads(payload)
+    except ValueError as exc:
+        raise SessionError("bad_request", "malformed control message") from exc
+    if not isinstance(msg, dict):
+        raise SessionError("bad_request", "control message is not an object")
+    return msg
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.sessions: dict[str, DestSession] = {}
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        host, port = parse_hostport(self.cfg.listen)
+        ctx = None
+        if self.cfg.tls_cert:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(self.cfg.tls_cert, self.cfg.tls_key)
+        try:
+            self.server = await asyncio.start_server(self._handle, host, port, ssl=ctx)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {self.cfg.listen}: {exc.strerror}") from exc
+        log.info("agent listening on %s (qmp-root %s)", self.cfg.listen, self.cfg.qmp_root)
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        assert self.server is not None
+        async with self.server:
+            await self.server.serve_forever()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        ch = Channel(reader, writer, peer=f"{peer[0]}:{peer[1]}" if peer else "?")
+        try:
+            await server_handshake(ch, self.cfg.token)
+        except AuthError as exc:
+            log.error("refused %s: %s", ch.peer, exc)
+            await ch.close()
+            return
+        except ChannelError as exc:
+            log.error("handshake with %s failed: %s", ch.peer, exc)
+            await ch.close()
+            return
+        try:
+            mtype, payload = await ch.recv(timeout=60)
+            msg = _control(payload, mtype)
+            if msg.get("op") == "ping":
+                await ch.send_json(CONTROL, {"op": "pong", "sessions": len(self.sessions)})
+                return
+            if msg.get("op") != "open":
+                raise SessionError("bad_request", "expected an 'open' request")
+            sid = str(msg.get("session") or uuid.uuid4().hex[:12])[:64]
+            sess = DestSession(self.cfg, ch, sid)
+            self.sessions[sid] = sess
+            log.info("session=%s opened by %s", sid, ch.peer)
+            try:
+                await sess.run(msg)
+            finally:
+                self.sessions.pop(sid, None)
+                log.info("session=%s closed state=%s", sid, sess.sm.state.value)
+        except SessionError as exc:
+            log.error("refused request from %s: %s", ch.peer, exc)
+            try:
+                await ch.send_json(ERROR, {"code": exc.code, "message": str(exc)})
+            except ChannelError:
+                pass
+        except ChannelError as exc:
+            log.error("connection %s: %s", ch.peer, exc)
+        finally:
+            await ch.close()
