@@ -24,7 +24,7 @@ from .channel import (ABORT_TYPES, BATCH, CONTROL, ERROR, AuthError, Channel, Ch
                       parse_hostport, server_handshake)
 from .errors import NetpassError, QMPError, UsageError
 from .nics import Nic, discover
-from .packet import Injector
+from .packet import Injector, Shadow
 from .qmp import Monitor, peer_pid
 from .session import State, StateMachine
 
@@ -58,6 +58,13 @@ class DestNic:
     fds: list[int]
     orig_qlen: int
     base_tx: int
+    shadow: Shadow | None = None
+    live_enqueued: int = 0
+    last_pos: int = 0
+    mark_enq: int = 0
+    mark_tx: int = 0
+    direct: dict[int, int] = field(default_factory=dict)
+    duplicates: int = 0
     pending: deque[wire.Frame] = field(default_factory=deque)
     pending_bytes: int = 0
     injected: int = 0
@@ -120,13 +127,17 @@ class DestSession:
                 fds = [tapfd.pidfd_getfd(pidfd, fd) for fd in nic.qemu_fds]
                 info = links.info(None, nic.tap)
                 dn = DestNic(nic=nic, injector=Injector(nic.tap), fds=fds,
-                             orig_qlen=info.txqueuelen, base_tx=info.tx_packets)
+                             orig_qlen=info.txqueuelen, base_tx=info.tx_packets,
+                             shadow=Shadow(nic.tap, keep=1))
                 self.nics.append(dn)
                 # The ring is used at its size: changing txqueuelen on a live
                 # tap drops frames; what does not fit is fed as the VM reads.
                 dn.tx_mark = info.tx_packets
         finally:
             os.close(pidfd)
+        loop = asyncio.get_running_loop()
+        for dn in self.nics:
+            loop.add_reader(dn.shadow.fileno(), self._pull_direct, dn)  # type: ignore[union-attr]
         self.sm.to(State.ARMED)
         return {"nics": [{"mac": d.nic.mac, "tap": d.nic.tap, "ring": d.orig_qlen} for d in self.nics]}
 
@@ -162,6 +173,7 @@ class DestSession:
                 dn.replayed += 1
                 dn.inflight += 1
                 room -= 1
+                dn.last_pos = dn.live_enqueued + dn.replayed
                 self.unconsumed = True
 
     async def _feeder(self) -> None:
@@ -170,13 +182,45 @@ class DestSession:
                 self.feed()
                 await asyncio.sleep(0.0005)
             elif self.unconsumed and self.running:
-                # Everything queued is inside the VM once the rings are empty.
-                if not any(tapfd.readable(dn.fds) for dn in self.nics):
+                if all(self._consumed(dn) for dn in self.nics):
                     self.last_consumed_t = time.monotonic()
                     self.unconsumed = False
                 await asyncio.sleep(0.0005)
             else:
                 await asyncio.sleep(0.002)
+
+    def _pull_direct(self, dn: DestNic) -> None:
+        """Count the frames the network delivers to the destination tap itself.
+
+        Broadcasts, and anything else the LAN floods, reach both hosts during
+        the switchover; the destination's own copy reaches the VM, so the copy
+        captured on the source must not be replayed too.  Our own replays
+        bypass the transmit path and are not seen here.
+        """
+        assert dn.shadow is not None
+        dn.shadow.pull()
+        while dn.shadow.frames:
+            _idx, _vnet, data = dn.shadow.frames.popleft()
+            dn.live_enqueued += 1
+            key = hash(data)
+            dn.direct[key] = dn.direct.get(key, 0) + 1
+        if len(dn.direct) > 1_000_000:
+            dn.direct.clear()  # bounded; only the switchover's frames matter
+
+    def _consumed(self, dn: DestNic) -> bool:
+        """Whether the VM has read the last frame we queued on this NIC.
+
+        The ring is FIFO.  Frames enter it from the network (the shadow counts
+        them) and from us; QEMU's reads are tx_packets.  Whenever the ring is
+        seen empty, everything entered so far is read: that is a mark.  From
+        the last mark, the read count says how far into the ring QEMU is.
+        """
+        self._pull_direct(dn)
+        tx = links.tx_packets(dn.nic.tap)
+        entered = dn.live_enqueued + dn.replayed
+        if not tapfd.readable(dn.fds):
+            dn.mark_enq, dn.mark_tx = entered, tx
+        return dn.mark_enq + (tx - dn.mark_tx) >= dn.last_pos
 
     def accept(self, blob: bytes) -> dict[str, Any]:
         batch = wire.decode(blob, nic_count=len(self.nics))
@@ -188,9 +232,20 @@ class DestSession:
         for f in batch.frames:
             dn = self.nics[f.nic]
             dst = wire.dst_mac(f.data)
-            if dst != bytes.fromhex(dn.nic.mac.replace(":", "")) and not wire.is_group(dst):
+            mac = bytes.fromhex(dn.nic.mac.replace(":", ""))
+            if dst != mac and not wire.is_group(dst):
                 dn.drop("foreign_mac")
                 dropped += 1
+                continue
+            if f.data[6:12] == mac:
+                dn.drop("own_frame")
+                dropped += 1
+                continue
+            self._pull_direct(dn)
+            key = hash(f.data)
+            if dn.direct.get(key):
+                dn.direct[key] -= 1
+                dn.duplicates += 1
                 continue
             if self.cache_bytes + len(f.data) > self.cfg.max_cache_bytes:
                 dn.drop("agent_cache_full")
@@ -259,6 +314,7 @@ class DestSession:
             "batches": self.batches,
             "replay_delay_ms": delay,
             "nics": [{"mac": dn.nic.mac, "tap": dn.nic.tap, "replayed": dn.replayed,
+                      "duplicates_suppressed": dn.duplicates,
                       "dropped": dict(dn.dropped)} for dn in self.nics],
         }
 
@@ -278,6 +334,12 @@ class DestSession:
             except asyncio.CancelledError:
                 pass
         for dn in self.nics:
+            if dn.shadow is not None:
+                try:
+                    asyncio.get_running_loop().remove_reader(dn.shadow.fileno())
+                except (RuntimeError, ValueError):
+                    pass
+                dn.shadow.close()
             dn.injector.close()
             for fd in dn.fds:
                 os.close(fd)

@@ -82,6 +82,8 @@ class SourceNic:
     bridge: str | None = None
     pinned: bool = False
     swallow_pending: bool = False
+    own_frames: int = 0
+    mac_bytes: bytes = b""
     swallowed_recovered: int = 0
     sacrifice: bytes = b""
     captured: int = 0
@@ -163,7 +165,8 @@ class SourceSession:
         try:
             for i, nic in enumerate(found):
                 fds = [tapfd.pidfd_getfd(pidfd, fd) for fd in nic.qemu_fds]
-                sn = SourceNic(index=i, nic=nic, fds=fds, hdr_size=tapfd.vnet_hdr_size(fds[0]))
+                sn = SourceNic(index=i, nic=nic, fds=fds, hdr_size=tapfd.vnet_hdr_size(fds[0]),
+                               mac_bytes=bytes.fromhex(nic.mac.replace(":", "")))
                 self.nics.append(sn)
                 for fd in fds:
                     if not tapfd.ensure_nonblocking(fd):
@@ -241,10 +244,15 @@ class SourceSession:
 
     def _capture(self, sn: SourceNic, vnet: bytes, data: bytes) -> None:
         now = time.monotonic()
-        self.last_frame_t = now
         if len(data) < wire.MIN_FRAME:
             self._drop(sn, "runt")
             return
+        if data[6:12] == sn.mac_bytes:
+            # The VM's own transmissions (its announcements from the
+            # destination, flooded back to us): never give a VM its own frames.
+            sn.own_frames += 1
+            return
+        self.last_frame_t = now
         if self.cache_bytes + len(data) > self.o.max_cache_bytes:
             self._drop(sn, "cache_full")
             return
@@ -705,6 +713,13 @@ class SourceSession:
                 os.close(fd)
             sn.fds = []
 
+    def _after_resume(self) -> tuple[int, float | None]:
+        if self.resumed_t is None:
+            return 0, None
+        cut = (self.resumed_t - self.t0) * 1e6
+        late = [f.ts_us for f in self.cache if f.ts_us > cut]
+        return len(late), (round((max(late) - cut) / 1000, 1) if late else None)
+
     # -- report ---------------------------------------------------------------------------
     def report(self, error: BaseException | None = None) -> dict[str, Any]:
         dest_nics = {n["mac"]: n for n in self.dest_report.get("nics", [])}
@@ -717,13 +732,16 @@ class SourceSession:
             for k, v in d.get("dropped", {}).items():
                 nic_dropped[k] = nic_dropped.get(k, 0) + v
             replayed = int(d.get("replayed", 0))
+            dups = int(d.get("duplicates_suppressed", 0))
             replayed_total += replayed
             for k, v in nic_dropped.items():
                 dropped[k] = dropped.get(k, 0) + v
             per_nic.append({"mac": sn.nic.mac, "tap": sn.nic.tap,
                             "swallowed_frame_recovered": sn.swallowed_recovered,
                             "frames_captured": sn.captured, "bytes_captured": sn.bytes_captured,
-                            "frames_replayed": replayed, "frames_dropped": nic_dropped})
+                            "frames_replayed": replayed, "duplicates_suppressed": dups,
+                            "own_frames_ignored": sn.own_frames,
+                            "frames_dropped": nic_dropped})
         captured = sum(sn.captured for sn in self.nics)
         if self.completed and self.dest_report == {} and self.shipped and self.returned_to_source == 0:
             dropped["agent_unreachable"] = dropped.get("agent_unreachable", 0) + self.shipped
@@ -739,6 +757,7 @@ class SourceSession:
             "frames_captured": captured,
             "frames_replayed": replayed_total,
             "frames_returned_to_source": self.returned_to_source,
+            "duplicates_suppressed": sum(int(n.get("duplicates_suppressed", 0)) for n in dest_nics.values()),
             "frames_dropped": dropped,
             "bytes_captured": sum(sn.bytes_captured for sn in self.nics),
             "bytes_wire": self.ch.bytes_out if self.ch else 0,
@@ -748,6 +767,8 @@ class SourceSession:
             "stop_to_resume_ms": (round((self.resumed_t - self.stop_t) * 1000, 1)
                                   if self.resumed_t and self.stop_t else None),
             "replay_delay_ms": self.dest_report.get("replay_delay_ms"),
+            "frames_after_resume": self._after_resume()[0],
+            "last_frame_after_resume_ms": self._after_resume()[1],
             "destination_status": self.dest_status,
             "frames_lost_inside_qemu_recovered": sum(sn.swallowed_recovered for sn in self.nics),
             "nics": per_nic,
