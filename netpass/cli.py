@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run a real migration in the embedded lab and measure loss")
-    demo.add_argument("--mode", choices=("baseline",), default="baseline",
-                      help="baseline: plain QEMU migration")
+    demo.add_argument("--mode", choices=("both", "baseline", "netpass"), default="both",
+                      help="baseline: plain QEMU migration; netpass: with netpass; both (default): "
+                           "one of each, side by side")
     demo.add_argument("--rate", type=_positive(float, "--rate"), default=2000.0,
                       help="probes per second from the peer (default 2000)")
     demo.add_argument("--proto", choices=("icmp", "udp"), default="icmp")
@@ -130,6 +131,7 @@ def _require_root(what: str) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     _require_root("netpass demo")
+    from .errors import LabError
     from .lab import image, scenario
     from .lab.topology import sweep_stale
 
@@ -146,14 +148,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         runs: dict[str, dict[str, Any]] = {}
         timelines: dict[str, Path] = {}
         with tempfile.TemporaryDirectory(prefix="netpass-demo-") as tmp:
-            for mode in [args.mode]:
+            modes = ["baseline", "netpass"] if args.mode == "both" else [args.mode]
+            for mode in modes:
                 timelines[mode] = Path(tmp) / f"{mode}.json"
                 opts = scenario.ScenarioOptions(
                     rate=args.rate, proto=args.proto, switchover_pause_ms=args.pause_ms,
                     lan_lag_ms=args.lan_lag_ms, kill_source=args.kill_source,
-                    timeline_path=timelines[mode])
+                    timeline_path=timelines[mode], mode=mode)
                 say(f"{mode}: starting")
                 runs[mode] = scenario.run_migration_scenario(img, opts, say)
+                logs = runs[mode].get("report", {}).pop("logs", None)
+                if mode == "netpass" and runs[mode]["report"].get("exit_code") != 0:
+                    raise LabError("netpass migrate failed in the lab: "
+                                   f"{runs[mode]['report'].get('error')}\n{logs or ''}")
             if args.plot:
                 from .lab.plot import plot_runs
 
@@ -178,6 +185,11 @@ def _print_runs(runs: dict[str, dict[str, Any]]) -> None:
             ("latency p50 (ms)", "latency_p50_ms"), ("latency p99 (ms)", "latency_p99_ms")]
     for label, key in rows:
         table.add_row(label, *(str(r.get(key)) for r in runs.values()))
+    rep_rows = [("frames captured", "frames_captured"), ("frames replayed", "frames_replayed"),
+                ("lost inside QEMU, recovered", "frames_lost_inside_qemu_recovered"),
+                ("replay delay (ms)", "replay_delay_ms")]
+    for label, key in rep_rows:
+        table.add_row(label, *(str(r.get("report", {}).get(key, "-")) for r in runs.values()))
     out_console.print(table)
 
 

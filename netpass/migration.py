@@ -26,6 +26,7 @@ class MigrationOptions:
     switchover_pause_ms: int = 0
     timeout_s: float = 600.0
     resume_timeout_s: float = 60.0
+    cancel_at_pre_switchover: bool = False
 
 
 @dataclass
@@ -65,7 +66,7 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
     """
     res = MigrationResult()
     caps = [{"capability": "events", "state": True}]
-    if opts.switchover_pause_ms > 0:
+    if opts.switchover_pause_ms > 0 or opts.cancel_at_pre_switchover:
         caps.append({"capability": "pause-before-switchover", "state": True})
     await src.execute("migrate-set-capabilities", {"capabilities": caps})
     params: dict[str, Any] = {}
@@ -107,7 +108,9 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
                 if ev.name == "MIGRATION":
                     status = ev.data.get("status")
                     res.status = str(status)
-                    if status == "pre-switchover" and opts.switchover_pause_ms > 0:
+                    if status == "pre-switchover" and opts.cancel_at_pre_switchover:
+                        await src.execute("migrate_cancel")
+                    elif status == "pre-switchover" and opts.switchover_pause_ms > 0:
                         if before_continue is not None:
                             await before_continue()
                         await asyncio.sleep(opts.switchover_pause_ms / 1000)

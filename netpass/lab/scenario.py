@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import links, netns
-from ..errors import LabError
+from ..errors import LabError, MigrationFailed
 from ..migration import MigrationOptions, MigrationResult, migrate
 from ..qmp import Monitor
 from .image import GuestImage
@@ -99,6 +99,9 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
                 result, report = asyncio.run(_drive_netpass(lab, opts, say))
             else:
                 result, report = asyncio.run(_drive(lab, opts, say)), None
+            if opts.on_pre_switchover == "cancel":
+                # The source resumes; give it time to answer what it holds.
+                time.sleep(0.5)
             if opts.lan_lag_ms > 0:
                 assert result.dst_resume_t is not None
                 wait = result.dst_resume_t + opts.lan_lag_ms / 1000 - time.monotonic()
@@ -132,9 +135,17 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
 async def _drive(lab: Lab, opts: ScenarioOptions, say: Say) -> MigrationResult:  # baseline
     assert lab.src_vm is not None and lab.dst_vm is not None
     mopts = MigrationOptions(uri=lab.migration_uri, switchover_pause_ms=opts.switchover_pause_ms,
-                             downtime_limit_ms=opts.downtime_limit_ms)
+                             downtime_limit_ms=opts.downtime_limit_ms,
+                             cancel_at_pre_switchover=opts.on_pre_switchover == "cancel")
     async with Monitor(lab.src_vm.qmp, "src") as src, Monitor(lab.dst_vm.qmp, "dst") as dst:
-        result = await migrate(src, dst, mopts)
+        try:
+            result = await migrate(src, dst, mopts)
+        except MigrationFailed as exc:
+            if opts.on_pre_switchover != "cancel":
+                raise
+            say(f"migration cancelled at pre-switchover, as asked: {exc}")
+            result = MigrationResult(status="cancelled")
+            return result
     say(f"migration completed: QEMU downtime {result.downtime_ms} ms, total {result.total_time_ms} ms")
     if opts.kill_source:
         lab.src_vm.kill()
@@ -263,19 +274,15 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[Mig
 
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(agent_log, Path(keep) / f"{lab.run_id}-agent.log")
-        for vm_log in lab.rundir.glob("*.log"):
-            if vm_log.name in ("src.log", "dst.log"):
-                pass
         for vm_log in list(lab.rundir.glob("*.log")) + list(lab.rundir.glob("*.console")):
-            if True:
-                shutil.copy(vm_log, Path(keep) / f"{lab.run_id}-{vm_log.name}")
+            shutil.copy(vm_log, Path(keep) / f"{lab.run_id}-{vm_log.name}")
         (Path(keep) / f"{lab.run_id}-migrate.log").write_bytes(err)
     report: dict[str, Any] = {}
     if report_path.exists():
         report = json.loads(report_path.read_text())
     report["exit_code"] = migrate_proc.returncode if migrate_proc else None
-    report["stderr_tail"] = err.decode(errors="replace")[-100000:]
-    report["agent_log_tail"] = agent_log.read_text(errors="replace")[-2500:]
+    report["logs"] = {"migrate": err.decode(errors="replace")[-20000:],
+                      "agent": agent_log.read_text(errors="replace")[-20000:]}
     if res.downtime_ms is None:
         res.downtime_ms = report.get("downtime_ms")
         res.total_time_ms = report.get("total_time_ms")
