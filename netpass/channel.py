@@ -197,6 +197,11 @@ async def client_handshake(ch: Channel, token: bytes) -> None:
     ns = _hexfield(msg, "nonce", 32)
     proof_s = _hexfield(msg, "proof", 32)
     if not hmac.compare_digest(proof_s, _derive(token, b"server", nc, ns)):
+        try:  # tell the agent why, so its log says it too
+            await ch.send_json(ERROR, {"code": "auth", "message": "the agent's proof does not match "
+                                       "the client's token"})
+        except ChannelError:
+            pass
         await ch.close()
         raise AuthError(f"authentication failed: the agent at {ch.peer} does not hold the same "
                         "token (check --token-file on both hosts)")
@@ -219,7 +224,10 @@ async def server_handshake(ch: Channel, token: bytes) -> None:
     nc = _hexfield(hello, "nonce", 32)
     ns = os.urandom(32)
     await ch.send_json(CHALLENGE, {"nonce": ns.hex(), "proof": _derive(token, b"server", nc, ns).hex()})
-    auth = await ch.recv_json(AUTH, HANDSHAKE_TIMEOUT)
+    try:
+        auth = await ch.recv_json(AUTH, HANDSHAKE_TIMEOUT)
+    except AuthError as exc:
+        raise AuthError(f"client {ch.peer} failed authentication: {exc}") from exc
     proof_c = _hexfield(auth, "proof", 32)
     if not hmac.compare_digest(proof_c, _derive(token, b"client", nc, ns)):
         await ch.send_json(ERROR, {"code": "auth", "message": "wrong token"})

@@ -109,6 +109,7 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
                     status = ev.data.get("status")
                     res.status = str(status)
                     if status == "pre-switchover" and opts.cancel_at_pre_switchover:
+                        await asyncio.sleep(opts.switchover_pause_ms / 1000)
                         await src.execute("migrate_cancel")
                     elif status == "pre-switchover" and opts.switchover_pause_ms > 0:
                         if before_continue is not None:

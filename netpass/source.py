@@ -236,10 +236,14 @@ class SourceSession:
             self._drop(sn, "lost_in_qemu_unidentified", sn.lost_by_qemu - found)
             self.notes.append(f"QEMU lost {sn.lost_by_qemu} frame(s) of {sn.nic.mac} at the stop; "
                               f"the shadow identified {found}")
-        for vnet, data in items or []:
+        items = items or []
+        for i, (vnet, data) in enumerate(items):
             sn.swallowed_recovered += 1
             self._capture(sn, vnet, data)
-            if self.cache and self.cache[-1].data is data:
+            kept = i == len(items) - 1 and not sn.settle.get("taken", True)
+            if kept and self.cache and self.cache[-1].data is data:
+                # QEMU still holds this one and delivers it itself if the VM
+                # resumes here; the one it purged while stopping it does not.
                 self.recovered.append(self.cache[-1])
 
     def _capture(self, sn: SourceNic, vnet: bytes, data: bytes) -> None:
@@ -524,6 +528,29 @@ class SourceSession:
     async def _migrate(self) -> None:
         assert self.mon is not None
         await self.mon.execute("migrate", {"uri": self.o.uri})
+        try:
+            await self._watch_migration()
+        except QMPError:
+            # A management layer may kill the source QEMU the moment it
+            # completes, as libvirt does: success, if QEMU said so first.
+            while (ev := await self.mon.next_event(0)) is not None:
+                if ev.name == "MIGRATION" and ev.data.get("status") == "completed":
+                    self.completed = True
+                elif ev.name == "STOP" and self.stop_t is None and self.netpass_active:
+                    self.stop_emitted = ev.emitted
+                    await self._begin_capture()
+            if not self.completed:
+                raise
+            self._say("the source QEMU went away right after completing: that is success")
+            return
+        try:
+            self.migration_info = await self.mon.execute("query-migrate")
+            self.progress("migration", progress_line(self.migration_info))
+        except QMPError:
+            self._say("the source QEMU went away right after completing: that is success")
+
+    async def _watch_migration(self) -> None:
+        assert self.mon is not None
         deadline = time.monotonic() + self.o.timeout_s
         next_poll = 0.0
         while True:
@@ -540,7 +567,7 @@ class SourceSession:
                     status = ev.data.get("status")
                     if status == "completed":
                         self.completed = True
-                        break
+                        return
                     if status in ("failed", "cancelled"):
                         info = await self.mon.execute("query-migrate")
                         raise MigrationFailed(f"migration {status}: {info.get('error-desc', 'no reason given')}")
@@ -548,8 +575,6 @@ class SourceSession:
                 next_poll = time.monotonic() + 0.05
                 info = await self.mon.execute("query-migrate")
                 self.progress("migration", progress_line(info))
-        self.migration_info = await self.mon.execute("query-migrate")
-        self.progress("migration", progress_line(self.migration_info))
 
     async def _linger(self) -> None:
         assert self.resumed_t is not None
@@ -563,6 +588,28 @@ class SourceSession:
             if now - self.resumed_t >= quiet and now - self.last_frame_t >= quiet:
                 return
             await asyncio.sleep(0.01)
+
+    async def _until_consumed(self, bound_s: float = 2.0) -> None:
+        """Wait until what we gave back is inside the VM: the rings are empty
+        and the NIC's RX used index has stopped moving for 50 ms."""
+        deadline = time.monotonic() + bound_s
+        while any(tapfd.readable(sn.fds) for sn in self.nics) and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        if self.mon is None:
+            return
+        last: list[int | None] = []
+        stable_since = time.monotonic()
+        while time.monotonic() < deadline:
+            try:
+                now = [await rx_used(self.mon, sn.virtio_path, len(sn.fds)) if sn.virtio_path else None
+                       for sn in self.nics]
+            except QMPError:
+                return
+            if now != last:
+                last, stable_since = now, time.monotonic()
+            elif time.monotonic() - stable_since >= 0.05:
+                return
+            await asyncio.sleep(0.005)
 
     async def _cancel_migration(self) -> None:
         """netpass failed while QEMU migrates: cancel, so the VM stays where it is."""
@@ -586,7 +633,8 @@ class SourceSession:
         """The migration failed after the stop: give the frames back to the source VM.
 
         The frame QEMU kept at the stop is delivered by QEMU itself when the VM
-        resumes, so its shadow copy is not given back twice.
+        resumes, so its shadow copy is not given back twice; the one it purged
+        while stopping is given back.
         """
         self._say("migration failed after the stop: returning the captured frames to the source VM")
         if self.ch is not None and self.channel_error is None:
@@ -598,15 +646,26 @@ class SourceSession:
         self.stop_draining()
         recovered = {id(f) for f in self.recovered}
         injectors = {sn.index: Injector(sn.nic.tap) for sn in self.nics}
+        qlen = {sn.index: max(64, links.info(None, sn.nic.tap).txqueuelen) for sn in self.nics}
+        fds = {sn.index: sn.fds for sn in self.nics}
         try:
+            chunk: dict[int, int] = {i: 0 for i in injectors}
             for f in self.cache:
                 if id(f) in recovered:
                     continue
+                if chunk[f.nic] >= min(64, qlen[f.nic] // 2):
+                    # Within the ring's room: let the resumed VM read first.
+                    deadline = time.monotonic() + 2.0
+                    while tapfd.readable(fds[f.nic]) and time.monotonic() < deadline:
+                        await asyncio.sleep(0.0005)
+                    chunk[f.nic] = 0
                 injectors[f.nic].send(f.vnet_hdr or bytes(wire.VNET_HDR_LEN), f.data)
+                chunk[f.nic] += 1
                 self.returned_to_source += 1
         finally:
             for inj in injectors.values():
                 inj.close()
+        await self._until_consumed()
         self.cache.clear()
         self.outq.clear()
         # QEMU resumes the source VM by itself when the migration fails.

@@ -3,6 +3,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def lab_pids() -> list[int]:
-    """Pids of QEMU processes that belong to any lab run (by their rundir)."""
+def lab_pids(owned: Callable[[int], bool] | None = None) -> list[int]:
+    """Pids of QEMU processes of lab runs (found by their run directory)."""
+    import re
+
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -21,7 +25,9 @@ def lab_pids() -> list[int]:
         except OSError:
             continue
         if b"qemu-system" in cmd and b"/run/netpass-lab/" in cmd:
-            out.append(int(entry))
+            m = re.search(rb"/run/netpass-lab/(\d+)-", cmd)
+            if owned is None or (m and owned(int(m.group(1)))):
+                out.append(int(entry))
     return out
 
 
@@ -45,11 +51,21 @@ def no_leftovers(root_required: None):
     """Fail the test if it leaves a lab namespace or a lab QEMU behind."""
     from netpass.lab.topology import leftovers
 
+    def ours(owner: int) -> bool:
+        # Labs built by this test process, or by processes that died (a CLI
+        # run this test started); not other, unrelated lab runs going on now.
+        return owner == os.getpid() or not Path(f"/proc/{owner}").exists()
+
+    def owner_of_ns(name: str) -> int:
+        return int(name.split("-")[1])
+
     before_ns = set(leftovers())
     before_pids = set(lab_pids())
     yield
-    assert set(leftovers()) - before_ns == set(), "lab namespaces left behind"
-    assert set(lab_pids()) - before_pids == set(), "lab QEMU processes left behind"
+    time.sleep(0.2)
+    left = {n for n in set(leftovers()) - before_ns if ours(owner_of_ns(n))}
+    assert left == set(), f"lab namespaces left behind: {left}"
+    assert set(lab_pids(ours)) - before_pids == set(), "lab QEMU processes left behind"
 
 
 def run_cli(*args: str, user: str | None = None, timeout: float = 600,

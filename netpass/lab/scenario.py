@@ -41,6 +41,7 @@ class ScenarioOptions:
     migrate_args: tuple[str, ...] = ()
     token_override: bytes | None = None
     on_pre_switchover: str = "continue"
+    agent_addr: str | None = None
 
 
 def _prober_argv(lab: Lab, opts: ScenarioOptions, duration: float, timeline: Path | None,
@@ -109,6 +110,7 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
                     time.sleep(wait)
                 links.unpin_mac(lab.ns("lan"), "p-src", GUEST_MAC)
             time.sleep(opts.tail_s)
+            where = asyncio.run(_where(lab))
         finally:
             out, err = prober.communicate(timeout=60)
         if prober.returncode != 0:
@@ -121,6 +123,7 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
         stats["lan_lag_ms"] = opts.lan_lag_ms
         stats["kill_source"] = opts.kill_source
         stats["dst_qemu_exit"] = dst_exit
+        stats["src_status"], stats["dst_status"] = where
 
         def rel(t: float | None) -> float | None:
             return None if t is None else round((t - probe_t0) * 1000, 1)
@@ -203,7 +206,8 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[Mig
                     {"capability": "pause-before-switchover", "state": True}]})
             migrate_proc = await asyncio.create_subprocess_exec(
                 *_cli(lab, "src", "-v", "migrate", "--qmp", lab.src_vm.qmp, "--uri", lab.migration_uri,
-                      "--dest-agent", f"{MIG_DST}:{AGENT_PORT}", "--dest-qmp", lab.dst_vm.qmp,
+                      "--dest-agent", opts.agent_addr or f"{MIG_DST}:{AGENT_PORT}",
+                      "--dest-qmp", lab.dst_vm.qmp,
                       "--token-file", str(client_token), "--report", str(report_path), "--json",
                       *opts.migrate_args),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -218,6 +222,7 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[Mig
                         res.src_stop_t = ev.emitted
                     if ev.name == "MIGRATION" and ev.data.get("status") == "pre-switchover":
                         if opts.on_pre_switchover == "cancel":
+                            await asyncio.sleep(opts.switchover_pause_ms / 1000)
                             say("lab: cancelling the migration at pre-switchover")
                             await sw.execute("migrate_cancel")
                         else:
@@ -289,3 +294,18 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[Mig
     say(f"netpass migrate exited {report['exit_code']}: captured {report.get('frames_captured')}, "
         f"replayed {report.get('frames_replayed')}")
     return res, report
+
+
+async def _where(lab: Lab) -> tuple[str | None, str | None]:
+    """Run state of the source and destination VMs (None once a QEMU is gone)."""
+    out: list[str | None] = []
+    for vm in (lab.src_vm, lab.dst_vm):
+        if vm is None or not vm.alive():
+            out.append(None)
+            continue
+        try:
+            async with Monitor(vm.watch_qmp, f"{vm.name}-where") as mon:
+                out.append(await mon.status())
+        except Exception:  # noqa: BLE001 - a lab observation, not a netpass path
+            out.append(None)
+    return out[0], out[1]
