@@ -91,3 +91,68 @@ def test_doctor_table(root_required: None) -> None:
     res = run_cli("doctor")
     assert res.returncode == 0
     assert "pidfd_getfd" in res.stdout and "capture" in res.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _token(tmp_path: Path) -> Path:
+    tok = tmp_path / "token"
+    tok.write_text("cli-test-token-0123456789abcdef")
+    tok.chmod(0o600)
+    return tok
+
+
+def test_migrate_argument_errors(root_required: None, tmp_path: Path) -> None:
+    base = ["migrate", "--qmp", "/nonexistent.qmp", "--uri", "tcp:127.0.0.1:1",
+            "--dest-qmp", "/run/x.qmp"]
+    res = run_cli(*base, "--dest-agent", "127.0.0.1:1", "--token-file", str(tmp_path / "none"))
+    assert res.returncode == 2 and "cannot read token file" in res.stderr
+    res = run_cli(*base, "--dest-agent", "not-a-hostport", "--token-file", str(_token(tmp_path)))
+    assert res.returncode == 2 and "HOST:PORT" in res.stderr
+    res = run_cli(*base, "--dest-agent", "127.0.0.1:1", "--token-file", str(_token(tmp_path)))
+    assert res.returncode == 1 and "cannot reach the agent" in res.stderr
+
+
+def test_migrate_missing_qmp_socket_and_agent_cli(root_required: None, tmp_path: Path) -> None:
+    import subprocess
+    import time
+
+    port = _free_port()
+    tok = _token(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    agent = subprocess.Popen([sys.executable, "-m", "netpass.cli", "agent", "--listen",
+                              f"127.0.0.1:{port}", "--token-file", str(tok), "--qmp-root", str(tmp_path)],
+                             env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            import socket
+
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        res = run_cli("migrate", "--qmp", str(tmp_path / "absent.qmp"), "--uri", "tcp:127.0.0.1:1",
+                      "--dest-agent", f"127.0.0.1:{port}", "--dest-qmp", str(tmp_path / "d.qmp"),
+                      "--token-file", str(tok))
+        assert res.returncode == 1, res.stderr
+        assert "QMP socket" in res.stderr and "absent.qmp" in res.stderr
+    finally:
+        agent.terminate()
+        agent.wait(10)
+    assert "agent listening" in agent.stderr.read()  # type: ignore[union-attr]
+
+
+def test_agent_argument_errors(root_required: None, tmp_path: Path) -> None:
+    res = run_cli("agent", "--listen", "127.0.0.1:1", "--token-file", str(_token(tmp_path)),
+                  "--qmp-root", str(tmp_path / "nodir"))
+    assert res.returncode == 2 and "not a directory" in res.stderr
+    res = run_cli("agent", "--listen", "127.0.0.1:1", "--token-file", str(_token(tmp_path)),
+                  "--tls-cert", "x.pem")
+    assert res.returncode == 2 and "go together" in res.stderr

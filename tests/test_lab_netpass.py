@@ -15,10 +15,10 @@ from netpass.lab import scenario
 pytestmark = pytest.mark.lab
 
 
-def run(image: Any, mode: str, **kw: Any) -> dict[str, Any]:
+def run(image: Any, mode: str, expect_ok: bool = True, **kw: Any) -> dict[str, Any]:
     res = scenario.run_migration_scenario(image, scenario.ScenarioOptions(mode=mode, **kw),
                                           lambda m: None)
-    if mode == "netpass" and kw.get("token_override") is None and kw.get("on_pre_switchover") is None:
+    if mode == "netpass" and expect_ok:
         rep = res["report"]
         assert rep.get("exit_code") == 0, (rep.get("error"), rep.get("logs"))
     return res
@@ -73,7 +73,7 @@ def test_netpass_late_lan_and_killed_source_zero_loss(guest_image, no_leftovers)
 
 
 def test_wrong_token_is_refused_before_anything_happens(guest_image, no_leftovers) -> None:
-    res = run(guest_image, "netpass", token_override=b"this-is-not-the-agent-token-at-all", **PAUSED)
+    res = run(guest_image, "netpass", expect_ok=False, token_override=b"this-is-not-the-agent-token-at-all", **PAUSED)
     rep = res["report"]
     assert rep["exit_code"] == 3, rep
     assert "authentication failed" in rep["logs"]["migrate"]
@@ -92,7 +92,7 @@ def test_plain_migration_moves_the_vm(guest_image, no_leftovers) -> None:
 def test_cancel_after_stop_gives_frames_back(guest_image, no_leftovers) -> None:
     """The management layer cancels at pre-switchover, with the VM stopped:
     netpass returns what it captured to the source VM."""
-    res = run(guest_image, "netpass", on_pre_switchover="cancel", rate=2000, switchover_pause_ms=200)
+    res = run(guest_image, "netpass", expect_ok=False, on_pre_switchover="cancel", rate=2000, switchover_pause_ms=200)
     rep = res["report"]
     assert rep["exit_code"] == 1 and "cancelled" in (rep["error"] or ""), rep
     assert res["src_status"] == "running"
@@ -114,7 +114,8 @@ def test_best_effort_migrates_without_netpass(guest_image, no_leftovers) -> None
 
 
 def test_unreachable_agent_aborts_before_migrating(guest_image, no_leftovers) -> None:
-    res = run(guest_image, "netpass", agent_addr="198.19.0.2:1", rate=500, switchover_pause_ms=0)
+    res = run(guest_image, "netpass", expect_ok=False, agent_addr="198.19.0.2:1", rate=500,
+              switchover_pause_ms=0)
     rep = res["report"]
     assert rep["exit_code"] == 1 and "cannot reach the agent" in (rep["error"] or ""), rep
     assert res["src_status"] == "running" and res["dst_status"] == "inmigrate"

@@ -1,0 +1,237 @@
+"""The agent and the channel under bad input: wrong tokens, garbage, replays,
+paths outside --qmp-root, malformed batches.  The agent must refuse each with a
+clear error and keep serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import struct
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netpass import channel, wire
+from netpass.agent import Agent, AgentConfig, DestNic, DestSession, SessionError
+from netpass.channel import CONTROL, AuthError, ChannelError, RemoteError
+from netpass.errors import UsageError
+from netpass.nics import Nic
+
+TOKEN = b"a-test-token-of-enough-length-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def with_agent(tmp_path: Path, body: Any) -> None:
+    port = free_port()
+    agent = Agent(AgentConfig(listen=f"127.0.0.1:{port}", token=TOKEN, qmp_root=tmp_path))
+    await agent.start()
+    try:
+        await body(f"127.0.0.1:{port}")
+    finally:
+        assert agent.server is not None
+        agent.server.close()
+        await agent.server.wait_closed()
+
+
+async def ping(addr: str) -> dict[str, Any]:
+    ch = await channel.connect(addr, TOKEN)
+    try:
+        await ch.send_json(CONTROL, {"op": "ping"})
+        return await ch.recv_json(CONTROL, timeout=5)
+    finally:
+        await ch.close()
+
+
+def test_wrong_token_then_agent_still_serves(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def body(addr: str) -> None:
+        with pytest.raises(AuthError, match="authentication failed"):
+            await channel.connect(addr, b"another-token-of-enough-length-99")
+        assert (await ping(addr))["op"] == "pong"
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(with_agent(tmp_path, body))
+    assert "failed authentication" in caplog.text
+
+
+def test_garbage_and_oversized_input(tmp_path: Path) -> None:
+    async def body(addr: str) -> None:
+        host, port = channel.parse_hostport(addr)
+        for junk in (os.urandom(300), struct.pack("!IB", 1 << 30, 1) + b"x" * 10, b"\0" * 5):
+            r, w = await asyncio.open_connection(host, port)
+            w.write(junk)
+            await w.drain()
+            assert await asyncio.wait_for(r.read(), 15) == b""  # the agent hangs up
+            w.close()
+        assert (await ping(addr))["op"] == "pong"
+
+    asyncio.run(with_agent(tmp_path, body))
+
+
+def test_replayed_message_is_refused(tmp_path: Path) -> None:
+    async def body(addr: str) -> None:
+        ch = await channel.connect(addr, TOKEN)
+        sent: list[bytes] = []
+        orig = ch.writer.writelines
+
+        def spy(parts: Any) -> None:
+            parts = list(parts)
+            sent.append(b"".join(parts))
+            orig(parts)
+
+        ch.writer.writelines = spy  # type: ignore[method-assign]
+        await ch.send_json(CONTROL, {"op": "nonsense"})
+        reply_type, payload = 0, b""
+        with pytest.raises((RemoteError, ChannelError)):
+            reply_type, payload = await ch.recv(timeout=5)
+        await ch.close()
+        # The same bytes on a new connection: without the handshake's keys
+        # they are not even a valid hello.
+        host, port = channel.parse_hostport(addr)
+        r, w = await asyncio.open_connection(host, port)
+        w.write(sent[0])
+        await w.drain()
+        assert await asyncio.wait_for(r.read(), 15) == b""
+        w.close()
+        assert (await ping(addr))["op"] == "pong"
+
+    asyncio.run(with_agent(tmp_path, body))
+
+
+def test_qmp_path_outside_root_and_missing_socket(tmp_path: Path) -> None:
+    async def body(addr: str) -> None:
+        for path, code in (("/etc/passwd", "qmp_root"), (str(tmp_path / "../escape.qmp"), "qmp_root"),
+                           (str(tmp_path / "absent.qmp"), "qmp")):
+            ch = await channel.connect(addr, TOKEN)
+            await ch.send_json(CONTROL, {"op": "open", "dest_qmp": path, "macs": ["52:54:00:00:00:01"]})
+            with pytest.raises(RemoteError) as info:
+                await ch.recv(timeout=10)
+            assert info.value.code == code, info.value
+            await ch.close()
+        assert (await ping(addr))["op"] == "pong"
+
+    asyncio.run(with_agent(tmp_path, body))
+
+
+class FakeInjector:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, vnet: bytes, frame: bytes) -> None:
+        self.sent.append(frame)
+
+    def close(self) -> None:
+        pass
+
+
+def _session(tmp_path: Path) -> tuple[DestSession, FakeInjector]:
+    sess = DestSession(AgentConfig(listen="127.0.0.1:1", token=TOKEN, qmp_root=tmp_path), None, "t")  # type: ignore[arg-type]
+    inj = FakeInjector()
+    nic = Nic(mac="52:54:00:00:00:01", tap="nonexistent0")
+    dn = DestNic(nic=nic, injector=inj, fds=[], orig_qlen=1000, base_tx=0)  # type: ignore[arg-type]
+    sess.nics.append(dn)
+    sess._room = lambda dn: 1000  # type: ignore[method-assign]
+    sess._pull_direct = lambda dn: None  # type: ignore[method-assign]
+    return sess, inj
+
+
+VM = bytes.fromhex("525400000001")
+PEER = bytes.fromhex("0200000000aa")
+
+
+def frame(dst: bytes, src: bytes = PEER, n: int = 0) -> bytes:
+    return dst + src + b"\x08\x00" + n.to_bytes(4, "big") + bytes(42)
+
+
+def test_batches_checked_before_anything_is_replayed(tmp_path: Path) -> None:
+    sess, inj = _session(tmp_path)
+    good = wire.encode(0, [wire.Frame(0, b"", frame(VM, n=1)), wire.Frame(0, b"", frame(b"\xff" * 6, n=2))])
+    assert sess.accept(good) == {"seq": 0, "accepted": 2, "dropped": 0}
+    assert len(inj.sent) == 2
+    # Out of sequence (a replayed batch): refused whole.
+    with pytest.raises(SessionError, match="out of sequence"):
+        sess.accept(good)
+    # Corrupt: refused whole, nothing replayed.
+    bad = bytearray(wire.encode(1, [wire.Frame(0, b"", frame(VM, n=3))]))
+    bad[-1] ^= 0xFF
+    with pytest.raises(wire.WireError):
+        sess.accept(bytes(bad))
+    # A NIC index the session does not have.
+    with pytest.raises(wire.WireError, match="NIC index"):
+        sess.accept(wire.encode(1, [wire.Frame(3, b"", frame(VM))]))
+    assert len(inj.sent) == 2
+
+
+def test_only_frames_for_the_vm_are_replayed(tmp_path: Path) -> None:
+    sess, inj = _session(tmp_path)
+    frames = [wire.Frame(0, b"", frame(VM, n=1)),                       # to the VM
+              wire.Frame(0, b"", frame(bytes.fromhex("525400000099"))),   # someone else
+              wire.Frame(0, b"", frame(b"\x01\x00\x5e\x00\x00\x01")),     # multicast
+              wire.Frame(0, b"", frame(b"\xff" * 6, src=VM))]             # the VM's own
+    ack = sess.accept(wire.encode(0, frames))
+    assert ack == {"seq": 0, "accepted": 2, "dropped": 2}
+    assert inj.sent == [frames[0].data, frames[2].data]
+    assert sess.nics[0].dropped == {"foreign_mac": 1, "own_frame": 1}
+
+
+def test_agent_cache_is_bounded(tmp_path: Path) -> None:
+    sess, inj = _session(tmp_path)
+    sess.cfg.max_cache_bytes = 100
+    sess._room = lambda dn: 0  # type: ignore[method-assign]  # ring full: everything is held
+    ack = sess.accept(wire.encode(0, [wire.Frame(0, b"", frame(VM, n=i)) for i in range(5)]))
+    assert ack["accepted"] == 1 and ack["dropped"] == 4
+    assert sess.nics[0].dropped == {"agent_cache_full": 4}
+    assert sess.cache_bytes <= 100
+
+
+def test_token_file_checks(tmp_path: Path) -> None:
+    short = tmp_path / "short"
+    short.write_text("abc")
+    with pytest.raises(UsageError, match="at least"):
+        channel.load_token(short)
+    with pytest.raises(UsageError, match="cannot read"):
+        channel.load_token(tmp_path / "missing")
+    good = tmp_path / "good"
+    good.write_bytes(TOKEN + b"\n")
+    good.chmod(0o600)
+    assert channel.load_token(good) == TOKEN
+    for bad in ("nohost", "host:", ":80", "h:99999", "h:x"):
+        with pytest.raises(UsageError):
+            channel.parse_hostport(bad)
+
+
+def test_tls_channel(tmp_path: Path) -> None:
+    import subprocess
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=netpass-test"],
+                   check=True, capture_output=True)
+
+    async def main() -> None:
+        port = free_port()
+        agent = Agent(AgentConfig(listen=f"127.0.0.1:{port}", token=TOKEN, qmp_root=tmp_path,
+                                  tls_cert=str(cert), tls_key=str(key)))
+        await agent.start()
+        try:
+            ch = await channel.connect(f"127.0.0.1:{port}", TOKEN, tls_ca=str(cert))
+            await ch.send_json(CONTROL, {"op": "ping"})
+            assert (await ch.recv_json(CONTROL, timeout=5))["op"] == "pong"
+            await ch.close()
+            with pytest.raises(ChannelError):  # plain TCP to a TLS agent
+                await channel.connect(f"127.0.0.1:{port}", TOKEN, timeout=5)
+        finally:
+            assert agent.server is not None
+            agent.server.close()
+            await agent.server.wait_closed()
+
+    asyncio.run(main())
