@@ -802,10 +802,14 @@ class SourceSession:
                             "own_frames_ignored": sn.own_frames,
                             "frames_dropped": nic_dropped})
         captured = sum(sn.captured for sn in self.nics)
-        if self.completed and self.dest_report == {} and self.shipped and self.returned_to_source == 0:
-            dropped["agent_unreachable"] = dropped.get("agent_unreachable", 0) + self.shipped
-        if self.completed and self.outq:
-            dropped["never_shipped"] = dropped.get("never_shipped", 0) + len(self.outq)
+        if self.completed and self.dest_report == {} and self.netpass_active:
+            # The agent is gone: what it confirmed queuing is in the VM, the
+            # rest of what we captured is lost, and we say so.
+            replayed_total = self.agent_accepted
+            unconfirmed = sum(sn.captured for sn in self.nics) - self.agent_accepted - self.agent_dropped
+            if unconfirmed:
+                dropped["agent_unreachable"] = dropped.get("agent_unreachable", 0) + unconfirmed
+
         info = self.migration_info
         return {
             "session": self.sid,

@@ -119,3 +119,26 @@ def test_unreachable_agent_aborts_before_migrating(guest_image, no_leftovers) ->
     rep = res["report"]
     assert rep["exit_code"] == 1 and "cannot reach the agent" in (rep["error"] or ""), rep
     assert res["src_status"] == "running" and res["dst_status"] == "inmigrate"
+
+
+def test_agent_killed_mid_stream_cancels_and_loses_nothing(guest_image, no_leftovers) -> None:
+    """The destination agent dies after the stop, while the switchover is held:
+    netpass cancels the migration, gives the frames back and says why."""
+    res = run(guest_image, "netpass", expect_ok=False, kill_agent_at_stop=True, **PAUSED)
+    rep = res["report"]
+    assert rep["exit_code"] == 1, rep
+    assert "stays on the source" in (rep["error"] or "") and rep["error_kind"] == "MigrationFailed"
+    assert res["src_status"] == "running"
+    assert res["lost"] == 0 and res["duplicates"] == 0, (res, rep.get("logs"))
+    assert rep["frames_returned_to_source"] >= 0.5 * 2000 * 0.2
+
+
+def test_cache_bound_holds_and_reports_exactly(guest_image, no_leftovers) -> None:
+    """A cache of 10 kB (about 100 probe frames): past it frames are counted
+    and reported, never a crash, and the report's count is the peer's loss."""
+    res = run(guest_image, "netpass", migrate_args=("--max-cache-bytes", "10000"), **PAUSED)
+    rep = res["report"]
+    assert rep["exit_code"] == 0 and rep["bytes_captured"] <= 10000
+    dropped = rep["frames_dropped"].get("cache_full", 0)
+    assert dropped > 100, rep
+    assert res["lost"] == dropped, (res["lost"], rep["frames_dropped"])

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import links, netns
-from ..errors import LabError, MigrationFailed
+from ..errors import LabError, MigrationFailed, QMPError
 from ..migration import MigrationOptions, MigrationResult, migrate
 from ..qmp import Monitor
 from .image import GuestImage
@@ -42,6 +42,7 @@ class ScenarioOptions:
     token_override: bytes | None = None
     on_pre_switchover: str = "continue"
     agent_addr: str | None = None
+    kill_agent_at_stop: bool = False
 
 
 def _prober_argv(lab: Lab, opts: ScenarioOptions, duration: float, timeline: Path | None,
@@ -220,6 +221,10 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[Mig
                     res.events.append((ev.received, "src", ev.name + ":" + str(ev.data.get("status", ""))))
                     if ev.name == "STOP" and res.src_stop_t is None:
                         res.src_stop_t = ev.emitted
+                        if opts.kill_agent_at_stop and agent.returncode is None:
+                            await asyncio.sleep(0.05)  # let some frames cross first
+                            say("lab: killing the destination agent")
+                            agent.kill()
                     if ev.name == "MIGRATION" and ev.data.get("status") == "pre-switchover":
                         if opts.on_pre_switchover == "cancel":
                             await asyncio.sleep(opts.switchover_pause_ms / 1000)
@@ -227,7 +232,10 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[Mig
                             await sw.execute("migrate_cancel")
                         else:
                             await asyncio.sleep(opts.switchover_pause_ms / 1000)
-                            await sw.execute("migrate-continue", {"state": "pre-switchover"})
+                            try:
+                                await sw.execute("migrate-continue", {"state": "pre-switchover"})
+                            except QMPError as exc:  # e.g. netpass cancelled it meanwhile
+                                say(f"lab: migrate-continue refused: {exc}")
                     if ev.name == "MIGRATION" and ev.data.get("status") == "completed":
                         res.completed_t = ev.emitted
                         if opts.kill_source:
