@@ -60,14 +60,21 @@ def test_failure_mid_run_leaves_nothing(guest_image, no_leftovers) -> None:
     assert not set(seen["ns"]) & set(leftovers())  # type: ignore[arg-type]
 
 
-def test_ctrl_c_during_demo_leaves_nothing(guest_image, no_leftovers) -> None:
+def start_demo(*args: str, pipe: bool = True) -> subprocess.Popen[bytes]:
+    """Start 'netpass demo' and return once it runs QEMU."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "netpass.cli", "-v", "demo", "--json"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = subprocess.PIPE if pipe else subprocess.DEVNULL
+    proc = subprocess.Popen([sys.executable, "-m", "netpass.cli", *args, "demo", "--json"],
+                            cwd=ROOT, env=env, stdout=out, stderr=out)
     deadline = time.monotonic() + 120
-    while not lab_pids() and time.monotonic() < deadline:
+    while not lab_pids(lambda owner: owner == proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert lab_pids(), "the demo never started QEMU"
+    assert lab_pids(lambda owner: owner == proc.pid), "the demo never started QEMU"
+    return proc
+
+
+def test_ctrl_c_during_demo_leaves_nothing(guest_image, no_leftovers) -> None:
+    proc = start_demo("-v")
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=60)
@@ -76,12 +83,7 @@ def test_ctrl_c_during_demo_leaves_nothing(guest_image, no_leftovers) -> None:
 
 
 def test_sigterm_during_demo_leaves_nothing(guest_image, no_leftovers) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "netpass.cli", "demo", "--json"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not lab_pids() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    proc = start_demo()
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
@@ -91,18 +93,13 @@ def test_sigterm_during_demo_leaves_nothing(guest_image, no_leftovers) -> None:
 def test_killed_lab_is_swept(guest_image, no_leftovers) -> None:
     """SIGKILL gives no chance to clean: QEMU dies with its parent
     (PDEATHSIG) and 'netpass lab cleanup' removes the namespaces."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "netpass.cli", "demo", "--json"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not lab_pids() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    proc = start_demo(pipe=False)
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 10
-    while lab_pids() and time.monotonic() < deadline:
+    while lab_pids(lambda owner: owner == proc.pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not lab_pids(), "QEMU outlived the killed lab"
+    assert not lab_pids(lambda owner: owner == proc.pid), "QEMU outlived the killed lab"
     mine = [n for n in leftovers() if n.split("-")[1] == str(proc.pid)]
     assert mine, "expected the killed run's namespaces to remain before the sweep"
     res = run_cli("lab", "cleanup")

@@ -130,7 +130,8 @@ def test_agent_killed_mid_stream_cancels_and_loses_nothing(guest_image, no_lefto
     assert "stays on the source" in (rep["error"] or "") and rep["error_kind"] == "MigrationFailed"
     assert res["src_status"] == "running"
     assert res["lost"] == 0 and res["duplicates"] == 0, (res, rep.get("logs"))
-    assert rep["frames_returned_to_source"] >= 0.5 * 2000 * 0.2
+    # At least the frames of the 50 ms the lab let cross before the kill.
+    assert rep["frames_returned_to_source"] >= 0.5 * 2000 * 0.05, rep
 
 
 def test_cache_bound_holds_and_reports_exactly(guest_image, no_leftovers) -> None:

@@ -174,6 +174,54 @@ async def _wait_for_line(path: Path, needle: str, proc: asyncio.subprocess.Proce
     raise LabError(f"the agent did not start within {timeout:.0f} s")
 
 
+class _LateLan:
+    """The LAN keeps delivering to the source until ``lag_ms`` after the resume."""
+
+    def __init__(self, lab: Lab, lag_ms: int) -> None:
+        self.lab, self.lag_ms = lab, lag_ms
+        self.done = lag_ms <= 0
+
+    def step(self, resumed_t: float | None, migration_over: bool) -> None:
+        if self.done:
+            return
+        if resumed_t is not None and time.monotonic() >= resumed_t + self.lag_ms / 1000:
+            links.unpin_mac(self.lab.ns("lan"), "p-src", GUEST_MAC)
+            self.done = True
+        elif resumed_t is None and migration_over:
+            links.unpin_mac(self.lab.ns("lan"), "p-src", GUEST_MAC)
+            self.done = True  # the migration failed: nothing resumed
+
+
+async def _on_src_event(ev: Any, lab: Lab, opts: ScenarioOptions, res: MigrationResult,
+                        sw: Monitor, agent: asyncio.subprocess.Process, say: Say) -> None:
+    """Play the management layer on the source's watch socket."""
+    if ev is None:
+        return
+    assert lab.src_vm is not None
+    res.events.append((ev.received, "src", ev.name + ":" + str(ev.data.get("status", ""))))
+    status = ev.data.get("status") if ev.name == "MIGRATION" else None
+    if ev.name == "STOP" and res.src_stop_t is None:
+        res.src_stop_t = ev.emitted
+        if opts.kill_agent_at_stop and agent.returncode is None:
+            await asyncio.sleep(0.05)  # let some frames cross first
+            say("lab: killing the destination agent")
+            agent.kill()
+    elif status == "pre-switchover":
+        await asyncio.sleep(opts.switchover_pause_ms / 1000)
+        try:
+            if opts.on_pre_switchover == "cancel":
+                say("lab: cancelling the migration at pre-switchover")
+                await sw.execute("migrate_cancel")
+            else:
+                await sw.execute("migrate-continue", {"state": "pre-switchover"})
+        except QMPError as exc:  # e.g. netpass cancelled it meanwhile
+            say(f"lab: pre-switchover action refused: {exc}")
+    elif status == "completed":
+        res.completed_t = ev.emitted
+        if opts.kill_source:
+            lab.src_vm.kill()
+
+
 async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[MigrationResult, dict[str, Any]]:
     """Run 'netpass agent' on the destination host and 'netpass migrate' on the
     source host, while the lab plays the management layer on the watch sockets."""
@@ -214,54 +262,17 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[Mig
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE)
             communicate = asyncio.create_task(migrate_proc.communicate())
-            unpinned = opts.lan_lag_ms <= 0
-            while not communicate.done() or not unpinned:
-                ev = await sw.next_event(0.01)
-                if ev is not None:
-                    res.events.append((ev.received, "src", ev.name + ":" + str(ev.data.get("status", ""))))
-                    if ev.name == "STOP" and res.src_stop_t is None:
-                        res.src_stop_t = ev.emitted
-                        if opts.kill_agent_at_stop and agent.returncode is None:
-                            await asyncio.sleep(0.05)  # let some frames cross first
-                            say("lab: killing the destination agent")
-                            agent.kill()
-                    if ev.name == "MIGRATION" and ev.data.get("status") == "pre-switchover":
-                        if opts.on_pre_switchover == "cancel":
-                            await asyncio.sleep(opts.switchover_pause_ms / 1000)
-                            say("lab: cancelling the migration at pre-switchover")
-                            await sw.execute("migrate_cancel")
-                        else:
-                            await asyncio.sleep(opts.switchover_pause_ms / 1000)
-                            try:
-                                await sw.execute("migrate-continue", {"state": "pre-switchover"})
-                            except QMPError as exc:  # e.g. netpass cancelled it meanwhile
-                                say(f"lab: migrate-continue refused: {exc}")
-                    if ev.name == "MIGRATION" and ev.data.get("status") == "completed":
-                        res.completed_t = ev.emitted
-                        if opts.kill_source:
-                            lab.src_vm.kill()
-                ev = await dw.next_event(0.001)
+            lan = _LateLan(lab, opts.lan_lag_ms)
+            src_watch = True
+            while not communicate.done() or not lan.done:
+                if src_watch:
+                    await _on_src_event(await sw.next_event(0.01), lab, opts, res, sw, agent, say)
+                    # Once the source QEMU is killed its watch socket is gone too.
+                    src_watch = lab.src_vm.alive()
+                ev = await dw.next_event(0.001 if src_watch else 0.01)
                 if ev is not None and ev.name == "RESUME" and res.dst_resume_t is None:
                     res.dst_resume_t = ev.emitted
-                if not unpinned and res.dst_resume_t is not None and \
-                        time.monotonic() >= res.dst_resume_t + opts.lan_lag_ms / 1000:
-                    links.unpin_mac(lab.ns("lan"), "p-src", GUEST_MAC)
-                    unpinned = True
-                if not unpinned and communicate.done() and res.dst_resume_t is None:
-                    unpinned = True  # the migration failed: nothing resumed
-                if opts.kill_source and not lab.src_vm.alive():
-                    # The watch socket is gone with the source QEMU: keep to the destination.
-                    while not communicate.done() or not unpinned:
-                        ev = await dw.next_event(0.01)
-                        if ev is not None and ev.name == "RESUME" and res.dst_resume_t is None:
-                            res.dst_resume_t = ev.emitted
-                        if not unpinned and res.dst_resume_t is not None and \
-                                time.monotonic() >= res.dst_resume_t + opts.lan_lag_ms / 1000:
-                            links.unpin_mac(lab.ns("lan"), "p-src", GUEST_MAC)
-                            unpinned = True
-                        if not unpinned and communicate.done() and res.dst_resume_t is None:
-                            unpinned = True
-                    break
+                lan.step(res.dst_resume_t, communicate.done())
             out, err = await communicate
             if lab.src_vm.alive():
                 try:
