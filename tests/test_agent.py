@@ -141,6 +141,7 @@ def _session(tmp_path: Path) -> tuple[DestSession, FakeInjector]:
     sess.nics.append(dn)
     sess._room = lambda dn: 1000  # type: ignore[method-assign]
     sess._pull_direct = lambda dn: None  # type: ignore[method-assign]
+    sess.running = True
     return sess, inj
 
 
