@@ -118,6 +118,12 @@ def set_up(ns: str | None, ifname: str) -> None:
 
 
 @_loop_safe
+def set_mac(ns: str | None, ifname: str, mac: str) -> None:
+    with _ipr(ns) as ipr:
+        ipr.link("set", index=_index(ipr, ifname), address=mac)
+
+
+@_loop_safe
 def enslave(ns: str | None, ifname: str, bridge: str) -> None:
     with _ipr(ns) as ipr:
         ipr.link("set", index=_index(ipr, ifname), master=_index(ipr, bridge), state="up")

@@ -645,6 +645,19 @@ class SourceSession:
                 await self.ch.send_json(CONTROL, {"op": "abort", "reason": "migration failed"})
             except ChannelError:
                 pass
+        # QEMU resumes the source VM by itself; give back only once it has run
+        # for a moment (frames given back in the first milliseconds after a
+        # cancel were sometimes lost in the lab).
+        if self.mon is not None:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                try:
+                    if await self.mon.status() == "running":
+                        break
+                except QMPError:
+                    break
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.1)
         self.drain_now()
         self.stop_draining()
         recovered = {id(f) for f in self.recovered}

@@ -32,6 +32,7 @@ PAYLOAD_LEN = 56
 UDP_PORT = 9
 MAX_RATE = 100_000
 MAX_DURATION = 600.0
+SO_RCVBUFFORCE = 33
 
 
 @dataclass
@@ -50,6 +51,7 @@ class ProbeStats:
     latency_max_ms: float = 0.0
     rate: float = 0.0
     proto: str = "icmp"
+    socket_drops: int = 0
     start_ns: int = 0
     timeline: dict[str, list[int]] = field(default_factory=dict)
 
@@ -154,7 +156,12 @@ def run(target: str, rate: float, duration: float, proto: str = "icmp",
     count = int(rate * duration)
     ident = os.getpid() & 0xFFFF
     rx_sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-    rx_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    try:
+        # Past net.core.rmem_max (root only): a burst of replies must not
+        # overflow the prober's own socket and count as lost probes.
+        rx_sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+    except OSError:
+        rx_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
     if proto == "icmp":
         tx_sock = rx_sock
     else:
@@ -223,10 +230,27 @@ def run(target: str, rate: float, duration: float, proto: str = "icmp",
         send_ns.append(now)
     sender_done.set()
     rx_thread.join()
+    drops = _socket_drops(rx_sock)
     rx_sock.close()
     if tx_sock is not rx_sock:
         tx_sock.close()
-    return analyse(send_ns, replies, rate=rate, proto=proto)
+    stats = analyse(send_ns, replies, rate=rate, proto=proto)
+    stats.socket_drops = drops
+    return stats
+
+
+def _socket_drops(sock: socket.socket) -> int:
+    """Replies the kernel dropped at our own socket (the last column of /proc/net/raw)."""
+    inode = os.fstat(sock.fileno()).st_ino
+    try:
+        with open("/proc/self/net/raw") as fh:
+            for line in fh:
+                cols = line.split()
+                if len(cols) > 9 and cols[9] == str(inode):
+                    return int(cols[-1])
+    except OSError:
+        pass
+    return -1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ MIG_SRC = "198.19.0.1"
 MIG_DST = "198.19.0.2"
 MIG_PORT = 4444
 GUEST_MAC = "52:54:00:12:34:56"
+PEER_MAC = "02:6e:70:00:00:01"
 ROLES = ("lan", "src", "dst", "peer")
 
 
@@ -97,6 +98,7 @@ class Lab:
             links.add_bridge(host, "br0")
             links.enslave(host, "up0", "br0")
         links.add_veth(lan, "p-peer", peer, "eth0")
+        links.set_mac(peer, "eth0", PEER_MAC)
         links.enslave(lan, "p-peer", "lan0")
         links.add_address(peer, "eth0", PEER_IP, LAN_PREFIX)
         links.add_veth(src, "mig0", dst, "mig0")
@@ -107,12 +109,13 @@ class Lab:
     def start_vms(self, boot_timeout: float = 180.0) -> float:
         """Start the source guest and the waiting destination; return boot seconds."""
         self.src_vm = VM("src", self.ns("src"), self.rundir, self.image, GUEST_MAC,
-                         f"{GUEST_IP}/{LAN_PREFIX}")
+                         f"{GUEST_IP}/{LAN_PREFIX}", peer=f"{PEER_IP},{PEER_MAC}")
         self.src_vm.start()
         links.wait_for(self.ns("src"), "tap0", 10)
         links.enslave(self.ns("src"), "tap0", "br0")
         self.dst_vm = VM("dst", self.ns("dst"), self.rundir, self.image, GUEST_MAC,
-                         f"{GUEST_IP}/{LAN_PREFIX}", incoming=f"tcp:{MIG_DST}:{MIG_PORT}")
+                         f"{GUEST_IP}/{LAN_PREFIX}", incoming=f"tcp:{MIG_DST}:{MIG_PORT}",
+                         peer=f"{PEER_IP},{PEER_MAC}")
         self.dst_vm.start()
         links.wait_for(self.ns("dst"), "tap0", 10)
         links.enslave(self.ns("dst"), "tap0", "br0")

@@ -41,6 +41,7 @@ class VM:
     tap: str = "tap0"
     memory_mib: int = 256
     incoming: str | None = None
+    peer: str | None = None
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -66,7 +67,8 @@ class VM:
             "-display", "none", "-no-reboot",
             "-serial", f"file:{self.console}",
             "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
-            "-append", f"console=ttyS0 panic=-1 quiet netpass.ip={self.ip_cidr}",
+            "-append", f"console=ttyS0 panic=-1 quiet netpass.ip={self.ip_cidr}"
+                       + (f" netpass.peer={self.peer}" if self.peer else ""),
             "-netdev", f"tap,id=n0,ifname={self.tap},script=no,downscript=no,vhost=off",
             "-device", f"virtio-net-pci,netdev=n0,mac={self.mac},romfile=",
             "-qmp", f"unix:{self.qmp},server=on,wait=off",
