@@ -125,6 +125,7 @@ class SourceSession:
         self.dest_status: str | None = None
         self.resumed_t: float | None = None
         self.returned_to_source = 0
+        self.giveback_counts: dict[str, int] = {}
         self.stop_emitted: float | None = None
         self.recovered: list[wire.Frame] = []
         self.readers: list[int] = []
@@ -592,27 +593,20 @@ class SourceSession:
                 return
             await asyncio.sleep(0.01)
 
+    async def _reads_and_deliveries(self) -> tuple[int, int] | None:
+        sn = self.nics[0] if self.nics else None
+        if sn is None or sn.virtio_path is None or self.mon is None or len(self.nics) != 1:
+            return None
+        try:
+            return links.tx_packets(sn.nic.tap), await rx_used(self.mon, sn.virtio_path, len(sn.fds))
+        except (QMPError, NetpassError):
+            return None
+
     async def _until_consumed(self, bound_s: float = 2.0) -> None:
-        """Wait until what we gave back is inside the VM: the rings are empty
-        and the NIC's RX used index has stopped moving for 50 ms."""
+        """Wait until QEMU has read back everything we gave it (the rings are empty)."""
         deadline = time.monotonic() + bound_s
         while any(tapfd.readable(sn.fds) for sn in self.nics) and time.monotonic() < deadline:
             await asyncio.sleep(0.001)
-        if self.mon is None:
-            return
-        last: list[int | None] = []
-        stable_since = time.monotonic()
-        while time.monotonic() < deadline:
-            try:
-                now = [await rx_used(self.mon, sn.virtio_path, len(sn.fds)) if sn.virtio_path else None
-                       for sn in self.nics]
-            except QMPError:
-                return
-            if now != last:
-                last, stable_since = now, time.monotonic()
-            elif time.monotonic() - stable_since >= 0.05:
-                return
-            await asyncio.sleep(0.005)
 
     async def _cancel_migration(self) -> None:
         """netpass failed while QEMU migrates: cancel, so the VM stays where it is."""
@@ -645,21 +639,9 @@ class SourceSession:
                 await self.ch.send_json(CONTROL, {"op": "abort", "reason": "migration failed"})
             except ChannelError:
                 pass
-        # QEMU resumes the source VM by itself; give back only once it has run
-        # for a moment (frames given back in the first milliseconds after a
-        # cancel were sometimes lost in the lab).
-        if self.mon is not None:
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                try:
-                    if await self.mon.status() == "running":
-                        break
-                except QMPError:
-                    break
-                await asyncio.sleep(0.005)
-            await asyncio.sleep(0.1)
         self.drain_now()
         self.stop_draining()
+        before = await self._reads_and_deliveries()
         recovered = {id(f) for f in self.recovered}
         injectors = {sn.index: Injector(sn.nic.tap) for sn in self.nics}
         qlen = {sn.index: max(64, links.info(None, sn.nic.tap).txqueuelen) for sn in self.nics}
@@ -682,6 +664,12 @@ class SourceSession:
             for inj in injectors.values():
                 inj.close()
         await self._until_consumed()
+        after = await self._reads_and_deliveries()
+        if before and after:
+            # Everything QEMU read while we gave frames back (ours and live
+            # ones) against what its NIC handed to the guest meanwhile.
+            self.giveback_counts = {"reads": after[0] - before[0],
+                                    "delivered": (after[1] - before[1]) % (1 << 16)}
         self.cache.clear()
         self.outq.clear()
         # QEMU resumes the source VM by itself when the migration fails.
@@ -836,6 +824,7 @@ class SourceSession:
             "frames_captured": captured,
             "frames_replayed": replayed_total,
             "frames_returned_to_source": self.returned_to_source,
+            "giveback_qemu_counts": self.giveback_counts,
             "duplicates_suppressed": sum(int(n.get("duplicates_suppressed", 0)) for n in dest_nics.values()),
             "frames_dropped": dropped,
             "bytes_captured": sum(sn.bytes_captured for sn in self.nics),

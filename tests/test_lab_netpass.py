@@ -24,10 +24,18 @@ def run(image: Any, mode: str, expect_ok: bool = True, **kw: Any) -> dict[str, A
     return res
 
 
+def assert_all_reached_the_guest(res: dict[str, Any]) -> None:
+    """Every probe reached the guest (its own InEchos counter), and the only
+    replies the peer misses are ones the guest itself failed to send (its
+    Icmp OutErrors: a burst fills its ICMP socket's send buffer)."""
+    assert res["guest_in_echos"] == res["sent"], res
+    assert res["lost"] == res["guest_icmp_out_errors"], res
+
+
 def assert_zero_loss(res: dict[str, Any]) -> None:
     rep = res["report"]
     logs = rep.get("logs")
-    assert res["lost"] == 0, (res, logs)
+    assert_all_reached_the_guest(res)
     assert res["duplicates"] == 0, (res, logs)
     assert rep["state"] == "done" and rep["destination_status"] == "running"
     assert rep["frames_dropped"] == {}, rep["frames_dropped"]
@@ -41,6 +49,7 @@ def test_plain_migration_loses_hundreds(guest_image, no_leftovers) -> None:
     """The teeth of the next test: the same migration without netpass."""
     res = run(guest_image, "baseline", **PAUSED)
     assert res["lost"] >= 200, res
+    assert res["sent"] - res["guest_in_echos"] >= 200, res  # they never reached the guest
 
 
 @pytest.mark.parametrize("attempt", [1, 2, 3])
@@ -93,15 +102,16 @@ def test_cancel_after_stop_gives_frames_back(guest_image, no_leftovers) -> None:
     """The management layer cancels at pre-switchover, with the VM stopped:
     netpass returns what it captured to the source VM.
 
-    The goal is 0 lost.  Measured: 0 in 6 of 8 runs, 2 and 11 in the other
-    two, all frames arriving around the moment the source resumes (cause not
-    found yet; see README).  The test holds the measured bound so that it
-    still fails if the give-back breaks (that would lose about 400)."""
+    Every probe must reach the guest.  Some replies can still go missing: a
+    burst of a few hundred echo requests at resume fills the guest's ICMP
+    socket send buffer and the guest itself fails to send those replies (its
+    Icmp OutErrors).  So the test checks the guest's own counters: every
+    probe arrived, and the only missing replies are the guest's send errors."""
     res = run(guest_image, "netpass", expect_ok=False, on_pre_switchover="cancel", rate=2000, switchover_pause_ms=200)
     rep = res["report"]
     assert rep["exit_code"] == 1 and "cancelled" in (rep["error"] or ""), rep
     assert res["src_status"] == "running"
-    assert res["lost"] <= 0.03 * rep["frames_returned_to_source"], (res, rep.get("logs"))
+    assert_all_reached_the_guest(res)
     assert res["duplicates"] == 0
     # The teeth: netpass had drained the stopped VM's ring; had it not given
     # those frames back, they would all be lost.
@@ -134,7 +144,8 @@ def test_agent_killed_mid_stream_cancels_and_loses_nothing(guest_image, no_lefto
     assert rep["exit_code"] == 1, rep
     assert "stays on the source" in (rep["error"] or "") and rep["error_kind"] == "MigrationFailed"
     assert res["src_status"] == "running"
-    assert res["lost"] == 0 and res["duplicates"] == 0, (res, rep.get("logs"))
+    assert_all_reached_the_guest(res)
+    assert res["duplicates"] == 0, (res, rep.get("logs"))
     # At least the frames of the 50 ms the lab let cross before the kill.
     assert rep["frames_returned_to_source"] >= 0.5 * 2000 * 0.05, rep
 

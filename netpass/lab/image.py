@@ -56,7 +56,11 @@ ip link set eth0 up
 # The lab's peer as a permanent neighbour: replies never wait on ARP.
 [ -n "$PEER" ] && ip neigh replace "${{PEER%,*}}" lladdr "${{PEER#*,}}" dev eth0 nud permanent
 echo "{READY_MARK} $(ip -o addr show dev eth0 | grep 'inet ')" > /dev/console
-while true; do sleep 3600; done
+# Counters for the lab to read back: what the guest's own stack saw.
+while true; do
+  sleep 1
+  echo "NETPASS-STAT $(grep eth0 /proc/net/dev | tr -s ' ') | $(grep 'Icmp:' /proc/net/snmp | tail -1)" > /dev/console
+done
 """
 
 Progress = Callable[[str], None]

@@ -86,6 +86,10 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
         say(f"guest up after {time.monotonic() - t0:.1f} s; probing at {opts.rate:.0f} pps")
         if lab_hook is not None:
             lab_hook(lab)
+        # The guest's counters before the probing (the reachability checks
+        # above count too), so that the run's own numbers are a difference.
+        _await_fresh_counters([lab.src_vm])
+        guest_base = guest_counters([lab.src_vm.console])
         if opts.lan_lag_ms > 0:
             # The LAN keeps delivering to the source until we let it learn.
             links.pin_mac(lab.ns("lan"), "p-src", GUEST_MAC)
@@ -117,6 +121,8 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
         if prober.returncode != 0:
             raise LabError(f"prober failed: {err.decode()[-500:]}")
         dst_exit = lab.dst_vm.proc.poll() if lab.dst_vm.proc else None
+        _await_fresh_counters([vm for vm in (lab.src_vm, lab.dst_vm) if vm.alive()])
+        guest = guest_counters([lab.src_vm.console, lab.dst_vm.console])
         stats: dict[str, Any] = json.loads(out)
         stats["downtime_ms"] = result.downtime_ms
         stats["total_time_ms"] = result.total_time_ms
@@ -125,6 +131,8 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
         stats["kill_source"] = opts.kill_source
         stats["dst_qemu_exit"] = dst_exit
         stats["src_status"], stats["dst_status"] = where
+        stats.update({k: (v - guest_base[k]) if v is not None and guest_base.get(k) is not None else None
+                      for k, v in guest.items()})
 
         def rel(t: float | None) -> float | None:
             return None if t is None else round((t - probe_t0) * 1000, 1)
@@ -328,3 +336,44 @@ async def _where(lab: Lab) -> tuple[str | None, str | None]:
         except Exception:  # noqa: BLE001 - a lab observation, not a netpass path
             out.append(None)
     return out[0], out[1]
+
+
+def _await_fresh_counters(vms: list[Any], timeout: float = 4.0) -> None:
+    """Wait until every live guest printed its counters after the probing ended."""
+    def count(vm: Any) -> int:
+        try:
+            return vm.console.read_text(errors="replace").count("NETPASS-STAT")
+        except OSError:
+            return 0
+
+    start = {vm.name: count(vm) for vm in vms}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(count(vm) <= start[vm.name] for vm in vms):
+        time.sleep(0.05)
+
+
+def guest_counters(consoles: list[Path]) -> dict[str, int | None]:
+    """The guest's own ICMP counters, from the last NETPASS-STAT line it printed.
+
+    The counters live in the guest kernel and migrate with it, so the newest
+    values are the largest seen on either console.  They say whether a probe
+    reached the guest (InEchos) and whether the guest failed to send a reply
+    itself (OutErrors), which the peer alone cannot tell apart from loss.
+    """
+    best: dict[str, int] = {}
+    for console in consoles:
+        try:
+            lines = [ln for ln in console.read_text(errors="replace").splitlines() if "NETPASS-STAT" in ln]
+        except OSError:
+            continue
+        if not lines:
+            continue
+        try:
+            icmp = lines[-1].split("Icmp:")[1].split()
+            values = {"guest_in_echos": int(icmp[8]), "guest_icmp_out_msgs": int(icmp[14]),
+                      "guest_icmp_out_errors": int(icmp[15])}
+        except (IndexError, ValueError):
+            continue
+        for key, value in values.items():
+            best[key] = max(best.get(key, 0), value)
+    return {k: best.get(k) for k in ("guest_in_echos", "guest_icmp_out_msgs", "guest_icmp_out_errors")}
