@@ -185,6 +185,11 @@ def _print_runs(runs: dict[str, dict[str, Any]]) -> None:
             ("latency p50 (ms)", "latency_p50_ms"), ("latency p99 (ms)", "latency_p99_ms")]
     for label, key in rows:
         table.add_row(label, *(str(r.get(key)) for r in runs.values()))
+    table.add_row("never reached the guest",
+                  *(str(r["sent"] - r["guest_in_echos"]) if r.get("guest_in_echos") is not None else "-"
+                    for r in runs.values()))
+    table.add_row("replies the guest failed to send",
+                  *(str(r.get("guest_icmp_out_errors", "-")) for r in runs.values()))
     rep_rows = [("frames captured", "frames_captured"), ("frames replayed", "frames_replayed"),
                 ("lost inside QEMU, recovered", "frames_lost_inside_qemu_recovered"),
                 ("replay delay (ms)", "replay_delay_ms")]

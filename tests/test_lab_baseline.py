@@ -26,8 +26,10 @@ def test_baseline_loses_frames(guest_image, no_leftovers) -> None:
     at least half of rate x downtime: the teeth of every zero-loss test."""
     res = scenario.run_migration_scenario(
         guest_image, scenario.ScenarioOptions(rate=2000, switchover_pause_ms=200), lambda m: None)
-    assert res["downtime_ms"] >= 200
-    assert res["lost"] >= 0.5 * 2000 * res["downtime_ms"] / 1000, res
+    # QEMU's own figure is occasionally 0 here (seen 2 times in about 60
+    # runs); the switchover lasts at least the 200 ms pause either way.
+    downtime = max(res["downtime_ms"] or 0, 200)
+    assert res["lost"] >= 0.5 * 2000 * downtime / 1000, res
     assert res["gap_ms"] >= 150
     assert res["duplicates"] == 0
 
