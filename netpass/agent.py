@@ -2,8 +2,8 @@
 
 On the destination it owns a session's replay: it checks every batch,
 queues frames into the destination VM's taps before the VM resumes, within
-each ring's room, feeds the rest as the VM consumes them, resumes the VM
-when netpass stopped it, and reports what happened.
+each ring's room, feeds the rest as the VM consumes them, and reports what
+happened.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from . import links, tapfd, wire
-from .channel import (ABORT_TYPES, BATCH, CONTROL, ERROR, AuthError, Channel, ChannelError,
-                      parse_hostport, server_handshake)
+from .channel import (BATCH, CONTROL, ERROR, AuthError, Channel, ChannelError, parse_hostport,
+                      server_handshake)
 from .errors import NetpassError, QMPError, UsageError
 from .nics import Nic, discover
 from .packet import Injector, Shadow
@@ -57,7 +57,7 @@ class DestNic:
     injector: Injector
     fds: list[int]
     orig_qlen: int
-    base_tx: int
+    mac_bytes: bytes = b""
     shadow: Shadow | None = None
     live_enqueued: int = 0
     last_pos: int = 0
@@ -66,8 +66,6 @@ class DestNic:
     direct: dict[int, int] = field(default_factory=dict)
     duplicates: int = 0
     pending: deque[wire.Frame] = field(default_factory=deque)
-    pending_bytes: int = 0
-    injected: int = 0
     inflight: int = 0
     tx_mark: int = 0
     replayed: int = 0
@@ -127,7 +125,8 @@ class DestSession:
                 fds = [tapfd.pidfd_getfd(pidfd, fd) for fd in nic.qemu_fds]
                 info = links.info(None, nic.tap)
                 dn = DestNic(nic=nic, injector=Injector(nic.tap), fds=fds,
-                             orig_qlen=info.txqueuelen, base_tx=info.tx_packets,
+                             orig_qlen=info.txqueuelen,
+                             mac_bytes=bytes.fromhex(nic.mac.replace(":", "")),
                              shadow=Shadow(nic.tap, keep=1))
                 self.nics.append(dn)
                 # The ring is used at its size: changing txqueuelen on a live
@@ -162,7 +161,6 @@ class DestSession:
             room = self._room(dn)
             while dn.pending and room > 0:
                 f = dn.pending.popleft()
-                dn.pending_bytes -= len(f.data)
                 self.cache_bytes -= len(f.data)
                 try:
                     dn.injector.send(f.vnet_hdr, f.data)
@@ -232,15 +230,16 @@ class DestSession:
         for f in batch.frames:
             dn = self.nics[f.nic]
             dst = wire.dst_mac(f.data)
-            mac = bytes.fromhex(dn.nic.mac.replace(":", ""))
-            if dst != mac and not wire.is_group(dst):
+            if dst != dn.mac_bytes and not wire.is_group(dst):
                 dn.drop("foreign_mac")
                 dropped += 1
                 continue
-            if f.data[6:12] == mac:
+            if f.data[6:12] == dn.mac_bytes:
                 dn.drop("own_frame")
                 dropped += 1
                 continue
+            # Per frame, not per batch: a flooded copy can reach the
+            # destination while the batch is being handled.
             self._pull_direct(dn)
             key = hash(f.data)
             if dn.direct.get(key):
@@ -252,7 +251,6 @@ class DestSession:
                 dropped += 1
                 continue
             dn.pending.append(f)
-            dn.pending_bytes += len(f.data)
             self.cache_bytes += len(f.data)
             accepted += 1
         self.feed()
@@ -380,7 +378,7 @@ class DestSession:
                     rep["state"] = "done"
                     await ch.send_json(CONTROL, {"op": "report", **rep})
                     return
-                elif op in ABORT_TYPES:
+                elif op == "abort":
                     rep = self.abort()
                     self.sm.fail(str(msg.get("reason", "aborted by the source")))
                     rep["state"] = "failed"

@@ -48,7 +48,6 @@ MAC_LEN = 16
 MAX_MESSAGE = 32 << 20
 HANDSHAKE_TIMEOUT = 10.0
 MIN_TOKEN = 16
-ABORT_TYPES = ("abort",)
 
 
 class ChannelError(NetpassError):

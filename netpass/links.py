@@ -177,6 +177,14 @@ def exists(ns: str | None, ifname: str) -> bool:
 
 
 @_loop_safe
+def name_of(ns: str | None, index: int) -> str | None:
+    """The name of the link with this index, or None."""
+    with _ipr(ns) as ipr:
+        found = ipr.get_links(index)
+    return str(found[0].get_attr("IFLA_IFNAME")) if found else None
+
+
+@_loop_safe
 def names(ns: str | None) -> list[str]:
     with _ipr(ns) as ipr:
         return [str(m.get_attr("IFLA_IFNAME")) for m in ipr.get_links()]
@@ -214,15 +222,3 @@ def unpin_mac(ns: str | None, port: str, mac: str) -> None:
             if exc.code != 2:  # ENOENT: already gone
                 raise
     log.debug("unpinned %s from %s in %s", mac, port, ns)
-
-
-@_loop_safe
-def fdb_port_of(ns: str | None, mac: str) -> str | None:
-    """Name of the bridge port the FDB currently maps ``mac`` to."""
-    mac = mac.lower()
-    with _ipr(ns) as ipr:
-        for entry in ipr.fdb("dump"):
-            if (entry.get_attr("NDA_LLADDR") or "").lower() == mac and not entry["flags"] & NTF_SELF:
-                port = ipr.get_links(entry["ifindex"])[0]
-                return str(port.get_attr("IFLA_IFNAME"))
-    return None

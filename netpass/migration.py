@@ -139,8 +139,6 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
                 raise MigrationFailed("the source completed but the destination did not resume "
                                       f"within {opts.resume_timeout_s:.0f} s") from exc
         return res
-    except QMPError:
-        raise
     finally:
         if dst_task is not None and not dst_task.done():
             dst_task.cancel()

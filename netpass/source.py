@@ -1,20 +1,17 @@
 """``netpass migrate``: the source side of a zero-loss migration.
 
 1. **Arm.** Authenticate to the destination agent, find the VM's NICs and
-   taps, take QEMU's tap fds (pidfd_getfd), raise ring sizes, open a shadow
-   socket on each tap, and have the agent arm the destination.  Any failure
+   taps, take QEMU's tap fds (pidfd_getfd), open a shadow socket on each
+   tap, and have the agent arm the destination.  Any failure
    here aborts before the migration starts (or, with ``best_effort``,
    migrates without netpass and says so).
 2. **Migrate.** QEMU keeps its own convergence logic and decides the
    switchover; netpass changes none of its parameters.
 3. **At the stop** (QMP ``STOP``): pin each VM MAC to its tap on the source
    bridge (sticky FDB), so frames keep coming to us while the network
-   converges.  Then settle the *swallowed frame* (DESIGN §2): queue one
-   harmless sacrificial frame into the tap ring.  If QEMU's tap backend still
-   reads, it takes that frame and reads no more: nothing real is swallowed.
-   If the ring stays non-empty, the backend had already read and kept a real
-   frame: the one the shadow saw just before the ring's first frame.  netpass
-   ships that frame first, from the shadow.
+   converges.  Then settle the frames QEMU's tap backend read at the stop and
+   never delivered (see ``_settle``); netpass ships them first, from the
+   shadow.
 4. **Capture and ship.** Drain QEMU's tap rings through our duplicate fds and
    stream zstd batches to the agent as frames come.
 5. **Linger** until a quiet period after the destination resumes (bounded),
@@ -27,6 +24,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -34,11 +32,10 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from . import links, tapfd, wire
-from .channel import BATCH, CONTROL, AuthError, Channel, ChannelError, RemoteError, connect
+from .channel import BATCH, CONTROL, AuthError, Channel, ChannelError, connect
 from .errors import MigrationFailed, NetpassError, QMPError
 from .migration import progress_line
 from .nics import Nic, discover, rx_filter, rx_used, virtio_paths
@@ -112,7 +109,6 @@ class SourceSession:
         self.cache_bytes = 0
         self.seq = 0
         self.shipped = 0
-        self.acked = 0
         self.agent_accepted = 0
         self.agent_dropped = 0
         self.replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -137,9 +133,9 @@ class SourceSession:
         log.info("session=%s %s", self.sid, msg)
         self.progress("info", {"message": msg})
 
-    def _drop(self, sn: SourceNic | None, reason: str, n: int = 1) -> None:
-        target = sn.dropped if sn is not None else self.nics[0].dropped
-        target[reason] = target.get(reason, 0) + n
+    @staticmethod
+    def _drop(sn: SourceNic, reason: str, n: int = 1) -> None:
+        sn.dropped[reason] = sn.dropped.get(reason, 0) + n
 
     # -- arm ------------------------------------------------------------------------------
     async def _open_agent(self) -> None:
@@ -173,19 +169,18 @@ class SourceSession:
                                mac_bytes=bytes.fromhex(nic.mac.replace(":", "")))
                 self.nics.append(sn)
                 for fd in fds:
-                    if not tapfd.ensure_nonblocking(fd):
+                    if not tapfd.is_nonblocking(fd):
                         raise MigrationFailed(f"QEMU's fd for tap {nic.tap} is blocking; netpass "
                                               "cannot read it safely")
                 info = links.info(None, nic.tap)
                 if info.master:
-                    sn.bridge = self._name_of(info.master)
+                    sn.bridge = links.name_of(None, info.master)
                 # The ring size is left alone: changing txqueuelen deactivates a
                 # live device for a moment and drops frames (measured).  netpass
                 # drains the ring continuously from the stop instead.
                 sn.virtio_path = paths.get(nic.mac)
                 sn.shadow = Shadow(nic.tap)
                 sn.sacrifice = self._sacrificial_frame(nic.mac)
-
         finally:
             os.close(pidfd)
         loop = asyncio.get_running_loop()
@@ -201,16 +196,6 @@ class SourceSession:
         src = bytes.fromhex("026e70" + self.sid[:6])
         body = b"netpass sacrificial frame " + self.sid.encode()
         return bytes.fromhex(mac.replace(":", "")) + src + b"\x88\xb5" + body.ljust(46, b"\0")
-
-    @staticmethod
-    def _name_of(index: int) -> str | None:
-        for name in links.names(None):
-            try:
-                if links.info(None, name).index == index:
-                    return name
-            except NetpassError:
-                continue
-        return None
 
     # -- capture --------------------------------------------------------------------------
     def _on_readable(self, sn: SourceNic, fd: int, hdr: int) -> None:
@@ -319,11 +304,8 @@ class SourceSession:
                 self.channel_error = exc
                 await self.replies.put({"op": "error", "message": str(exc)})
                 return
-            import json
-
             msg = json.loads(payload)
             if msg.get("op") == "ack":
-                self.acked += 1
                 self.agent_accepted += int(msg.get("accepted", 0))
                 self.agent_dropped += int(msg.get("dropped", 0))
             else:
@@ -675,7 +657,7 @@ class SourceSession:
         # QEMU resumes the source VM by itself when the migration fails.
 
     async def run(self) -> dict[str, Any]:
-        shipper = receiver = None
+        shipper = receiver = sampler = None
         error: BaseException | None = None
         try:
             try:
@@ -692,7 +674,6 @@ class SourceSession:
                 if self.mon is None:
                     self.mon = Monitor(self.o.qmp, "src")
                     await self.mon.connect()
-            sampler = None
             if self.netpass_active:
                 receiver = asyncio.create_task(self._receiver())
                 shipper = asyncio.create_task(self._shipper())
@@ -737,7 +718,7 @@ class SourceSession:
             self.sm.fail(str(exc) or type(exc).__name__)
             raise
         finally:
-            for task in (shipper, receiver, locals().get("sampler")):
+            for task in (shipper, receiver, sampler):
                 if task is not None:
                     task.cancel()
                     try:
@@ -810,11 +791,12 @@ class SourceSession:
             # The agent is gone: what it confirmed queuing is in the VM, the
             # rest of what we captured is lost, and we say so.
             replayed_total = self.agent_accepted
-            unconfirmed = sum(sn.captured for sn in self.nics) - self.agent_accepted - self.agent_dropped
+            unconfirmed = captured - self.agent_accepted - self.agent_dropped
             if unconfirmed:
                 dropped["agent_unreachable"] = dropped.get("agent_unreachable", 0) + unconfirmed
 
         info = self.migration_info
+        late_frames, last_late_ms = self._after_resume()
         return {
             "session": self.sid,
             "state": self.sm.state.value,
@@ -835,8 +817,8 @@ class SourceSession:
             "stop_to_resume_ms": (round((self.resumed_t - self.stop_t) * 1000, 1)
                                   if self.resumed_t and self.stop_t else None),
             "replay_delay_ms": self.dest_report.get("replay_delay_ms"),
-            "frames_after_resume": self._after_resume()[0],
-            "last_frame_after_resume_ms": self._after_resume()[1],
+            "frames_after_resume": late_frames,
+            "last_frame_after_resume_ms": last_late_ms,
             "destination_status": self.dest_status,
             "frames_lost_inside_qemu_recovered": sum(sn.swallowed_recovered for sn in self.nics),
             "nics": per_nic,
@@ -853,5 +835,3 @@ async def migrate(opts: MigrateOptions, progress: Progress | None = None) -> dic
         exc.report = getattr(sess, "final_report", sess.report(exc))  # type: ignore[attr-defined]
         raise
 
-
-__all__ = ["MigrateOptions", "SourceSession", "migrate", "RemoteError", "Path"]

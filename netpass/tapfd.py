@@ -117,7 +117,7 @@ def read_frame(fd: int, bufsize: int = 65_600) -> bytes | None:
         return None
 
 
-def ensure_nonblocking(fd: int) -> bool:
+def is_nonblocking(fd: int) -> bool:
     """Report whether the fd is non-blocking; QEMU opens taps that way.
 
     The flag lives on the open file description, which is shared with QEMU,
@@ -125,7 +125,3 @@ def ensure_nonblocking(fd: int) -> bool:
     """
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
 
-
-def set_nonblocking(fd: int) -> None:
-    """For taps netpass owns (parking taps) only."""
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)

@@ -25,10 +25,6 @@ def add_clsact(ns: str | None, dev: str) -> None:
     _tc(ns, "qdisc", "add", "dev", dev, "clsact")
 
 
-def del_clsact(ns: str | None, dev: str) -> None:
-    _tc(ns, "qdisc", "del", "dev", dev, "clsact")
-
-
 def redirect_all(ns: str | None, dev: str, to: str, direction: str = "ingress") -> None:
     """Redirect every frame of ``dev`` (``ingress`` or ``egress``) to ``to``."""
     _tc(ns, "filter", "add", "dev", dev, direction, "protocol", "all", "u32", "match", "u32",

@@ -5,12 +5,10 @@ clear error and keep serving."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
 import struct
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +120,10 @@ def test_qmp_path_outside_root_and_missing_socket(tmp_path: Path) -> None:
     asyncio.run(with_agent(tmp_path, body))
 
 
+VM = bytes.fromhex("525400000001")
+PEER = bytes.fromhex("0200000000aa")
+
+
 class FakeInjector:
     def __init__(self) -> None:
         self.sent: list[bytes] = []
@@ -137,7 +139,7 @@ def _session(tmp_path: Path) -> tuple[DestSession, FakeInjector]:
     sess = DestSession(AgentConfig(listen="127.0.0.1:1", token=TOKEN, qmp_root=tmp_path), None, "t")  # type: ignore[arg-type]
     inj = FakeInjector()
     nic = Nic(mac="52:54:00:00:00:01", tap="nonexistent0")
-    dn = DestNic(nic=nic, injector=inj, fds=[], orig_qlen=1000, base_tx=0)  # type: ignore[arg-type]
+    dn = DestNic(nic=nic, injector=inj, fds=[], orig_qlen=1000, mac_bytes=VM)  # type: ignore[arg-type]
     sess.nics.append(dn)
     sess._room = lambda dn: 1000  # type: ignore[method-assign]
     sess._pull_direct = lambda dn: None  # type: ignore[method-assign]
@@ -145,8 +147,6 @@ def _session(tmp_path: Path) -> tuple[DestSession, FakeInjector]:
     return sess, inj
 
 
-VM = bytes.fromhex("525400000001")
-PEER = bytes.fromhex("0200000000aa")
 
 
 def frame(dst: bytes, src: bytes = PEER, n: int = 0) -> bytes:
