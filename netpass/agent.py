@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import hold as holdmod
 from . import links, tapfd, wire
 from .channel import (BATCH, CONTROL, ERROR, AuthError, Channel, ChannelError, parse_hostport,
                       server_handshake)
@@ -41,6 +42,16 @@ class AgentConfig:
     max_cache_bytes: int = DEFAULT_AGENT_CACHE
     tls_cert: str | None = None
     tls_key: str | None = None
+    state_dir: Path = Path("/run/netpass")
+
+    @property
+    def holds_dir(self) -> Path:
+        return self.state_dir / "holds"
+
+
+HOLD_LIMIT_BYTES = 64 << 20  # per direction and NIC: what a hold queues at most
+MAX_HOLD_TIMEOUT_MS = 60_000
+MIN_RELEASE_FPS = 2000
 
 
 class SessionError(NetpassError):
@@ -70,6 +81,9 @@ class DestNic:
     tx_mark: int = 0
     replayed: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    hold: holdmod.Hold | None = None
+    live_at_resume: int | None = None
+    reordered: int = 0
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
@@ -91,6 +105,11 @@ class DestSession:
         self.batches = 0
         self.feeder: asyncio.Task[None] | None = None
         self.unconsumed = False
+        self.strict = False
+        self.hold_timeout_ms = 0
+        self.hold_closed = False
+        self.hold_timed_out = False
+        self.hold_notes: list[str] = []
 
     # -- arming -------------------------------------------------------------------------
     def _check_qmp_path(self, path: str) -> str:
@@ -134,11 +153,113 @@ class DestSession:
                 dn.tx_mark = info.tx_packets
         finally:
             os.close(pidfd)
+        strict = req.get("strict")
+        if strict:
+            await self._install_holds(strict)
         loop = asyncio.get_running_loop()
         for dn in self.nics:
             loop.add_reader(dn.shadow.fileno(), self._pull_direct, dn)  # type: ignore[union-attr]
         self.sm.to(State.ARMED)
-        return {"nics": [{"mac": d.nic.mac, "tap": d.nic.tap, "ring": d.orig_qlen} for d in self.nics]}
+        return {"nics": [{"mac": d.nic.mac, "tap": d.nic.tap, "ring": d.orig_qlen} for d in self.nics],
+                "strict": self.strict}
+
+    # -- strict ordering ----------------------------------------------------------------
+    async def _install_holds(self, strict: Any) -> None:
+        try:
+            timeout_ms = int(strict.get("hold_timeout_ms", 0)) if isinstance(strict, dict) else 0
+        except (TypeError, ValueError):
+            timeout_ms = 0
+        if not 0 < timeout_ms <= MAX_HOLD_TIMEOUT_MS:
+            raise SessionError("bad_request", f"hold_timeout_ms must be 1..{MAX_HOLD_TIMEOUT_MS}")
+        self.strict, self.hold_timeout_ms = True, timeout_ms
+        for dn in self.nics:
+            try:
+                dn.hold = await asyncio.to_thread(holdmod.Hold.install, self.sid, dn.nic.tap,
+                                                  self.cfg.holds_dir, HOLD_LIMIT_BYTES, timeout_ms)
+            except NetpassError as exc:
+                raise SessionError("strict", f"strict ordering is not possible on {dn.nic.tap}: {exc}") from exc
+            dn.hold.start_guard()
+
+    async def close_holds(self) -> None:
+        """The source VM stopped: from now on the destination holds live RX and guest TX."""
+        if not self.strict or self.hold_closed:
+            return
+        self.hold_closed = True
+        for dn in self.nics:
+            assert dn.hold is not None
+            await asyncio.to_thread(dn.hold.close)
+        assert self.mon is not None
+        if await self.mon.status() == "running":
+            for dn in self.nics:
+                assert dn.hold is not None
+                dn.hold.stats.late = True
+            self.hold_notes.append("the destination VM was already running when the hold closed: "
+                                   "frames before that were not held")
+        log.info("session=%s hold closed on %s", self.sid, ", ".join(d.nic.tap for d in self.nics))
+
+    def _hold_expired(self) -> bool:
+        return (self.resume_t is not None and
+                time.monotonic() > self.resume_t + self.hold_timeout_ms / 1000)
+
+    async def _release_tx_when_ready(self) -> None:
+        """Guest TX is held until everything forwarded so far is inside the VM."""
+        if not self.hold_closed or not self.running:
+            return
+        holds = [dn.hold for dn in self.nics if dn.hold is not None and dn.hold.stats.tx_released_t is None]
+        if not holds:
+            return
+        if not self._hold_expired():
+            if any(dn.pending for dn in self.nics) or not all(self._consumed(dn) for dn in self.nics):
+                return
+        for h in holds:
+            await asyncio.to_thread(h.release_tx)
+        log.info("session=%s guest TX released", self.sid)
+
+    def _release_rate(self, dn: DestNic) -> float:
+        """Frames per second to release held live frames at: what the VM was
+        seen to take during the replay, and at least twice what arrived."""
+        rate = float(MIN_RELEASE_FPS)
+        if self.resume_t is not None and self.last_consumed_t is not None and dn.replayed:
+            took = self.last_consumed_t - self.resume_t
+            if took > 0.005:
+                rate = max(rate, dn.replayed / took)
+        h = dn.hold
+        if h is not None and h.stats.closed_t is not None:
+            pkts, _ = h.rx_backlog()
+            held_for = time.monotonic() - h.stats.closed_t
+            if held_for > 0:
+                rate = max(rate, 2 * pkts / held_for)
+        return rate
+
+    async def _release_rx(self, deadline: float) -> None:
+        """Live RX goes in after the last forwarded frame, paced in the kernel."""
+        for dn in self.nics:
+            h = dn.hold
+            if h is None or h.removed or h.stats.rx_released_t is not None:
+                continue
+            if h.stats.tx_released_t is None:
+                await asyncio.to_thread(h.release_tx)
+            rate = self._release_rate(dn)
+            await asyncio.to_thread(h.release_rx, rate)
+            log.info("session=%s releasing %d held frame(s) toward the VM at %.0f/s",
+                     self.sid, h.stats.held_rx, rate)
+            while time.monotonic() < deadline:
+                if await asyncio.to_thread(h.rx_done):
+                    break
+                await asyncio.sleep(0.005)
+            # Past the deadline, remove() lets the rest go.
+
+    async def _remove_holds(self) -> None:
+        for dn in self.nics:
+            h = dn.hold
+            if h is None or h.removed:
+                continue
+            try:
+                await asyncio.to_thread(h.remove, self.running)
+            except NetpassError as exc:
+                self.hold_notes.append(str(exc))
+                log.error("session=%s %s", self.sid, exc)
+            h.stop_guard()  # the hold object stays: its counts go in the report
 
     # -- replay -------------------------------------------------------------------------
     def _room(self, dn: DestNic) -> int:
@@ -170,12 +291,22 @@ class DestSession:
                     continue
                 dn.replayed += 1
                 dn.inflight += 1
+                if dn.live_at_resume is not None and dn.live_enqueued > dn.live_at_resume:
+                    dn.reordered += 1  # a newer frame reached the VM directly before this one
                 room -= 1
                 dn.last_pos = dn.live_enqueued + dn.replayed
                 self.unconsumed = True
 
     async def _feeder(self) -> None:
         while True:
+            if self.strict:
+                if self.hold_closed and self.running and self._hold_expired() and not self.hold_timed_out:
+                    self.hold_timed_out = True
+                    self.hold_notes.append(f"hold timeout of {self.hold_timeout_ms} ms reached: "
+                                           "released everything; later forwarded frames may be overtaken")
+                    log.warning("session=%s hold timeout: releasing", self.sid)
+                    await self._release_rx(time.monotonic() + 5)
+                await self._release_tx_when_ready()
             if any(dn.pending for dn in self.nics):
                 self.feed()
                 await asyncio.sleep(0.0005)
@@ -284,6 +415,10 @@ class DestSession:
             self.resume_t = time.monotonic()
         self.feed()
         self.running = status == "running"
+        if self.running:
+            for dn in self.nics:
+                self._pull_direct(dn)
+                dn.live_at_resume = dn.live_enqueued
         return {"status": status}
 
     async def finish(self, timeout: float) -> dict[str, Any]:
@@ -300,6 +435,13 @@ class DestSession:
             if dn.pending:
                 dn.drop("not_consumed_in_time", len(dn.pending))
                 dn.pending.clear()
+        if self.strict:
+            # Only now, with the source done, is every forwarded frame known to be in.
+            while self.running and not all(self._consumed(dn) for dn in self.nics) and \
+                    time.monotonic() < deadline:
+                await asyncio.sleep(0.001)
+            await self._release_rx(deadline)
+            await self._remove_holds()
         return self.report()
 
     def report(self) -> dict[str, Any]:
@@ -313,8 +455,32 @@ class DestSession:
             "replay_delay_ms": delay,
             "nics": [{"mac": dn.nic.mac, "tap": dn.nic.tap, "replayed": dn.replayed,
                       "duplicates_suppressed": dn.duplicates,
+                      "reordered_estimate": dn.reordered,
                       "dropped": dict(dn.dropped)} for dn in self.nics],
+            "reordered_estimate": sum(dn.reordered for dn in self.nics),
+            **self._hold_report(),
         }
+
+    def _hold_report(self) -> dict[str, Any]:
+        if not self.strict:
+            return {"strict_ordering": False}
+        holds = [dn.hold.stats for dn in self.nics if dn.hold is not None]
+        released = [h.rx_released_t for h in holds if h.rx_released_t is not None]
+        hold_ms = None
+        if self.resume_t is not None and released:
+            hold_ms = round(max(0.0, max(released) - self.resume_t) * 1000, 1)
+        tx_ms = None
+        tx_rel = [h.tx_released_t for h in holds if h.tx_released_t is not None]
+        if self.resume_t is not None and tx_rel:
+            tx_ms = round(max(0.0, max(tx_rel) - self.resume_t) * 1000, 1)
+        notes = list(self.hold_notes)
+        for h in holds:
+            notes += h.notes
+        return {"strict_ordering": True, "held_tx": sum(h.held_tx for h in holds),
+                "held_rx": sum(h.held_rx for h in holds), "hold_ms": hold_ms, "hold_tx_ms": tx_ms,
+                "hold_timeout": self.hold_timed_out,
+                "hold_dropped": sum(h.dropped_rx + h.dropped_tx for h in holds),
+                "hold_late": any(h.late for h in holds), "hold_notes": notes}
 
     def abort(self) -> dict[str, Any]:
         for dn in self.nics:
@@ -331,6 +497,8 @@ class DestSession:
                 await self.feeder
             except asyncio.CancelledError:
                 pass
+        if any(dn.hold is not None and not dn.hold.removed for dn in self.nics):
+            await self._remove_holds()
         for dn in self.nics:
             if dn.shadow is not None:
                 try:
@@ -365,7 +533,12 @@ class DestSession:
                     continue
                 msg = _control(payload, mtype)
                 op = msg.get("op")
-                if op == "migrated":
+                if op == "stopped":
+                    if self.sm.state is State.ARMED:
+                        self.sm.to(State.CAPTURING)
+                        self.sm.to(State.SHIPPING)
+                    await self.close_holds()
+                elif op == "migrated":
                     if self.sm.state is State.ARMED:
                         self.sm.to(State.CAPTURING)
                         self.sm.to(State.SHIPPING)
@@ -425,6 +598,8 @@ class Agent:
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
+        for line in await asyncio.to_thread(holdmod.recover, self.cfg.holds_dir):
+            log.warning("startup: %s", line)
         host, port = parse_hostport(self.cfg.listen)
         ctx = None
         if self.cfg.tls_cert:

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the LAN keeps sending to the source this long after the destination resumes")
     demo.add_argument("--kill-source", action="store_true",
                       help="kill the source QEMU at completion, as libvirt does")
+    demo.add_argument("--strict-ordering", action="store_true",
+                      help="run netpass with --strict-ordering (nothing overtakes forwarded frames)")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the replies over time")
     demo.add_argument("--cache", type=Path, help="guest image cache (default /var/cache/netpass)")
@@ -93,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                        default=256 << 20, help="frames held per session, in bytes (default 256 MiB)")
     agent.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
     agent.add_argument("--tls-key", help="the certificate's key (PEM)")
+    agent.add_argument("--state-dir", type=Path, default=Path("/run/netpass"),
+                       help="where holds in progress are recorded, so that a restarted agent "
+                            "undoes what a dead one left (default /run/netpass)")
 
     mig = sub.add_parser("migrate", help="live-migrate a VM with zero network loss")
     mig.add_argument("--qmp", required=True, help="the source VM's QMP socket")
@@ -109,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep catching late frames until this long a quiet period after the resume")
     mig.add_argument("--linger-max-ms", type=_positive(int, "--linger-max-ms"), default=5000,
                      help="upper bound on catching late frames after the resume (default 5000)")
+    mig.add_argument("--strict-ordering", action="store_true",
+                     help="the destination holds its VM's transmissions and newer live frames "
+                          "until every forwarded frame is inside the VM: nothing overtakes them")
+    mig.add_argument("--hold-timeout-ms", type=_positive(int, "--hold-timeout-ms"), default=3000,
+                     help="with --strict-ordering: release everything this long after the "
+                          "destination resumes, whatever is still missing (default 3000)")
     mig.add_argument("--tls-ca", help="talk TLS to the agent, trusting this CA (PEM)")
     mig.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
@@ -154,7 +165,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 opts = scenario.ScenarioOptions(
                     rate=args.rate, proto=args.proto, switchover_pause_ms=args.pause_ms,
                     lan_lag_ms=args.lan_lag_ms, kill_source=args.kill_source,
-                    timeline_path=timelines[mode], mode=mode)
+                    timeline_path=timelines[mode], mode=mode,
+                    migrate_args=("--strict-ordering",) if args.strict_ordering else ())
                 say(f"{mode}: starting")
                 runs[mode] = scenario.run_migration_scenario(img, opts, say)
                 logs = runs[mode].get("report", {}).pop("logs", None)
@@ -233,7 +245,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         raise UsageError(f"--qmp-root {args.qmp_root} is not a directory")
     cfg = AgentConfig(listen=args.listen, token=load_token(args.token_file), qmp_root=args.qmp_root,
                       max_cache_bytes=args.max_cache_bytes,
-                      tls_cert=args.tls_cert, tls_key=args.tls_key)
+                      tls_cert=args.tls_cert, tls_key=args.tls_key, state_dir=args.state_dir)
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger().setLevel(logging.INFO)
     asyncio.run(Agent(cfg).serve_forever())
@@ -251,7 +263,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                           dest_qmp=args.dest_qmp, token=load_token(args.token_file),
                           best_effort=args.best_effort, max_cache_bytes=args.max_cache_bytes,
                           linger_quiet_ms=args.linger_ms,
-                          linger_max_ms=args.linger_max_ms, tls_ca=args.tls_ca)
+                          linger_max_ms=args.linger_max_ms, tls_ca=args.tls_ca,
+                          strict_ordering=args.strict_ordering, hold_timeout_ms=args.hold_timeout_ms)
+    if args.hold_timeout_ms > 60_000:
+        raise UsageError("--hold-timeout-ms is at most 60000")
     report: dict[str, Any] | None = None
     with err_console.status("arming") as status:
         def progress(kind: str, data: dict[str, Any]) -> None:
@@ -284,8 +299,12 @@ def _print_report(rep: dict[str, Any]) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("frames_captured", "frames_replayed", "frames_dropped", "bytes_captured", "bytes_wire",
-                "downtime_ms", "stop_to_resume_ms", "replay_delay_ms", "destination_status"):
+                "downtime_ms", "stop_to_resume_ms", "replay_delay_ms", "reordered_estimate",
+                "destination_status"):
         table.add_row(key, str(rep.get(key)))
+    if rep.get("strict_ordering"):
+        for key in ("held_tx", "held_rx", "hold_ms", "hold_timeout"):
+            table.add_row(key, str(rep.get(key)))
     out_console.print(table)
     for note in rep.get("notes", []):
         out_console.print(f"note: {note}")

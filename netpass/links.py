@@ -32,7 +32,7 @@ NTF_STICKY = 0x40
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _loop_safe(fn: F) -> F:
+def loop_safe(fn: F) -> F:
     """pyroute2's synchronous API runs its own event loop, which it cannot do
     inside a running one: from async code, run the call in a helper thread."""
     @functools.wraps(fn)
@@ -88,7 +88,7 @@ def _index(ipr: IPRoute, ifname: str) -> int:
     return int(found[0])
 
 
-@_loop_safe
+@loop_safe
 def add_bridge(ns: str | None, ifname: str) -> None:
     with _ipr(ns) as ipr:
         ipr.link("add", ifname=ifname, kind="bridge")
@@ -98,7 +98,7 @@ def add_bridge(ns: str | None, ifname: str) -> None:
         ipr.link("set", index=idx, state="up")
 
 
-@_loop_safe
+@loop_safe
 def add_veth(ns_a: str | None, name_a: str, ns_b: str | None, name_b: str) -> None:
     """Create a veth pair with one end in each namespace, both up."""
     with _ipr(ns_a) as ipr:
@@ -111,31 +111,49 @@ def add_veth(ns_a: str | None, name_a: str, ns_b: str | None, name_b: str) -> No
         ipr.link("set", index=_index(ipr, name_b), state="up")
 
 
-@_loop_safe
+@loop_safe
+def add_ifb(ns: str | None, ifname: str) -> None:
+    """An intermediate functional block device, up: what tc redirects to it
+    from a device's ingress goes back into that device's receive path."""
+    with _ipr(ns) as ipr:
+        ipr.link("add", ifname=ifname, kind="ifb")
+        ipr.link("set", index=_index(ipr, ifname), state="up")
+
+
+@loop_safe
+def delete(ns: str | None, ifname: str) -> None:
+    """Delete a link; a link already gone is not an error."""
+    with _ipr(ns) as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if found:
+            ipr.link("del", index=found[0])
+
+
+@loop_safe
 def set_up(ns: str | None, ifname: str) -> None:
     with _ipr(ns) as ipr:
         ipr.link("set", index=_index(ipr, ifname), state="up")
 
 
-@_loop_safe
+@loop_safe
 def set_mac(ns: str | None, ifname: str, mac: str) -> None:
     with _ipr(ns) as ipr:
         ipr.link("set", index=_index(ipr, ifname), address=mac)
 
 
-@_loop_safe
+@loop_safe
 def enslave(ns: str | None, ifname: str, bridge: str) -> None:
     with _ipr(ns) as ipr:
         ipr.link("set", index=_index(ipr, ifname), master=_index(ipr, bridge), state="up")
 
 
-@_loop_safe
+@loop_safe
 def add_address(ns: str | None, ifname: str, address: str, prefixlen: int) -> None:
     with _ipr(ns) as ipr:
         ipr.addr("add", index=_index(ipr, ifname), address=address, prefixlen=prefixlen)
 
 
-@_loop_safe
+@loop_safe
 def set_txqueuelen(ns: str | None, ifname: str, qlen: int) -> None:
     with _ipr(ns) as ipr:
         ipr.link("set", index=_index(ipr, ifname), txqlen=qlen)
@@ -151,9 +169,10 @@ class LinkInfo:
     tx_dropped: int
     rx_packets: int
     master: int | None
+    mtu: int = 1500
 
 
-@_loop_safe
+@loop_safe
 def info(ns: str | None, ifname: str) -> LinkInfo:
     with _ipr(ns) as ipr:
         msg = ipr.get_links(_index(ipr, ifname))[0]
@@ -167,16 +186,17 @@ def info(ns: str | None, ifname: str) -> LinkInfo:
         tx_dropped=stats.get("tx_dropped", 0),
         rx_packets=stats.get("rx_packets", 0),
         master=msg.get_attr("IFLA_MASTER"),
+        mtu=msg.get_attr("IFLA_MTU") or 1500,
     )
 
 
-@_loop_safe
+@loop_safe
 def exists(ns: str | None, ifname: str) -> bool:
     with _ipr(ns) as ipr:
         return bool(ipr.link_lookup(ifname=ifname))
 
 
-@_loop_safe
+@loop_safe
 def name_of(ns: str | None, index: int) -> str | None:
     """The name of the link with this index, or None."""
     with _ipr(ns) as ipr:
@@ -184,7 +204,7 @@ def name_of(ns: str | None, index: int) -> str | None:
     return str(found[0].get_attr("IFLA_IFNAME")) if found else None
 
 
-@_loop_safe
+@loop_safe
 def names(ns: str | None) -> list[str]:
     with _ipr(ns) as ipr:
         return [str(m.get_attr("IFLA_IFNAME")) for m in ipr.get_links()]
@@ -198,7 +218,7 @@ def wait_for(ns: str | None, ifname: str, timeout: float) -> None:
         time.sleep(0.02)
 
 
-@_loop_safe
+@loop_safe
 def pin_mac(ns: str | None, port: str, mac: str) -> None:
     """Pin ``mac`` to bridge port ``port`` with a sticky static FDB entry.
 
@@ -212,7 +232,7 @@ def pin_mac(ns: str | None, port: str, mac: str) -> None:
     log.debug("pinned %s to %s in %s", mac, port, ns)
 
 
-@_loop_safe
+@loop_safe
 def unpin_mac(ns: str | None, port: str, mac: str) -> None:
     with _ipr(ns) as ipr:
         idx = _index(ipr, port)

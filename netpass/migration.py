@@ -40,6 +40,7 @@ class MigrationResult:
     completed_t: float | None = None
     dst_resume_t: float | None = None
     events: list[tuple[float, str, str]] = field(default_factory=list)
+    dst_leftovers: list[str] = field(default_factory=list)
 
 
 def progress_line(info: dict[str, Any]) -> dict[str, Any]:

@@ -66,6 +66,8 @@ class MigrateOptions:
     # Every 3 ms coincided with destination guest crashes in the lab (see
     # README); every 50 ms did not, and still pins the accounting.
     sample_interval_ms: float = 50.0
+    strict_ordering: bool = False
+    hold_timeout_ms: int = 3000
 
 
 @dataclass
@@ -156,7 +158,9 @@ class SourceSession:
         found = await discover(self.mon, pid)
         assert self.ch is not None
         await self.ch.send_json(CONTROL, {"op": "open", "session": self.sid, "dest_qmp": self.o.dest_qmp,
-                                          "macs": [n.mac for n in found], "resume": self.was_running})
+                                          "macs": [n.mac for n in found], "resume": self.was_running,
+                                          **({"strict": {"hold_timeout_ms": self.o.hold_timeout_ms}}
+                                             if self.o.strict_ordering else {})})
         armed = await self.ch.recv_json(CONTROL, timeout=60)
         if armed.get("op") != "armed":
             raise ChannelError(f"agent answered {armed.get('op')!r} to 'open'")
@@ -348,6 +352,9 @@ class SourceSession:
         if self.stop_t is not None:
             return
         self.stop_t = time.monotonic()
+        if self.o.strict_ordering and self.ch is not None:
+            # First: the destination starts holding its VM's traffic.
+            await self.ch.send_json(CONTROL, {"op": "stopped"})
         for sn in self.nics:
             if sn.bridge:
                 try:
@@ -821,8 +828,13 @@ class SourceSession:
             "last_frame_after_resume_ms": last_late_ms,
             "destination_status": self.dest_status,
             "frames_lost_inside_qemu_recovered": sum(sn.swallowed_recovered for sn in self.nics),
+            "reordered_estimate": self.dest_report.get("reordered_estimate"),
+            "strict_ordering": self.o.strict_ordering,
+            **({k: self.dest_report.get(k) for k in ("held_tx", "held_rx", "hold_ms", "hold_tx_ms",
+                                                      "hold_timeout", "hold_dropped", "hold_late")}
+               if self.o.strict_ordering else {}),
             "nics": per_nic,
-            "notes": self.notes,
+            "notes": self.notes + list(self.dest_report.get("hold_notes", [])),
             "states": [s for _, s in self.sm.history],
         }
 

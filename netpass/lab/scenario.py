@@ -43,6 +43,7 @@ class ScenarioOptions:
     on_pre_switchover: str = "continue"
     agent_addr: str | None = None
     kill_agent_at_stop: bool = False
+    kill_agent_after_resume_ms: int | None = None
 
 
 def _prober_argv(lab: Lab, opts: ScenarioOptions, duration: float, timeline: Path | None,
@@ -137,6 +138,7 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
         def rel(t: float | None) -> float | None:
             return None if t is None else round((t - probe_t0) * 1000, 1)
 
+        stats["dst_leftovers"] = result.dst_leftovers
         stats["src_stop_ms"] = rel(result.src_stop_t)
         stats["dst_resume_ms"] = rel(result.dst_resume_t)
         if report is not None:
@@ -251,7 +253,8 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[Mig
     with open(agent_log, "wb") as alog:
         agent = await asyncio.create_subprocess_exec(
             *_cli(lab, "dst", "-v", "agent", "--listen", f"{MIG_DST}:{AGENT_PORT}",
-                  "--token-file", str(token), "--qmp-root", str(lab.rundir)),
+                  "--token-file", str(token), "--qmp-root", str(lab.rundir),
+                  "--state-dir", str(lab.rundir / "state")),
             stdin=asyncio.subprocess.DEVNULL, stdout=alog, stderr=alog)
     migrate_proc = None
     try:
@@ -280,6 +283,12 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[Mig
                 ev = await dw.next_event(0.001 if src_watch else 0.01)
                 if ev is not None and ev.name == "RESUME" and res.dst_resume_t is None:
                     res.dst_resume_t = ev.emitted
+                if (opts.kill_agent_after_resume_ms is not None and res.dst_resume_t is not None
+                        and agent.returncode is None and time.monotonic() >=
+                        res.dst_resume_t + opts.kill_agent_after_resume_ms / 1000):
+                    say("lab: killing the destination agent after the resume")
+                    agent.kill()
+                    await agent.wait()
                 lan.step(res.dst_resume_t, communicate.done())
             out, err = await communicate
             if lab.src_vm.alive():
@@ -300,6 +309,7 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[Mig
             except asyncio.TimeoutError:
                 agent.kill()
                 await agent.wait()
+    res.dst_leftovers = await asyncio.to_thread(dst_leftovers, lab)
     keep = os.environ.get("NETPASS_LAB_KEEP_LOGS")
     if keep:
         import shutil
@@ -321,6 +331,33 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[Mig
     say(f"netpass migrate exited {report['exit_code']}: captured {report.get('frames_captured')}, "
         f"replayed {report.get('frames_replayed')}")
     return res, report
+
+
+def dst_leftovers(lab: Lab, wait_s: float = 5.0) -> list[str]:
+    """What a strict-ordering hold left on the destination host, if anything.
+
+    A guard process undoes the hold of an agent that died; give it time.
+    """
+    from .. import hold, tc
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        found: list[str] = []
+        ns = lab.ns("dst")
+        if links.exists(ns, "tap0"):
+            for q in tc.qdiscs(ns, "tap0"):
+                if q.handle == hold.HANDLE or q.kind == "tbf":
+                    found.append(f"qdisc {q.kind} {q.handle} on tap0 ({q.backlog_packets} held)")
+            for direction in ("ingress", "egress"):
+                if hold.PREF in tc.filter_prefs(ns, "tap0", direction):
+                    found.append(f"{direction} filter on tap0")
+        found += [f"link {n}" for n in links.names(ns) if n.startswith(hold.IFB_PREFIX)]
+        state = lab.rundir / "state" / "holds"
+        if state.is_dir():
+            found += [f"state file {p.name}" for p in state.glob("*.json")]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
 
 
 async def _where(lab: Lab) -> tuple[str | None, str | None]:
