@@ -43,6 +43,10 @@ class AgentConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     state_dir: Path = Path("/run/netpass")
+    # Frames queued ahead of the VM's reads: a guest handed a large burst at
+    # once can fail to answer some of it (the lab's TCG guest ran out of ICMP
+    # socket buffer with several hundred).
+    replay_ahead: int = 128
 
     @property
     def holds_dir(self) -> Path:
@@ -77,12 +81,10 @@ class DestNic:
     direct: dict[int, int] = field(default_factory=dict)
     duplicates: int = 0
     pending: deque[wire.Frame] = field(default_factory=deque)
-    inflight: int = 0
-    tx_mark: int = 0
     replayed: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     hold: holdmod.Hold | None = None
-    live_at_resume: int | None = None
+    live_at_stop: int | None = None
     reordered: int = 0
 
     def drop(self, reason: str, n: int = 1) -> None:
@@ -150,7 +152,7 @@ class DestSession:
                 self.nics.append(dn)
                 # The ring is used at its size: changing txqueuelen on a live
                 # tap drops frames; what does not fit is fed as the VM reads.
-                dn.tx_mark = info.tx_packets
+                dn.mark_tx = info.tx_packets
         finally:
             os.close(pidfd)
         strict = req.get("strict")
@@ -179,6 +181,8 @@ class DestSession:
             except NetpassError as exc:
                 raise SessionError("strict", f"strict ordering is not possible on {dn.nic.tap}: {exc}") from exc
             dn.hold.start_guard()
+            if dn.hold.mirror_fd is not None:
+                asyncio.get_running_loop().add_reader(dn.hold.mirror_fd, self._pull_mirror, dn)
 
     async def close_holds(self) -> None:
         """The source VM stopped: from now on the destination holds live RX and guest TX."""
@@ -254,6 +258,11 @@ class DestSession:
             h = dn.hold
             if h is None or h.removed:
                 continue
+            if h.mirror_fd is not None:
+                try:
+                    asyncio.get_running_loop().remove_reader(h.mirror_fd)
+                except (RuntimeError, ValueError):
+                    pass
             try:
                 await asyncio.to_thread(h.remove, self.running)
             except NetpassError as exc:
@@ -262,18 +271,27 @@ class DestSession:
             h.stop_guard()  # the hold object stays: its counts go in the report
 
     # -- replay -------------------------------------------------------------------------
-    def _room(self, dn: DestNic) -> int:
-        """Frames we may still queue: the ring size, less what we put there
-        that the VM has not read yet (tx_packets counts QEMU's reads)."""
-        ring = dn.orig_qlen or 500
+    def _ring_level(self, dn: DestNic) -> int:
+        """Frames in the tap's ring now, whoever put them there.
+
+        Frames enter from the network (the shadow counts them) and from us;
+        QEMU's reads are tx_packets.  Whenever the ring is seen empty,
+        everything entered so far is read: that is a mark to count from.
+        """
+        self._pull_direct(dn)
+        tx = links.tx_packets(dn.nic.tap)
+        entered = dn.live_enqueued + dn.replayed
         if not tapfd.readable(dn.fds):
-            dn.inflight = 0  # the ring is empty: everything we queued was read
-        else:
-            tx = links.tx_packets(dn.nic.tap)
-            dn.inflight = max(0, dn.inflight - (tx - dn.tx_mark))
-            dn.tx_mark = tx
-        # Keep a quarter of the ring for live frames that arrive meanwhile.
-        return max(0, ring * 3 // 4 - dn.inflight)
+            dn.mark_enq, dn.mark_tx = entered, tx
+        return max(0, entered - dn.mark_enq - (tx - dn.mark_tx))
+
+    def _room(self, dn: DestNic) -> int:
+        """Frames we may still queue.  Without a hold, half the ring stays
+        free for live frames that arrive meanwhile: a VM slow to start
+        reading would otherwise see them dropped by a full ring (seen)."""
+        ring = dn.orig_qlen or 500
+        share = ring * 3 // 4 if self.hold_closed else ring // 2
+        return max(0, min(share, self.cfg.replay_ahead) - self._ring_level(dn))
 
     def feed(self) -> None:
         for dn in self.nics:
@@ -281,18 +299,23 @@ class DestSession:
                 continue
             room = self._room(dn)
             while dn.pending and room > 0:
-                f = dn.pending.popleft()
-                self.cache_bytes -= len(f.data)
+                f = dn.pending[0]
                 try:
-                    dn.injector.send(f.vnet_hdr, f.data)
+                    if not dn.injector.send(f.vnet_hdr, f.data):
+                        break  # the ring is full after all: again once QEMU has read
                 except NetpassError as exc:
                     log.warning("session=%s replay failed on %s: %s", self.sid, dn.nic.tap, exc)
+                    dn.pending.popleft()
+                    self.cache_bytes -= len(f.data)
                     dn.drop("inject_error")
                     continue
+                dn.pending.popleft()
+                self.cache_bytes -= len(f.data)
                 dn.replayed += 1
-                dn.inflight += 1
-                if dn.live_at_resume is not None and dn.live_enqueued > dn.live_at_resume:
-                    dn.reordered += 1  # a newer frame reached the VM directly before this one
+                if dn.live_at_stop is not None and dn.live_enqueued > dn.live_at_stop:
+                    # A frame the network delivered here after the source VM
+                    # stopped is ahead of this older one in the ring.
+                    dn.reordered += 1
                 room -= 1
                 dn.last_pos = dn.live_enqueued + dn.replayed
                 self.unconsumed = True
@@ -331,8 +354,19 @@ class DestSession:
         while dn.shadow.frames:
             _idx, _vnet, data = dn.shadow.frames.popleft()
             dn.live_enqueued += 1
-            key = hash(data)
-            dn.direct[key] = dn.direct.get(key, 0) + 1
+            if dn.hold is None:  # with a hold, its mirror sees them first
+                self._count_direct(dn, data)
+
+    def _pull_mirror(self, dn: DestNic) -> None:
+        """Live frames the hold took: delivered later, but delivered."""
+        if dn.hold is not None:
+            for data in dn.hold.read_mirror():
+                self._count_direct(dn, data)
+
+    @staticmethod
+    def _count_direct(dn: DestNic, data: bytes) -> None:
+        key = hash(data)
+        dn.direct[key] = dn.direct.get(key, 0) + 1
         if len(dn.direct) > 1_000_000:
             dn.direct.clear()  # bounded; only the switchover's frames matter
 
@@ -344,15 +378,19 @@ class DestSession:
         seen empty, everything entered so far is read: that is a mark.  From
         the last mark, the read count says how far into the ring QEMU is.
         """
-        self._pull_direct(dn)
+        self._ring_level(dn)  # moves the mark
         tx = links.tx_packets(dn.nic.tap)
-        entered = dn.live_enqueued + dn.replayed
-        if not tapfd.readable(dn.fds):
-            dn.mark_enq, dn.mark_tx = entered, tx
         return dn.mark_enq + (tx - dn.mark_tx) >= dn.last_pos
+
+    def _mark_stop(self) -> None:
+        for dn in self.nics:
+            if dn.live_at_stop is None:
+                self._pull_direct(dn)
+                dn.live_at_stop = dn.live_enqueued
 
     def accept(self, blob: bytes) -> dict[str, Any]:
         batch = wire.decode(blob, nic_count=len(self.nics))
+        self._mark_stop()
         if batch.seq != self.next_seq:
             raise SessionError("bad_batch", f"batch {batch.seq} out of sequence (expected {self.next_seq})")
         self.next_seq += 1
@@ -372,6 +410,7 @@ class DestSession:
             # Per frame, not per batch: a flooded copy can reach the
             # destination while the batch is being handled.
             self._pull_direct(dn)
+            self._pull_mirror(dn)
             key = hash(f.data)
             if dn.direct.get(key):
                 dn.direct[key] -= 1
@@ -415,10 +454,6 @@ class DestSession:
             self.resume_t = time.monotonic()
         self.feed()
         self.running = status == "running"
-        if self.running:
-            for dn in self.nics:
-                self._pull_direct(dn)
-                dn.live_at_resume = dn.live_enqueued
         return {"status": status}
 
     async def finish(self, timeout: float) -> dict[str, Any]:
@@ -538,6 +573,7 @@ class DestSession:
                         self.sm.to(State.CAPTURING)
                         self.sm.to(State.SHIPPING)
                     await self.close_holds()
+                    self._mark_stop()
                 elif op == "migrated":
                     if self.sm.state is State.ARMED:
                         self.sm.to(State.CAPTURING)

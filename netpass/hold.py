@@ -44,7 +44,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import links, tc
+from . import links, tapfd, tc
 from .errors import KernelError, NetpassError, UsageError
 from .packet import Injector
 
@@ -52,7 +52,10 @@ log = logging.getLogger(__name__)
 
 HANDLE = "6e70:"  # "np"
 PREF = 0x6E70
+PASS_PREF = PREF - 1
+RARP = 0x8035  # QEMU's own announcement after the resume
 IFB_PREFIX = "npifb"
+MIRROR_PREFIX = "npmir"
 # Pace of a release nobody measured for (guard, restarted agent): the lab's
 # TCG guest takes this rate comfortably.
 FALLBACK_RELEASE_FPS = 5000
@@ -77,6 +80,7 @@ class HoldSpec:
     limit: int
     owner_pid: int
     netns: int
+    mirror: str = ""
     made_clsact: bool = False
     phase: str = "installing"
     guard_pid: int | None = None
@@ -109,6 +113,7 @@ class Hold:
         self.removed = False
         self._base_drops = {spec.ifb_rx: 0, spec.ifb_tx: 0}
         self._guard: subprocess.Popen[bytes] | None = None
+        self.mirror_fd: int | None = None
 
     # -- state file ---------------------------------------------------------------------
     def _save(self, phase: str | None = None) -> None:
@@ -131,15 +136,22 @@ class Hold:
             raise UsageError(f"--hold-timeout-ms {hold_timeout_ms} is too long for tap {tap} (MTU "
                              f"{info.mtu}): the kernel hold is only tight for {0.8 * leak_s:.1f} s")
         for direction in ("ingress", "egress"):
-            if PREF in tc.filter_prefs(None, tap, direction):
+            if {PREF, PASS_PREF} & tc.filter_prefs(None, tap, direction):
                 raise UsageError(f"tap {tap} already has an {direction} filter with preference "
                                  f"{PREF}: another netpass hold is active on it")
         rnd = os.urandom(3).hex()
         spec = HoldSpec(session=session, tap=tap, ifb_rx=f"{IFB_PREFIX}{rnd}r", ifb_tx=f"{IFB_PREFIX}{rnd}t",
-                        burst=burst, limit=limit, owner_pid=os.getpid(), netns=net_ns_id())
+                        mirror=f"{MIRROR_PREFIX}{rnd}", burst=burst, limit=limit, owner_pid=os.getpid(),
+                        netns=net_ns_id())
         hold = cls(spec, state_dir)
         hold._save("installing")  # before the first change: a crash from here on is undone
         try:
+            # A copy of each held live frame, as it is held: the agent must know
+            # what the network delivered here to not replay it a second time.
+            # Our fd is its only owner: it goes when we do.
+            hold.mirror_fd = tapfd.open_tap(spec.mirror)
+            os.set_blocking(hold.mirror_fd, False)
+            links.set_up(None, spec.mirror)
             for ifb in (spec.ifb_rx, spec.ifb_tx):
                 links.add_ifb(None, ifb)
                 tc.tbf_open(None, ifb, HANDLE, limit, op="add")
@@ -151,8 +163,12 @@ class Hold:
                 # for bandwidth limits.  Our filters join it, with our preference.
                 pass
             hold._save()
+            # QEMU's announcement is not the guest's: it goes out at once, so
+            # the network learns the VM's new place at the usual time; what
+            # then arrives here directly waits in the RX hold.
+            tc.pass_protocol(None, tap, "ingress", PASS_PREF, RARP)
             tc.redirect_all(None, tap, spec.ifb_tx, "ingress", pref=PREF)
-            tc.redirect_all(None, tap, spec.ifb_rx, "egress", pref=PREF)
+            tc.redirect_all(None, tap, spec.ifb_rx, "egress", pref=PREF, mirror=spec.mirror)
         except NetpassError:
             hold.remove()
             raise
@@ -172,7 +188,8 @@ class Hold:
         inj = Injector(ifb, vnet_hdr=False, bypass=False)
         try:
             for frame in frames:
-                inj.send(b"", frame)
+                if not inj.send(b"", frame):
+                    raise KernelError(f"{ifb} refused a frame of netpass's own")
         finally:
             inj.close()
 
@@ -211,9 +228,16 @@ class Hold:
 
     def _unsteer(self, ifb: str, direction: str) -> None:
         """Stop steering once ``ifb`` holds nothing: from then on frames go
-        straight, after the last one that went through it."""
-        self._drain_wait(ifb, 1.0)
+        straight, after the last one that went through it.
+
+        Empty means its qdisc *and* its own queue: the ifb passes frames on
+        from a tasklet, so a large release is still in there for a while
+        after the qdisc has emptied (seen: 32 replies overtaken).
+        """
+        self._drain_wait(ifb, 2.0)
         tc.del_filter(None, self.spec.tap, direction, PREF)
+        if direction == "ingress" and PASS_PREF in tc.filter_prefs(None, self.spec.tap, direction):
+            tc.del_filter(None, self.spec.tap, direction, PASS_PREF)
 
     def release_tx(self) -> None:
         """Let the VM's held transmissions out, in order, and stop steering them."""
@@ -268,7 +292,11 @@ class Hold:
         deadline = time.monotonic() + bound_s
         while time.monotonic() < deadline:
             if self._backlog(ifb)[0] == 0:
-                return
+                st = links.info(None, ifb)
+                # What it took in (less our own frames, which it drops at
+                # once) against what it passed on or dropped.
+                if st.tx_packets + st.tx_dropped >= st.rx_packets - st.rx_dropped:
+                    return
             time.sleep(0.001)
 
     # -- remove -------------------------------------------------------------------------
@@ -304,6 +332,8 @@ class Hold:
                 attempt(f"open {ifb}", tc.tbf_open, None, ifb, HANDLE, spec.limit)
                 attempt(f"wake {ifb}", self._kick, ifb)
                 attempt(f"remove the {direction} filter", self._unsteer, ifb, direction)
+            elif tap_there and direction == "ingress" and PASS_PREF in tc.filter_prefs(None, spec.tap, direction):
+                attempt("remove the RARP filter", tc.del_filter, None, spec.tap, direction, PASS_PREF)
             if (left := self._backlog(ifb)[0]):
                 errors.append(f"{left} held frame(s) on {ifb} did not leave in time and are dropped")
             attempt(f"delete {ifb}", links.delete, None, ifb)
@@ -311,11 +341,29 @@ class Hold:
                 any(q.kind == "clsact" for q in tc.qdiscs(None, spec.tap)):
             if not tc.filter_prefs(None, spec.tap, "ingress") and not tc.filter_prefs(None, spec.tap, "egress"):
                 attempt("remove clsact", tc.del_clsact, None, spec.tap)
+        self.close_mirror()
         self.path.unlink(missing_ok=True)
         self.removed = True
         if errors:
             raise KernelError(f"undoing the hold on {spec.tap}: " + "; ".join(errors))
         log.info("hold on %s removed", spec.tap)
+
+    def read_mirror(self, limit: int = 4096) -> list[bytes]:
+        """The live frames held since the last call (copies)."""
+        out: list[bytes] = []
+        if self.mirror_fd is None:
+            return out
+        while len(out) < limit:
+            try:
+                out.append(os.read(self.mirror_fd, 65_600))
+            except BlockingIOError:
+                break
+        return out
+
+    def close_mirror(self) -> None:
+        if self.mirror_fd is not None:
+            os.close(self.mirror_fd)
+            self.mirror_fd = None
 
     # -- guard --------------------------------------------------------------------------
     def start_guard(self) -> None:

@@ -170,6 +170,7 @@ class LinkInfo:
     rx_packets: int
     master: int | None
     mtu: int = 1500
+    rx_dropped: int = 0
 
 
 @loop_safe
@@ -187,6 +188,7 @@ def info(ns: str | None, ifname: str) -> LinkInfo:
         rx_packets=stats.get("rx_packets", 0),
         master=msg.get_attr("IFLA_MASTER"),
         mtu=msg.get_attr("IFLA_MTU") or 1500,
+        rx_dropped=stats.get("rx_dropped", 0),
     )
 
 

@@ -8,6 +8,7 @@ the frame toward the QEMU that reads it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 
@@ -41,15 +42,22 @@ class Injector:
         except OSError as exc:
             raise KernelError(f"cannot open an AF_PACKET socket on {ifname}: {exc}") from exc
 
-    def send(self, vnet_hdr: bytes, frame: bytes) -> None:
-        """Queue one frame; ``vnet_hdr`` is 10 bytes (zeros when unknown)."""
+    def send(self, vnet_hdr: bytes, frame: bytes) -> bool:
+        """Queue one frame; ``vnet_hdr`` is 10 bytes (zeros when unknown).
+
+        False when the device had no room (ENOBUFS: a full tun ring, or a
+        qdisc that dropped it): nothing was queued, the caller may retry.
+        """
         try:
             if self.vnet_hdr:
                 self.sock.sendmsg([vnet_hdr or bytes(10), frame])
             else:
                 self.sock.send(frame)
         except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                return False
             raise KernelError(f"replay into {self.ifname} failed: {exc}") from exc
+        return True
 
     def close(self) -> None:
         self.sock.close()

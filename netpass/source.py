@@ -36,7 +36,7 @@ from typing import Any
 
 from . import links, tapfd, wire
 from .channel import BATCH, CONTROL, AuthError, Channel, ChannelError, connect
-from .errors import MigrationFailed, NetpassError, QMPError
+from .errors import KernelError, MigrationFailed, NetpassError, QMPError
 from .migration import progress_line
 from .nics import Nic, discover, rx_filter, rx_used, virtio_paths
 from .packet import Injector, Shadow
@@ -414,7 +414,9 @@ class SourceSession:
         inject_seen = sn.shadow.seen
         inj = Injector(sn.nic.tap)
         try:
-            inj.send(bytes(wire.VNET_HDR_LEN), sn.sacrifice)
+            if not inj.send(bytes(wire.VNET_HDR_LEN), sn.sacrifice):
+                self.notes.append(f"{sn.nic.tap}: the ring was full at the stop; the sacrificial "
+                                  "frame could not be queued")
         finally:
             inj.close()
         deadline = time.monotonic() + 0.05
@@ -646,7 +648,12 @@ class SourceSession:
                     while tapfd.readable(fds[f.nic]) and time.monotonic() < deadline:
                         await asyncio.sleep(0.0005)
                     chunk[f.nic] = 0
-                injectors[f.nic].send(f.vnet_hdr or bytes(wire.VNET_HDR_LEN), f.data)
+                deadline = time.monotonic() + 2.0
+                while not injectors[f.nic].send(f.vnet_hdr or bytes(wire.VNET_HDR_LEN), f.data):
+                    if time.monotonic() > deadline:
+                        raise KernelError(f"tap {self.nics[f.nic].nic.tap} stayed full for 2 s: "
+                                          "frames could not be given back")
+                    await asyncio.sleep(0.001)  # a full ring: wait for QEMU to read
                 chunk[f.nic] += 1
                 self.returned_to_source += 1
         finally:

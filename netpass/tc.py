@@ -53,13 +53,25 @@ def del_clsact(ns: str | None, dev: str) -> None:
 
 
 def redirect_all(ns: str | None, dev: str, to: str, direction: str = "ingress",
-                 pref: int | None = None) -> None:
-    """Redirect every frame of ``dev`` (``ingress`` or ``egress``) to ``to``."""
+                 pref: int | None = None, mirror: str | None = None) -> None:
+    """Redirect every frame of ``dev`` (``ingress`` or ``egress``) to ``to``,
+    first copying it to ``mirror`` if given."""
     args = ["filter", "add", "dev", dev, direction]
     if pref is not None:
         args += ["pref", str(pref)]
+    actions = ["action", "mirred", "egress", "mirror", "dev", mirror] if mirror else []
     _tc(ns, *args, "protocol", "all", "u32", "match", "u32", "0", "0",
-        "action", "mirred", "egress", "redirect", "dev", to)
+        *actions, "action", "mirred", "egress", "redirect", "dev", to)
+
+
+def pass_protocol(ns: str | None, dev: str, direction: str, pref: int, ethertype: int) -> None:
+    """Let frames of ``ethertype`` through untouched, before filters of higher ``pref``.
+
+    A match with a class and no action ends classification with "ok"
+    (``act_gact``, the usual ``action ok``, is not on every kernel: not here).
+    """
+    _tc(ns, "filter", "add", "dev", dev, direction, "pref", str(pref), "protocol", f"0x{ethertype:04x}",
+        "u32", "match", "u32", "0", "0", "classid", "1:1")
 
 
 def del_filter(ns: str | None, dev: str, direction: str, pref: int) -> None:

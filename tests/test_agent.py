@@ -128,8 +128,9 @@ class FakeInjector:
     def __init__(self) -> None:
         self.sent: list[bytes] = []
 
-    def send(self, vnet: bytes, frame: bytes) -> None:
+    def send(self, vnet: bytes, frame: bytes) -> bool:
         self.sent.append(frame)
+        return True
 
     def close(self) -> None:
         pass

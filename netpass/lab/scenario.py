@@ -349,7 +349,7 @@ def dst_leftovers(lab: Lab, wait_s: float = 5.0) -> list[str]:
                 if q.handle == hold.HANDLE or q.kind == "tbf":
                     found.append(f"qdisc {q.kind} {q.handle} on tap0 ({q.backlog_packets} held)")
             for direction in ("ingress", "egress"):
-                if hold.PREF in tc.filter_prefs(ns, "tap0", direction):
+                if {hold.PREF, hold.PASS_PREF} & tc.filter_prefs(ns, "tap0", direction):
                     found.append(f"{direction} filter on tap0")
         found += [f"link {n}" for n in links.names(ns) if n.startswith(hold.IFB_PREFIX)]
         state = lab.rundir / "state" / "holds"

@@ -1,0 +1,236 @@
+"""The strict-ordering hold on real taps, ifbs and a bridge, in a throw-away namespace.
+
+No QEMU here: the test holds the tap's fd and plays the VM (reading what
+the host queues toward it, writing what it sends).  The lab tests run the
+same hold under real migrations.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from netpass import hold, links, netns, tapfd, tc
+from netpass.errors import UsageError
+from netpass.packet import Injector
+
+VM = bytes.fromhex("020000000007")
+PEER = bytes.fromhex("020000000009")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def frame(dst: bytes, src: bytes, n: int) -> bytes:
+    return dst + src + b"\x88\xb5" + n.to_bytes(4, "big") + bytes(50)
+
+
+class Rig:
+    """tap0 (the 'VM', our fd) and veth v0 on bridge br0; v1 is the 'peer'."""
+
+    def __init__(self, state: Path) -> None:
+        self.ns = f"nptest-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.state = state
+        netns.create(self.ns)
+        self._ctx = netns.entered(self.ns)
+        self._ctx.__enter__()
+        self.fd = tapfd.open_tap("tap0", vnet_hdr=True)
+        os.set_blocking(self.fd, False)
+        links.set_up(None, "tap0")
+        links.add_veth(None, "v0", None, "v1")
+        links.add_bridge(None, "br0")
+        links.enslave(None, "tap0", "br0")
+        links.enslave(None, "v0", "br0")
+        self.peer_rx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+        self.peer_rx.bind(("v1", 3))
+        self.peer_rx.setblocking(False)
+        self.live = Injector("v1", vnet_hdr=False, bypass=False)  # the network's frames
+        self.replay = Injector("tap0")  # netpass's replay path
+        self.vm_send(PEER, 0)  # the bridge learns the VM behind tap0
+        time.sleep(0.05)
+        self.from_vm()
+
+    def vm_send(self, dst: bytes, n: int) -> None:
+        os.write(self.fd, bytes(10) + frame(dst, VM, n))
+
+    def to_vm(self) -> list[int]:
+        """What reached the VM, by number (our own frames only)."""
+        out = []
+        while True:
+            try:
+                data = os.read(self.fd, 4096)[10:]
+            except BlockingIOError:
+                return out
+            if data[6:12] == PEER:
+                out.append(int.from_bytes(data[14:18], "big"))
+
+    def from_vm(self) -> list[int]:
+        out = []
+        while True:
+            try:
+                data = self.peer_rx.recv(4096)
+            except BlockingIOError:
+                return out
+            if data[6:12] == VM:
+                out.append(int.from_bytes(data[14:18], "big"))
+
+    def leftovers(self) -> list[str]:
+        found = [f"filter {d}" for d in ("ingress", "egress")
+                 if {hold.PREF, hold.PASS_PREF} & tc.filter_prefs(None, "tap0", d)]
+        found += [n for n in links.names(None) if n.startswith(hold.IFB_PREFIX)]
+        found += [p.name for p in (self.state).glob("*.json")]
+        return found
+
+    def close(self) -> None:
+        self.peer_rx.close()
+        self.live.close()
+        self.replay.close()
+        os.close(self.fd)
+        self._ctx.__exit__(None, None, None)
+        netns.remove(self.ns)
+
+
+@pytest.fixture
+def rig(root_required: None, tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path / "holds")
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def test_rx_forwarded_frames_go_before_held_live_ones(rig: Rig) -> None:
+    h = hold.Hold.install("s1", "tap0", rig.state, 1 << 20, 3000)
+    h.close()
+    for n in range(1, 301):
+        rig.live.send(b"", frame(VM, PEER, n))  # newer frames, straight from the network
+    time.sleep(0.1)
+    assert rig.to_vm() == [], "a live frame passed the hold"
+    for n in range(1000, 1010):
+        rig.replay.send(bytes(10), frame(VM, PEER, n))  # the forwarded ones
+    time.sleep(0.05)
+    assert rig.to_vm() == list(range(1000, 1010))
+    h.release_tx()
+    h.release_rx(20000)
+    got: list[int] = []
+    deadline = time.monotonic() + 5
+    while not h.rx_done() and time.monotonic() < deadline:
+        got += rig.to_vm()
+        time.sleep(0.005)
+    for n in range(301, 311):
+        rig.live.send(b"", frame(VM, PEER, n))
+    time.sleep(0.05)
+    got += rig.to_vm()
+    assert got == list(range(1, 311)), "held frames lost, duplicated or out of order"
+    assert h.stats.held_rx >= 300 and h.stats.dropped_rx == 0  # and the kernel's own IPv6 chatter
+    h.remove(vm_running=False)
+    assert rig.leftovers() == []
+    assert not any(q.kind == "clsact" for q in tc.qdiscs(None, "tap0"))
+
+
+def test_tx_held_then_released_in_order_and_bridge_learns_then(rig: Rig) -> None:
+    h = hold.Hold.install("s2", "tap0", rig.state, 1 << 20, 3000)
+    subprocess.run(["bridge", "fdb", "del", VM.hex(":"), "dev", "tap0", "master"], capture_output=True)
+    h.close()
+    for n in range(1, 51):
+        rig.vm_send(PEER, n)
+    time.sleep(0.1)
+    assert rig.from_vm() == [], "a guest frame passed the hold"
+    fdb = subprocess.run(["bridge", "fdb", "show", "br", "br0"], capture_output=True, text=True).stdout
+    assert VM.hex(":") not in fdb, "the bridge learnt the VM from a held frame"
+    # QEMU's own announcement (RARP) is not held: the network learns at once.
+    os.write(rig.fd, bytes(10) + b"\xff" * 6 + VM + b"\x80\x35" + bytes(46))
+    time.sleep(0.05)
+    rarp = []
+    while True:
+        try:
+            rarp.append(rig.peer_rx.recv(4096))
+        except BlockingIOError:
+            break
+    assert any(d[12:14] == b"\x80\x35" and d[6:12] == VM for d in rarp), "the RARP was held"
+    h.release_tx()
+    for n in range(51, 61):
+        rig.vm_send(PEER, n)
+    time.sleep(0.1)
+    assert rig.from_vm() == list(range(1, 61))
+    fdb = subprocess.run(["bridge", "fdb", "show", "br", "br0"], capture_output=True, text=True).stdout
+    assert f"{VM.hex(':')} dev tap0" in fdb
+    assert h.stats.held_tx >= 50
+    h.remove(vm_running=True)
+    assert rig.leftovers() == []
+    # Deleting a qdisc on a live tap drops frames: the one netpass added stays, empty.
+    assert any(q.kind == "clsact" for q in tc.qdiscs(None, "tap0"))
+
+
+def test_no_hold_on_a_tap_already_held(rig: Rig) -> None:
+    h = hold.Hold.install("s3", "tap0", rig.state, 1 << 20, 3000)
+    try:
+        with pytest.raises(UsageError, match="another netpass hold"):
+            hold.Hold.install("s4", "tap0", rig.state, 1 << 20, 3000)
+        with pytest.raises(UsageError, match="too long"):
+            hold.Hold.install("s5", "tap0", rig.state, 1 << 20, 60_000)
+    finally:
+        h.remove(vm_running=False)
+    assert rig.leftovers() == []
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from netpass import hold
+h = hold.Hold.install("dead", "tap0", Path(sys.argv[1]), 1 << 20, 3000)
+if sys.argv[2] == "guard":
+    h.start_guard()
+h.close()
+print("closed", flush=True)
+time.sleep(600)
+"""
+
+
+def _holder(rig: Rig, guard: bool) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(netns.exec_argv(rig.ns, [sys.executable, "-c", HOLDER, str(rig.state),
+                                                     "guard" if guard else "none"]),
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "closed"
+    return proc
+
+
+def test_guard_releases_and_removes_when_the_agent_dies(rig: Rig) -> None:
+    proc = _holder(rig, guard=True)
+    for n in range(1, 101):
+        rig.live.send(b"", frame(VM, PEER, n))
+    time.sleep(0.05)
+    assert rig.to_vm() == []
+    proc.send_signal(signal.SIGKILL)  # the process this test started, by pid
+    proc.wait()
+    got: list[int] = []
+    deadline = time.monotonic() + 10
+    while (rig.leftovers() or len(got) < 100) and time.monotonic() < deadline:
+        got += rig.to_vm()
+        time.sleep(0.02)
+    got += rig.to_vm()
+    assert rig.leftovers() == []
+    assert got == list(range(1, 101)), "the guard lost or reordered held frames"
+
+
+def test_restarted_agent_undoes_what_a_dead_one_left(rig: Rig) -> None:
+    proc = _holder(rig, guard=False)  # no guard: as if it died too
+    for n in range(1, 21):
+        rig.live.send(b"", frame(VM, PEER, n))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.1)
+    assert rig.leftovers() != [], "nothing to recover: the test proves nothing"
+    done = hold.recover(rig.state)
+    assert any("undid the hold of session dead" in d for d in done), done
+    time.sleep(0.1)
+    assert rig.to_vm() == list(range(1, 21))
+    assert rig.leftovers() == []

@@ -1,0 +1,71 @@
+"""Strict ordering, for real: nothing overtakes the forwarded frames.
+
+The peer numbers its probes; a reply that arrives after a higher-numbered
+one is reordered.  The same migration without the flag reorders (the teeth).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from netpass.lab import scenario
+
+from .test_lab_netpass import assert_zero_loss, run
+
+pytestmark = pytest.mark.lab
+
+FAST = dict(rate=4000, switchover_pause_ms=200)
+LATE = dict(rate=4000, switchover_pause_ms=100, lan_lag_ms=300, kill_source=True)
+STRICT = ("--strict-ordering",)
+
+
+def assert_strict(res: dict[str, Any]) -> None:
+    assert_zero_loss(res)
+    rep = res["report"]
+    assert res["reordered"] == 0, (res, rep.get("logs"))
+    assert rep["strict_ordering"] is True and rep["hold_timeout"] is False, rep
+    assert rep["held_tx"] > 0 and rep["held_rx"] > 0, rep  # it did hold both ways
+    assert rep["hold_dropped"] == 0 and rep["reordered_estimate"] == 0, rep
+    assert res["dst_leftovers"] == [], res["dst_leftovers"]
+
+
+def test_without_the_flag_replies_are_reordered(guest_image, no_leftovers) -> None:
+    """The teeth: netpass without --strict-ordering, same traffic."""
+    res = run(guest_image, "netpass", **FAST)
+    assert_zero_loss(res)
+    assert res["reordered"] > 0, res
+    assert res["report"]["reordered_estimate"] > 0, res["report"]
+
+
+@pytest.mark.parametrize("attempt", [1, 2])
+def test_strict_zero_loss_zero_reordering_4000pps(guest_image, no_leftovers, attempt: int) -> None:
+    res = run(guest_image, "netpass", migrate_args=STRICT, **FAST)
+    assert_strict(res)
+    assert res["lost"] == 0, res
+
+
+def test_strict_with_late_lan_and_killed_source(guest_image, no_leftovers) -> None:
+    res = run(guest_image, "netpass", migrate_args=STRICT, **LATE)
+    assert_strict(res)
+    assert res["lost"] == 0, res
+    assert res["src_status"] is None  # the source QEMU was killed
+
+
+def test_hold_timeout_releases_everything_and_says_so(guest_image, no_leftovers) -> None:
+    res = run(guest_image, "netpass", migrate_args=(*STRICT, "--hold-timeout-ms", "30"), **FAST)
+    assert_zero_loss(res)
+    rep = res["report"]
+    assert rep["hold_timeout"] is True, rep
+    assert any("hold timeout" in n for n in rep["notes"]), rep["notes"]
+    assert res["dst_leftovers"] == [], res["dst_leftovers"]
+
+
+def test_agent_killed_mid_hold_leaves_nothing_held(guest_image, no_leftovers) -> None:
+    """The agent dies while it holds the destination VM's traffic: its guard
+    releases the held frames and removes the filters and ifbs."""
+    res = run(guest_image, "netpass", expect_ok=False, migrate_args=STRICT,
+              kill_agent_after_resume_ms=50, **LATE)
+    assert res["dst_leftovers"] == [], res["dst_leftovers"]
+    assert res["dst_status"] == "running"
