@@ -155,6 +155,36 @@ def check_plug(ns: str) -> Check:
         return Check("sch_plug", False, f"not in this kernel ({exc})")
 
 
+def check_strict_hold(ns: str) -> Check:
+    """A whole strict-ordering hold, on a throw-away tap: install, hold a
+    frame each way, release, remove."""
+    import tempfile
+    from pathlib import Path
+
+    from . import hold
+
+    try:
+        with netns.entered(ns), tempfile.TemporaryDirectory(prefix="npdoctor-") as tmp:
+            fd = tapfd.open_tap("npd-t")
+            try:
+                links.set_up(None, "npd-t")
+                h = hold.Hold.install("doctor", "npd-t", Path(tmp), 1 << 20, 1000)
+                try:
+                    h.close()
+                    h.release_tx()
+                    h.release_rx(1000)
+                    deadline = time.monotonic() + 2
+                    while not h.rx_done() and time.monotonic() < deadline:
+                        time.sleep(0.01)
+                finally:
+                    h.remove(vm_running=False)
+            finally:
+                os.close(fd)
+        return Check("strict_hold", True, "clsact u32 mirred into ifb devices with a tbf plug")
+    except (NetpassError, OSError) as exc:
+        return Check("strict_hold", False, f"{exc} (only --strict-ordering needs it)")
+
+
 def check_vhost() -> Check:
     try:
         fd = os.open("/dev/vhost-net", os.O_RDWR)
@@ -190,6 +220,7 @@ def run() -> Report:
         rep.checks.append(check_tc_redirect(ns))
         rep.checks.extend(check_nft(ns))
         rep.checks.append(check_plug(ns))
+        rep.checks.append(check_strict_hold(ns))
     finally:
         for _ in range(3):
             try:
@@ -214,14 +245,10 @@ def decide(rep: Report) -> dict[str, str]:
                        if ok("pidfd_getfd") and ok("tun") else "unavailable")
     uses["replay"] = "AF_PACKET with PACKET_VNET_HDR on the destination tap" if ok("af_packet") else "unavailable"
     uses["pin"] = "sticky static FDB entry on the source bridge"
-    if ok("nft_queue"):
-        hold = "nft queue"
-    elif ok("sch_plug"):
-        hold = "sch_plug"
-    elif ok("nft_netdev_fwd_dup"):
-        hold = "nft netdev fwd into a parking tap"
-    elif ok("tc_clsact_u32_mirred"):
-        hold = "tc clsact u32 mirred into a parking tap"
+    # nft queue and sch_plug are shown when present; netpass holds with
+    # tc + ifb + tbf everywhere (see README, strict ordering).
+    if ok("strict_hold"):
+        hold = "tc clsact filters steering into ifb devices, a tbf plug on each"
     else:
         hold = "unavailable: --strict-ordering cannot run here"
     uses["hold (strict ordering)"] = hold

@@ -271,6 +271,17 @@ class Hold:
         self._kick(self.spec.ifb_rx)
         self._save("releasing")
 
+    def repace(self, rate_fps: float) -> None:
+        """Change the pace of a release in progress (live frames keep arriving:
+        a pace below their rate would never empty the hold)."""
+        pkts, nbytes = self.rx_backlog()
+        if self.stats.rx_released_t is not None or not pkts:
+            return
+        avg = max(60, nbytes // pkts)
+        tc.tbf_pace(None, self.spec.ifb_rx, HANDLE, int(rate_fps * avg), max(self.spec.burst, 32 * avg),
+                    self.spec.limit)
+        self._kick(self.spec.ifb_rx)
+
     def rx_done(self) -> bool:
         """True once the held live frames are all in the tap (steering then stops)."""
         if self.stats.rx_released_t is not None:
