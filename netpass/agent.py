@@ -113,6 +113,7 @@ class DestSession:
         self.hold_closed = False
         self.hold_timed_out = False
         self.hold_notes: list[str] = []
+        self.hold_lock = asyncio.Lock()  # one hold operation at a time (feeder, finish, cleanup)
 
     # -- arming -------------------------------------------------------------------------
     def _check_qmp_path(self, path: str) -> str:
@@ -202,11 +203,23 @@ class DestSession:
                                    "frames before that were not held")
         log.info("session=%s hold closed on %s", self.sid, ", ".join(d.nic.tap for d in self.nics))
 
+    async def _release_tx_when_ready(self) -> None:
+        async with self.hold_lock:
+            await self._release_tx_when_ready_locked()
+
+    async def _release_rx(self, deadline: float) -> None:
+        async with self.hold_lock:
+            await self._release_rx_locked(deadline)
+
+    async def _remove_holds(self) -> None:
+        async with self.hold_lock:
+            await self._remove_holds_locked()
+
     def _hold_expired(self) -> bool:
         return (self.resume_t is not None and
                 time.monotonic() > self.resume_t + self.hold_timeout_ms / 1000)
 
-    async def _release_tx_when_ready(self) -> None:
+    async def _release_tx_when_ready_locked(self) -> None:
         """Guest TX is held until everything forwarded so far is inside the VM."""
         if not self.hold_closed or not self.running:
             return
@@ -233,7 +246,7 @@ class DestSession:
         recent = [t for t in dn.held_times if t > now - 0.2]
         return max(rate, 1.5 * len(recent) / 0.2)
 
-    async def _release_rx(self, deadline: float) -> None:
+    async def _release_rx_locked(self, deadline: float) -> None:
         """Live RX goes in after the last forwarded frame, paced in the kernel."""
         for dn in self.nics:
             h = dn.hold
@@ -259,7 +272,7 @@ class DestSession:
                     last = (time.monotonic(), left)
             # Past the deadline, remove() lets the rest go.
 
-    async def _remove_holds(self) -> None:
+    async def _remove_holds_locked(self) -> None:
         for dn in self.nics:
             h = dn.hold
             if h is None or h.removed:

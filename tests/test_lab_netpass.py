@@ -18,6 +18,8 @@ pytestmark = pytest.mark.lab
 def run(image: Any, mode: str, expect_ok: bool = True, **kw: Any) -> dict[str, Any]:
     res = scenario.run_migration_scenario(image, scenario.ScenarioOptions(mode=mode, **kw),
                                           lambda m: None)
+    # Said first, so that a crashed guest is not read as a network loss.
+    assert res.get("dst_guest_fault") is None, f"the destination guest kernel crashed: {res['dst_guest_fault']}"
     if mode == "netpass" and expect_ok:
         rep = res["report"]
         assert rep.get("exit_code") == 0, (rep.get("error"), rep.get("logs"))

@@ -124,6 +124,7 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
         dst_exit = lab.dst_vm.proc.poll() if lab.dst_vm.proc else None
         _await_fresh_counters([vm for vm in (lab.src_vm, lab.dst_vm) if vm.alive()])
         guest = guest_counters([lab.src_vm.console, lab.dst_vm.console])
+        dst_fault = guest_fault(lab.dst_vm.console)
         stats: dict[str, Any] = json.loads(out)
         stats["downtime_ms"] = result.downtime_ms
         stats["total_time_ms"] = result.total_time_ms
@@ -139,6 +140,7 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
             return None if t is None else round((t - probe_t0) * 1000, 1)
 
         stats["dst_leftovers"] = result.dst_leftovers
+        stats["dst_guest_fault"] = dst_fault
         stats["src_stop_ms"] = rel(result.src_stop_t)
         stats["dst_resume_ms"] = rel(result.dst_resume_t)
         if report is not None:
@@ -387,6 +389,23 @@ def _await_fresh_counters(vms: list[Any], timeout: float = 4.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(count(vm) <= start[vm.name] for vm in vms):
         time.sleep(0.05)
+
+
+GUEST_FAULTS = ("Kernel panic", "BUG:", "Oops:", "general protection fault", "double fault",
+                "is not a head!")
+
+
+def guest_fault(console: Path) -> str | None:
+    """The first line of a guest kernel crash or virtio ring error on this
+    console, if any: a guest that died is not a network loss."""
+    try:
+        text = console.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if any(f in line for f in GUEST_FAULTS):
+            return line.strip()[:200]
+    return None
 
 
 def guest_counters(consoles: list[Path]) -> dict[str, int | None]:
