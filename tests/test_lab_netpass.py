@@ -6,6 +6,7 @@ with the same knobs, which must fail it: that is what gives the test teeth.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -18,7 +19,14 @@ pytestmark = pytest.mark.lab
 def run(image: Any, mode: str, expect_ok: bool = True, **kw: Any) -> dict[str, Any]:
     res = scenario.run_migration_scenario(image, scenario.ScenarioOptions(mode=mode, **kw),
                                           lambda m: None)
-    # Said first, so that a crashed guest is not read as a network loss.
+    if res.get("dst_guest_fault"):
+        # QEMU 7.2 under TCG sometimes migrates a guest that then crashes on
+        # the destination, with or without netpass (plain QEMU: 1 of 10 at
+        # 4,000 pps).  Its console says so; that is not a network verdict,
+        # so such a run is repeated once, and a second crash fails the test.
+        warnings.warn(f"destination guest kernel crashed, running again: {res['dst_guest_fault']}")
+        res = scenario.run_migration_scenario(image, scenario.ScenarioOptions(mode=mode, **kw),
+                                              lambda m: None)
     assert res.get("dst_guest_fault") is None, f"the destination guest kernel crashed: {res['dst_guest_fault']}"
     if mode == "netpass" and expect_ok:
         rep = res["report"]
