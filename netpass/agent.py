@@ -150,7 +150,7 @@ class DestSession:
                 dn = DestNic(nic=nic, injector=Injector(nic.tap), fds=fds,
                              orig_qlen=info.txqueuelen,
                              mac_bytes=bytes.fromhex(nic.mac.replace(":", "")),
-                             shadow=Shadow(nic.tap, keep=1))
+                             shadow=Shadow(nic.tap, keep=100_000))  # emptied on every pull
                 self.nics.append(dn)
                 # The ring is used at its size: changing txqueuelen on a live
                 # tap drops frames; what does not fit is fed as the VM reads.
@@ -216,8 +216,12 @@ class DestSession:
             await self._remove_holds_locked()
 
     def _hold_expired(self) -> bool:
-        return (self.resume_t is not None and
-                time.monotonic() > self.resume_t + self.hold_timeout_ms / 1000)
+        now = time.monotonic()
+        if self.resume_t is not None and now > self.resume_t + self.hold_timeout_ms / 1000:
+            return True
+        # The plug itself is tight only for so long after it closed.
+        return any(dn.hold is not None and dn.hold.stats.closed_t is not None and
+                   now > dn.hold.stats.closed_t + dn.hold.tight_s for dn in self.nics)
 
     async def _release_tx_when_ready_locked(self) -> None:
         """Guest TX is held until everything forwarded so far is inside the VM."""
@@ -342,10 +346,14 @@ class DestSession:
     async def _feeder(self) -> None:
         while True:
             if self.strict:
-                if self.hold_closed and self.running and self._hold_expired() and not self.hold_timed_out:
+                if self.hold_closed and self._hold_expired() and not self.hold_timed_out:
                     self.hold_timed_out = True
-                    self.hold_notes.append(f"hold timeout of {self.hold_timeout_ms} ms reached: "
-                                           "released everything; later forwarded frames may be overtaken")
+                    past_resume = (self.resume_t is not None and
+                                   time.monotonic() > self.resume_t + self.hold_timeout_ms / 1000)
+                    why = (f"hold timeout of {self.hold_timeout_ms} ms reached" if past_resume else
+                           "the kernel hold is tight only for a few seconds and the VM has not resumed")
+                    self.hold_notes.append(f"{why}: released everything; later forwarded frames "
+                                           "may be overtaken")
                     log.warning("session=%s hold timeout: releasing", self.sid)
                     await self._release_rx(time.monotonic() + 5)
                 await self._release_tx_when_ready()

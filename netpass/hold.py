@@ -208,6 +208,11 @@ class Hold:
         if before is not None and after is not None and after.sent_packets < before.sent_packets + 2:
             self.stats.notes.append(f"the plug on {ifb} did not pass its primers; a frame may pass it")
 
+    @property
+    def tight_s(self) -> float:
+        """How long after closing the plug is sure to hold everything."""
+        return 0.8 * tc.plug_leaks_after_s(self.spec.burst)
+
     def close(self) -> None:
         """Hold from now on: live RX toward the VM and the VM's TX."""
         self._plug(self.spec.ifb_tx)

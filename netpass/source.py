@@ -129,6 +129,7 @@ class SourceSession:
         self.readers: list[int] = []
         self.notes: list[str] = []
         self.netpass_active = True
+        self.src_pid: int | None = None
 
     # -- helpers --------------------------------------------------------------------------
     def _say(self, msg: str) -> None:
@@ -146,6 +147,7 @@ class SourceSession:
     async def arm(self) -> None:
         await self._open_agent()  # auth first: nothing happens for a wrong token
         pid = peer_pid(self.o.qmp)
+        self.src_pid = pid
         self.mon = Monitor(self.o.qmp, "src")
         await self.mon.connect()
         status = await self.mon.status()
@@ -534,6 +536,15 @@ class SourceSession:
                 elif ev.name == "STOP" and self.stop_t is None and self.netpass_active:
                     self.stop_emitted = ev.emitted
                     await self._begin_capture()
+            if not self.completed and self.stop_t is not None and self.src_pid is not None \
+                    and not await asyncio.to_thread(_alive, self.src_pid):
+                # Killed at completion before its event reached us (a reset
+                # connection drops what was unread): the destination decides.
+                self.completed = True
+                self.notes.append("the source QEMU exited after the stop before netpass read how the "
+                                  "migration ended; the destination's state decides")
+                self._say("the source QEMU exited after the stop: asking the destination")
+                return
             if not self.completed:
                 raise
             self._say("the source QEMU went away right after completing: that is success")
@@ -844,6 +855,22 @@ class SourceSession:
             "notes": self.notes + list(self.dest_report.get("hold_notes", [])),
             "states": [s for _, s in self.sm.history],
         }
+
+
+def _alive(pid: int, settle_s: float = 1.0) -> bool:
+    """Whether process ``pid`` still runs, giving a dying one ``settle_s`` to go."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                state = fh.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        if state in ("Z", "X"):
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.02)
 
 
 async def migrate(opts: MigrateOptions, progress: Progress | None = None) -> dict[str, Any]:
