@@ -43,10 +43,6 @@ class AgentConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     state_dir: Path = Path("/run/netpass")
-    # Frames queued ahead of the VM's reads: a guest handed a large burst at
-    # once can fail to answer some of it (the lab's TCG guest ran out of ICMP
-    # socket buffer with several hundred).
-    replay_ahead: int = 48
 
     @property
     def holds_dir(self) -> Path:
@@ -314,7 +310,7 @@ class DestSession:
         reading would otherwise see them dropped by a full ring (seen)."""
         ring = dn.orig_qlen or 500
         share = ring * 3 // 4 if self.hold_closed else ring // 2
-        return max(0, min(share, self.cfg.replay_ahead) - self._ring_level(dn))
+        return max(0, share - self._ring_level(dn))
 
     def feed(self) -> None:
         for dn in self.nics:
