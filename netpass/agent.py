@@ -24,6 +24,7 @@ from . import links, tapfd, wire
 from .channel import (BATCH, CONTROL, ERROR, AuthError, Channel, ChannelError, parse_hostport,
                       server_handshake)
 from .errors import NetpassError, QMPError, UsageError
+from .metrics import AgentMetrics
 from .nics import Nic, discover
 from .packet import Injector, Shadow
 from .qmp import Monitor, peer_pid
@@ -43,6 +44,7 @@ class AgentConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     state_dir: Path = Path("/run/netpass")
+    metrics_listen: str | None = None
 
     @property
     def holds_dir(self) -> Path:
@@ -89,8 +91,9 @@ class DestNic:
 
 
 class DestSession:
-    def __init__(self, cfg: AgentConfig, ch: Channel, sid: str) -> None:
+    def __init__(self, cfg: AgentConfig, ch: Channel, sid: str, metrics: AgentMetrics | None = None) -> None:
         self.cfg = cfg
+        self.metrics = metrics
         self.ch = ch
         self.sid = sid
         self.sm = StateMachine(sid)
@@ -110,6 +113,7 @@ class DestSession:
         self.hold_timed_out = False
         self.hold_notes: list[str] = []
         self.hold_lock = asyncio.Lock()  # one hold operation at a time (feeder, finish, cleanup)
+        self.final_report: dict[str, Any] | None = None
 
     # -- arming -------------------------------------------------------------------------
     def _check_qmp_path(self, path: str) -> str:
@@ -416,21 +420,26 @@ class DestSession:
     def accept(self, blob: bytes) -> dict[str, Any]:
         batch = wire.decode(blob, nic_count=len(self.nics))
         self._mark_stop()
+        if self.metrics is not None:
+            self.metrics.batch(len(batch.frames), sum(len(f.data) for f in batch.frames))
         if batch.seq != self.next_seq:
             raise SessionError("bad_batch", f"batch {batch.seq} out of sequence (expected {self.next_seq})")
         self.next_seq += 1
         self.batches += 1
         accepted = dropped = 0
-        for f in batch.frames:
+        skipped: list[int] = []  # indexes in the batch not replayed
+        for i, f in enumerate(batch.frames):
             dn = self.nics[f.nic]
             dst = wire.dst_mac(f.data)
             if dst != dn.mac_bytes and not wire.is_group(dst):
                 dn.drop("foreign_mac")
                 dropped += 1
+                skipped.append(i)
                 continue
             if f.data[6:12] == dn.mac_bytes:
                 dn.drop("own_frame")
                 dropped += 1
+                skipped.append(i)
                 continue
             # Per frame, not per batch: a flooded copy can reach the
             # destination while the batch is being handled.
@@ -440,16 +449,18 @@ class DestSession:
             if dn.direct.get(key):
                 dn.direct[key] -= 1
                 dn.duplicates += 1
+                skipped.append(i)
                 continue
             if self.cache_bytes + len(f.data) > self.cfg.max_cache_bytes:
                 dn.drop("agent_cache_full")
                 dropped += 1
+                skipped.append(i)
                 continue
             dn.pending.append(f)
             self.cache_bytes += len(f.data)
             accepted += 1
         self.feed()
-        return {"seq": batch.seq, "accepted": accepted, "dropped": dropped}
+        return {"seq": batch.seq, "accepted": accepted, "dropped": dropped, "skipped": skipped}
 
     async def migrated(self, req: dict[str, Any]) -> dict[str, Any]:
         """The source completed: wait for the destination VM to run.
@@ -635,6 +646,7 @@ class DestSession:
             except ChannelError:
                 pass
         finally:
+            self.final_report = self.report()  # before cleanup forgets the NICs
             await self.cleanup()
 
 
@@ -657,10 +669,13 @@ class Agent:
         self.cfg = cfg
         self.sessions: dict[str, DestSession] = {}
         self.server: asyncio.AbstractServer | None = None
+        self.metrics = AgentMetrics()
 
     async def start(self) -> None:
         for line in await asyncio.to_thread(holdmod.recover, self.cfg.holds_dir):
             log.warning("startup: %s", line)
+        if self.cfg.metrics_listen:
+            self.metrics.serve(self.cfg.metrics_listen)
         host, port = parse_hostport(self.cfg.listen)
         ctx = None
         if self.cfg.tls_cert:
@@ -700,13 +715,16 @@ class Agent:
             if msg.get("op") != "open":
                 raise SessionError("bad_request", "expected an 'open' request")
             sid = str(msg.get("session") or uuid.uuid4().hex[:12])[:64]
-            sess = DestSession(self.cfg, ch, sid)
+            sess = DestSession(self.cfg, ch, sid, self.metrics)
             self.sessions[sid] = sess
+            self.metrics.active.inc()
             log.info("session=%s opened by %s", sid, ch.peer)
             try:
                 await sess.run(msg)
             finally:
                 self.sessions.pop(sid, None)
+                self.metrics.active.dec()
+                self.metrics.session_ended(sess.final_report or sess.report())
                 log.info("session=%s closed state=%s", sid, sess.sm.state.value)
         except SessionError as exc:
             log.error("refused request from %s: %s", ch.peer, exc)

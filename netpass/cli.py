@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                        default=256 << 20, help="frames held per session, in bytes (default 256 MiB)")
     agent.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
     agent.add_argument("--tls-key", help="the certificate's key (PEM)")
+    agent.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics")
     agent.add_argument("--state-dir", type=Path, default=Path("/run/netpass"),
                        help="where holds in progress are recorded, so that a restarted agent "
                             "undoes what a dead one left (default /run/netpass)")
@@ -120,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--hold-timeout-ms", type=_positive(int, "--hold-timeout-ms"), default=3000,
                      help="with --strict-ordering: release everything this long after the "
                           "destination resumes, whatever is still missing (default 3000)")
+    mig.add_argument("--save-pcap", type=Path, metavar="FILE.pcap",
+                     help="write the frames netpass carried across (those replayed) as a pcap file")
     mig.add_argument("--tls-ca", help="talk TLS to the agent, trusting this CA (PEM)")
     mig.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
@@ -245,7 +249,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         raise UsageError(f"--qmp-root {args.qmp_root} is not a directory")
     cfg = AgentConfig(listen=args.listen, token=load_token(args.token_file), qmp_root=args.qmp_root,
                       max_cache_bytes=args.max_cache_bytes,
-                      tls_cert=args.tls_cert, tls_key=args.tls_key, state_dir=args.state_dir)
+                      tls_cert=args.tls_cert, tls_key=args.tls_key, state_dir=args.state_dir,
+                      metrics_listen=args.metrics_listen)
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger().setLevel(logging.INFO)
     asyncio.run(Agent(cfg).serve_forever())
@@ -264,7 +269,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                           best_effort=args.best_effort, max_cache_bytes=args.max_cache_bytes,
                           linger_quiet_ms=args.linger_ms,
                           linger_max_ms=args.linger_max_ms, tls_ca=args.tls_ca,
-                          strict_ordering=args.strict_ordering, hold_timeout_ms=args.hold_timeout_ms)
+                          strict_ordering=args.strict_ordering, hold_timeout_ms=args.hold_timeout_ms,
+                          save_pcap=str(args.save_pcap) if args.save_pcap else None)
     if args.hold_timeout_ms > 60_000:
         raise UsageError("--hold-timeout-ms is at most 60000")
     report: dict[str, Any] | None = None

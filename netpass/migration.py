@@ -41,6 +41,8 @@ class MigrationResult:
     dst_resume_t: float | None = None
     events: list[tuple[float, str, str]] = field(default_factory=list)
     dst_leftovers: list[str] = field(default_factory=list)
+    metrics_before: str = ""
+    metrics_after: str = ""
 
 
 def progress_line(info: dict[str, Any]) -> dict[str, Any]:

@@ -29,12 +29,13 @@ import logging
 import os
 import time
 import uuid
+from pathlib import Path
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import links, tapfd, wire
+from . import links, pcap, tapfd, wire
 from .channel import BATCH, CONTROL, AuthError, Channel, ChannelError, connect
 from .errors import KernelError, MigrationFailed, NetpassError, QMPError
 from .migration import progress_line
@@ -68,6 +69,7 @@ class MigrateOptions:
     sample_interval_ms: float = 50.0
     strict_ordering: bool = False
     hold_timeout_ms: int = 3000
+    save_pcap: str | None = None
 
 
 @dataclass
@@ -106,6 +108,10 @@ class SourceSession:
         self.external_pause = False
         self.was_running = True
         self.t0 = time.monotonic()
+        self.t0_wall = time.time()
+        self.unacked: dict[int, list[wire.Frame]] = {}
+        self.pcap_frames: list[wire.Frame] = []
+        self.pcap_written: int | None = None
         self.outq: deque[wire.Frame] = deque()
         self.cache: list[wire.Frame] = []
         self.cache_bytes = 0
@@ -288,6 +294,8 @@ class SourceSession:
             n = min(len(self.outq), self.o.batch_frames)
             frames = [self.outq.popleft() for _ in range(n)]
             blob = wire.encode(self.seq, frames)
+            if self.o.save_pcap:
+                self.unacked[self.seq] = frames
             self.seq += 1
             await self.ch.send(BATCH, blob)
             self.shipped += n
@@ -314,6 +322,10 @@ class SourceSession:
             if msg.get("op") == "ack":
                 self.agent_accepted += int(msg.get("accepted", 0))
                 self.agent_dropped += int(msg.get("dropped", 0))
+                sent = self.unacked.pop(int(msg.get("seq", -1)), None)
+                if sent is not None:
+                    skipped = set(msg.get("skipped") or ())
+                    self.pcap_frames += [f for i, f in enumerate(sent) if i not in skipped]
             else:
                 await self.replies.put(msg)
 
@@ -737,6 +749,7 @@ class SourceSession:
             self.sm.to(State.DONE)
             if self.dest_status != "running" and self.was_running:
                 raise MigrationFailed(f"the destination VM is '{self.dest_status}', not running")
+            self._write_pcap()
             return self.report()
         except BaseException as exc:
             error = exc
@@ -756,7 +769,19 @@ class SourceSession:
                 await self.mon.close()
             if self.ch is not None:
                 await self.ch.close()
+            self._write_pcap()
             self.final_report = self.report(error)
+
+    def _write_pcap(self) -> None:
+        """The frames the destination took for replay, as Wireshark reads them."""
+        if not self.o.save_pcap or self.pcap_written is not None:
+            return
+        frames = sorted(self.pcap_frames, key=lambda f: f.ts_us)
+        try:
+            pcap.write(Path(self.o.save_pcap), [(self.t0_wall + f.ts_us / 1e6, f.data) for f in frames])
+            self.pcap_written = len(frames)
+        except NetpassError as exc:
+            self.notes.append(str(exc))
 
     async def _teardown(self) -> None:
         """Undo every kernel change; safe to call more than once."""
@@ -847,6 +872,8 @@ class SourceSession:
             "destination_status": self.dest_status,
             "frames_lost_inside_qemu_recovered": sum(sn.swallowed_recovered for sn in self.nics),
             "reordered_estimate": self.dest_report.get("reordered_estimate"),
+            **({"pcap": self.o.save_pcap, "pcap_frames": self.pcap_written}
+               if self.o.save_pcap else {}),
             "strict_ordering": self.o.strict_ordering,
             **({k: self.dest_report.get(k) for k in ("held_tx", "held_rx", "hold_ms", "hold_tx_ms",
                                                       "hold_timeout", "hold_dropped", "hold_late")}

@@ -157,7 +157,7 @@ def frame(dst: bytes, src: bytes = PEER, n: int = 0) -> bytes:
 def test_batches_checked_before_anything_is_replayed(tmp_path: Path) -> None:
     sess, inj = _session(tmp_path)
     good = wire.encode(0, [wire.Frame(0, b"", frame(VM, n=1)), wire.Frame(0, b"", frame(b"\xff" * 6, n=2))])
-    assert sess.accept(good) == {"seq": 0, "accepted": 2, "dropped": 0}
+    assert sess.accept(good) == {"seq": 0, "accepted": 2, "dropped": 0, "skipped": []}
     assert len(inj.sent) == 2
     # Out of sequence (a replayed batch): refused whole.
     with pytest.raises(SessionError, match="out of sequence"):
@@ -180,7 +180,7 @@ def test_only_frames_for_the_vm_are_replayed(tmp_path: Path) -> None:
               wire.Frame(0, b"", frame(b"\x01\x00\x5e\x00\x00\x01")),     # multicast
               wire.Frame(0, b"", frame(b"\xff" * 6, src=VM))]             # the VM's own
     ack = sess.accept(wire.encode(0, frames))
-    assert ack == {"seq": 0, "accepted": 2, "dropped": 2}
+    assert ack == {"seq": 0, "accepted": 2, "dropped": 2, "skipped": [1, 3]}
     assert inj.sent == [frames[0].data, frames[2].data]
     assert sess.nics[0].dropped == {"foreign_mac": 1, "own_frame": 1}
 

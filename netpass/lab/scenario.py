@@ -44,6 +44,7 @@ class ScenarioOptions:
     agent_addr: str | None = None
     kill_agent_at_stop: bool = False
     kill_agent_after_resume_ms: int | None = None
+    metrics: bool = False
 
 
 def _prober_argv(lab: Lab, opts: ScenarioOptions, duration: float, timeline: Path | None,
@@ -140,6 +141,8 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
             return None if t is None else round((t - probe_t0) * 1000, 1)
 
         stats["dst_leftovers"] = result.dst_leftovers
+        if opts.metrics:
+            stats["metrics_before"], stats["metrics_after"] = result.metrics_before, result.metrics_after
         stats["dst_guest_fault"] = dst_fault
         stats["src_stop_ms"] = rel(result.src_stop_t)
         stats["dst_resume_ms"] = rel(result.dst_resume_t)
@@ -169,6 +172,7 @@ async def _drive(lab: Lab, opts: ScenarioOptions, say: Say) -> MigrationResult: 
 
 
 AGENT_PORT = 7411
+METRICS_PORT = 9411
 
 
 def _cli(lab: Lab, role: str, *args: str) -> list[str]:
@@ -252,15 +256,19 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[Mig
     agent_log = lab.rundir / "agent.log"
     report_path = lab.rundir / "report.json"
     res = MigrationResult()
+    metrics_url = f"http://{MIG_DST}:{METRICS_PORT}/metrics"
     with open(agent_log, "wb") as alog:
         agent = await asyncio.create_subprocess_exec(
             *_cli(lab, "dst", "-v", "agent", "--listen", f"{MIG_DST}:{AGENT_PORT}",
                   "--token-file", str(token), "--qmp-root", str(lab.rundir),
-                  "--state-dir", str(lab.rundir / "state")),
+                  "--state-dir", str(lab.rundir / "state"),
+                  *(("--metrics-listen", f"{MIG_DST}:{METRICS_PORT}") if opts.metrics else ())),
             stdin=asyncio.subprocess.DEVNULL, stdout=alog, stderr=alog)
     migrate_proc = None
     try:
         await _wait_for_line(agent_log, "agent listening", agent, 30)
+        if opts.metrics:
+            res.metrics_before = await _curl(lab, metrics_url)
         async with Monitor(lab.src_vm.watch_qmp, "src-watch") as sw, \
                 Monitor(lab.dst_vm.watch_qmp, "dst-watch") as dw:
             if opts.switchover_pause_ms > 0 or opts.on_pre_switchover != "continue":
@@ -293,6 +301,14 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[Mig
                     await agent.wait()
                 lan.step(res.dst_resume_t, communicate.done())
             out, err = await communicate
+            if opts.metrics:
+                # The agent counts a session once it has closed it: wait for that.
+                deadline = time.monotonic() + 5
+                while True:
+                    res.metrics_after = await _curl(lab, metrics_url)
+                    if "netpass_sessions_total{" in res.metrics_after or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.1)
             if lab.src_vm.alive():
                 try:
                     info = await sw.execute("query-migrate")
@@ -333,6 +349,16 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[Mig
     say(f"netpass migrate exited {report['exit_code']}: captured {report.get('frames_captured')}, "
         f"replayed {report.get('frames_replayed')}")
     return res, report
+
+
+async def _curl(lab: Lab, url: str) -> str:
+    """What ``curl`` gets from ``url`` on the destination host."""
+    proc = await asyncio.create_subprocess_exec(*netns.exec_argv(lab.ns("dst"), ["curl", "-sS", "-m", "5", url]),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise LabError(f"curl {url}: {err.decode(errors='replace').strip()}")
+    return out.decode()
 
 
 def dst_leftovers(lab: Lab, wait_s: float = 5.0) -> list[str]:
