@@ -6,9 +6,11 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -60,11 +62,34 @@ def _non_negative_int(name: str) -> Any:
     return parse
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per event; the session id, when the event has one,
+    in its own field (netpass logs every session event as ``session=ID``)."""
+
+    _SESSION = re.compile(r"\bsession=([0-9A-Za-z_-]+)")
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(), "logger": record.name}
+        m = self._SESSION.search(msg)
+        if m:
+            out["session"] = m.group(1)
+            msg = (msg[:m.start()] + msg[m.end():]).strip()
+        out["msg"] = msg
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="netpass", description="Zero-loss network switchover "
                                  "for QEMU live migration, from the host side.")
     ap.add_argument("--version", action="version", version=f"netpass {__version__}")
     ap.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    ap.add_argument("--log-format", choices=("text", "json"), default="text",
+                    help="json: one JSON object per log line (ts, level, logger, session, msg)")
     sub = ap.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run a real migration in the embedded lab and measure loss")
@@ -335,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    if args.log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     global _MAIN_PID
     _MAIN_PID = os.getpid()
     signal.signal(signal.SIGTERM, _on_sigterm)

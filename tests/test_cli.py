@@ -156,3 +156,20 @@ def test_agent_argument_errors(root_required: None, tmp_path: Path) -> None:
     res = run_cli("agent", "--listen", "127.0.0.1:1", "--token-file", str(_token(tmp_path)),
                   "--tls-cert", "x.pem")
     assert res.returncode == 2 and "go together" in res.stderr
+
+
+def test_json_log_lines_carry_the_session() -> None:
+    import json
+    import logging
+
+    from netpass.cli import JsonFormatter
+
+    rec = logging.LogRecord("netpass.agent", logging.INFO, __file__, 1, "session=%s hold closed on %s",
+                            ("ab12cd34ef56", "tap0"), None)
+    line = JsonFormatter().format(rec)
+    assert "\n" not in line
+    obj = json.loads(line)
+    assert obj["session"] == "ab12cd34ef56" and obj["msg"] == "hold closed on tap0"
+    assert obj["level"] == "info" and obj["logger"] == "netpass.agent" and obj["ts"].endswith("+00:00")
+    plain = json.loads(JsonFormatter().format(logging.LogRecord("x", logging.WARNING, __file__, 1, "no id", (), None)))
+    assert "session" not in plain and plain["msg"] == "no id"
