@@ -45,6 +45,7 @@ class ScenarioOptions:
     kill_agent_at_stop: bool = False
     kill_agent_after_resume_ms: int | None = None
     metrics: bool = False
+    agent_argv: tuple[str, ...] | None = None  # run this agent instead (the Ansible test's)
 
 
 def _prober_argv(lab: Lab, opts: ScenarioOptions, duration: float, timeline: Path | None,
@@ -258,11 +259,13 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[Mig
     res = MigrationResult()
     metrics_url = f"http://{MIG_DST}:{METRICS_PORT}/metrics"
     with open(agent_log, "wb") as alog:
+        agent_cmd = (netns.exec_argv(lab.ns("dst"), list(opts.agent_argv)) if opts.agent_argv else
+                     _cli(lab, "dst", "-v", "agent", "--listen", f"{MIG_DST}:{AGENT_PORT}",
+                          "--token-file", str(token), "--qmp-root", str(lab.rundir),
+                          "--state-dir", str(lab.rundir / "state"),
+                          *(("--metrics-listen", f"{MIG_DST}:{METRICS_PORT}") if opts.metrics else ())))
         agent = await asyncio.create_subprocess_exec(
-            *_cli(lab, "dst", "-v", "agent", "--listen", f"{MIG_DST}:{AGENT_PORT}",
-                  "--token-file", str(token), "--qmp-root", str(lab.rundir),
-                  "--state-dir", str(lab.rundir / "state"),
-                  *(("--metrics-listen", f"{MIG_DST}:{METRICS_PORT}") if opts.metrics else ())),
+            *agent_cmd,
             stdin=asyncio.subprocess.DEVNULL, stdout=alog, stderr=alog)
     migrate_proc = None
     try:

@@ -1,0 +1,108 @@
+"""The Ansible role, for real: applied to localhost into a throw-away prefix,
+then the agent it rendered serves a lab migration."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+from .test_lab_netpass import assert_zero_loss, run
+
+ROOT = Path(__file__).resolve().parent.parent
+ANSIBLE = ROOT / "ansible"
+TOKEN = "netpass-ansible-test-token-0123456789abcdef"
+
+
+def playbook(*args: str, extra: dict[str, Any] | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("ansible-playbook")
+    assert exe, "ansible-playbook is installed by scripts/setup (ansible-core)"
+    argv = [exe, "-i", "localhost,", "-c", "local", *args]
+    if extra is not None:
+        argv += ["-e", json.dumps(extra)]
+    env = dict(os.environ, ANSIBLE_ROLES_PATH=str(ANSIBLE / "roles"), ANSIBLE_NOCOLOR="1",
+               ANSIBLE_LOCALHOST_WARNING="false", ANSIBLE_INVENTORY_UNPARSED_WARNING="false")
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def recap(out: str) -> dict[str, int]:
+    m = re.search(r"localhost\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", out)
+    assert m, out[-3000:]
+    return dict(zip(("ok", "changed", "unreachable", "failed"), map(int, m.groups())))
+
+
+def test_playbooks_parse() -> None:
+    for book in ("site.yml", "migrate.yml"):
+        res = playbook("--syntax-check", str(ANSIBLE / book), extra={"source": "localhost", "dest": "localhost",
+                                                                    "vm": "vm1"})
+        assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory, root_required: None) -> dict[str, Any]:
+    prefix = tmp_path_factory.mktemp("ansible-prefix")
+    extra = {"netpass_prefix": str(prefix), "netpass_source": str(ROOT), "netpass_token": TOKEN,
+             "netpass_install_system_packages": False, "netpass_manage_service": False,
+             "netpass_qmp_root": "/run/netpass-lab", "netpass_listen": "0.0.0.0:7411",
+             "netpass_state_dir": str(prefix / "run"), "netpass_firewall": True,
+             "netpass_peers": ["198.19.0.1"], "netpass_metrics_listen": ""}
+    check = playbook("--check", str(ANSIBLE / "site.yml"), extra=extra)
+    assert check.returncode == 0, check.stdout[-4000:] + check.stderr[-2000:]
+    assert list(prefix.iterdir()) == [], "check mode changed something"
+    first = playbook(str(ANSIBLE / "site.yml"), extra=extra)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+    second = playbook(str(ANSIBLE / "site.yml"), extra=extra)
+    assert second.returncode == 0, second.stdout[-4000:]
+    return {"prefix": prefix, "first": recap(first.stdout), "second": recap(second.stdout)}
+
+
+def test_role_renders_everything_and_is_idempotent(installed: dict[str, Any]) -> None:
+    prefix: Path = installed["prefix"]
+    assert installed["first"]["changed"] > 0 and installed["first"]["failed"] == 0
+    assert installed["second"]["changed"] == 0, "a second run changed something"
+    token = prefix / "etc/netpass/token"
+    assert token.read_text().strip() == TOKEN
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    unit = (prefix / "etc/systemd/system/netpass-agent.service").read_text()
+    assert f"ExecStart={prefix}/opt/netpass/bin/netpass" in unit and "KillMode=process" in unit
+    assert (prefix / "opt/netpass/bin/netpass").exists()
+    rules = prefix / "etc/nftables.d/netpass-agent.nft"
+    text = rules.read_text()
+    assert "ip saddr 198.19.0.1 tcp dport 7411 accept" in text and "tcp dport 7411 drop" in text
+    assert subprocess.run(["nft", "-c", "-f", str(rules)], capture_output=True).returncode == 0
+
+
+def exec_start(prefix: Path) -> list[str]:
+    """The unit's ExecStart, with systemd's ${VAR} expansion from its EnvironmentFile."""
+    unit = (prefix / "etc/systemd/system/netpass-agent.service").read_text()
+    env = dict(line.split("=", 1) for line in (prefix / "etc/netpass/agent.env").read_text().splitlines()
+               if line and not line.startswith("#"))
+    cmd = next(line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("ExecStart="))
+    return [re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], w) for w in shlex.split(cmd)]
+
+
+def test_the_agent_it_set_up_serves_a_migration(installed: dict[str, Any], guest_image, no_leftovers) -> None:
+    argv = exec_start(installed["prefix"])
+    res = run(guest_image, "netpass", rate=2000, switchover_pause_ms=200, agent_argv=tuple(argv),
+              token_override=TOKEN.encode())
+    assert_zero_loss(res)
+    assert '"msg": "agent listening' in res["report"]["logs"]["agent"]  # its JSON logs
+    assert res["report"]["frames_replayed"] > 0
+
+
+def test_role_refuses_a_missing_token() -> None:
+    res = playbook(str(ANSIBLE / "site.yml"), extra={"netpass_prefix": "/nonexistent-netpass-prefix"})
+    assert res.returncode != 0
+    assert "netpass needs netpass_token" in res.stdout
+    assert not Path("/nonexistent-netpass-prefix").exists()
+
+
