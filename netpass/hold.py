@@ -44,7 +44,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import links, tapfd, tc
+from . import links, procs, tapfd, tc
 from .errors import KernelError, NetpassError, UsageError
 from .packet import Injector
 
@@ -402,16 +402,6 @@ class Hold:
             self._guard = None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def recover(state_dir: Path) -> list[str]:
     """Undo the holds of dead agents in this network namespace; return what was done."""
     done: list[str] = []
@@ -425,7 +415,7 @@ def recover(state_dir: Path) -> list[str]:
         except (ValueError, TypeError, KeyError, OSError) as exc:
             log.warning("ignoring unreadable hold state %s: %s", path, exc)
             continue
-        if spec.netns != me or _alive(spec.owner_pid):
+        if spec.netns != me or procs.alive(spec.owner_pid):
             known |= {spec.ifb_rx, spec.ifb_tx}
             continue
         try:

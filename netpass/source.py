@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import links, pcap, tapfd, wire
+from . import links, pcap, procs, tapfd, wire
 from .channel import BATCH, CONTROL, AuthError, Channel, ChannelError, connect
 from .errors import KernelError, MigrationFailed, NetpassError, QMPError
 from .migration import progress_line
@@ -549,7 +549,7 @@ class SourceSession:
                     self.stop_emitted = ev.emitted
                     await self._begin_capture()
             if not self.completed and self.stop_t is not None and self.src_pid is not None \
-                    and not await asyncio.to_thread(_alive, self.src_pid):
+                    and not await asyncio.to_thread(procs.alive, self.src_pid, 1.0):
                 # Killed at completion before its event reached us (a reset
                 # connection drops what was unread): the destination decides.
                 self.completed = True
@@ -882,22 +882,6 @@ class SourceSession:
             "notes": self.notes + list(self.dest_report.get("hold_notes", [])),
             "states": [s for _, s in self.sm.history],
         }
-
-
-def _alive(pid: int, settle_s: float = 1.0) -> bool:
-    """Whether process ``pid`` still runs, giving a dying one ``settle_s`` to go."""
-    deadline = time.monotonic() + settle_s
-    while True:
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                state = fh.read().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return False
-        if state in ("Z", "X"):
-            return False
-        if time.monotonic() > deadline:
-            return True
-        time.sleep(0.02)
 
 
 async def migrate(opts: MigrateOptions, progress: Progress | None = None) -> dict[str, Any]:

@@ -10,8 +10,6 @@ from typing import Any
 
 import pytest
 
-from netpass.lab import scenario
-
 from .test_lab_netpass import assert_zero_loss, run
 
 pytestmark = pytest.mark.lab

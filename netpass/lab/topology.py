@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from .. import links, netns
+from .. import links, netns, procs
 from ..errors import LabError
 from .image import GuestImage
 from .vm import VM
@@ -39,16 +39,6 @@ MIG_PORT = 4444
 GUEST_MAC = "52:54:00:12:34:56"
 PEER_MAC = "02:6e:70:00:00:01"
 ROLES = ("lan", "src", "dst", "peer")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -162,7 +152,7 @@ def sweep_stale() -> list[str]:
             owner = int(name.split("-")[1])
         except (IndexError, ValueError):
             continue
-        if _pid_alive(owner):
+        if procs.alive(owner):
             continue
         for pid in netns.pids_in(name):
             try:
