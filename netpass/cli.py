@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--tls-ca", help="talk TLS to the agent, trusting this CA (PEM)")
     mig.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
+    bench = sub.add_parser("bench", help="measure the datapath (drain, ship, replay) without QEMU")
+    bench.add_argument("--size", type=_positive(int, "--size"), default=64, help="frame size in bytes (60-1514)")
+    bench.add_argument("--frames", type=_positive(int, "--frames"), default=100_000,
+                       help="frames in the source tap's ring (default 100000)")
+    bench.add_argument("--json", action="store_true")
+
     doc = sub.add_parser("doctor", help="what this host supports and what netpass will use")
     doc.add_argument("--json", action="store_true")
 
@@ -341,6 +347,24 @@ def _print_report(rep: dict[str, Any]) -> None:
         out_console.print(f"note: {note}")
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    _require_root("netpass bench")
+    from .bench import run
+
+    with err_console.status(f"bench: {args.frames} frames of {args.size} bytes"):
+        res = run(args.size, args.frames)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        table = Table(title="netpass bench")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for k, v in res.items():
+            table.add_row(k, str(v))
+        out_console.print(table)
+    return 0
+
+
 def cmd_lab(args: argparse.Namespace) -> int:
     _require_root("netpass lab")
     from .lab import image
@@ -366,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     global _MAIN_PID
     _MAIN_PID = os.getpid()
     signal.signal(signal.SIGTERM, _on_sigterm)
-    handlers = {"demo": cmd_demo, "doctor": cmd_doctor, "lab": cmd_lab, "agent": cmd_agent,
+    handlers = {"demo": cmd_demo, "doctor": cmd_doctor, "lab": cmd_lab, "agent": cmd_agent, "bench": cmd_bench,
                 "migrate": cmd_migrate}
     try:
         return handlers[args.command](args)
