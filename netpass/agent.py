@@ -114,6 +114,7 @@ class DestSession:
         self.hold_notes: list[str] = []
         self.hold_lock = asyncio.Lock()  # one hold operation at a time (feeder, finish, cleanup)
         self.final_report: dict[str, Any] | None = None
+        self.direct_told = False
 
     # -- arming -------------------------------------------------------------------------
     def _check_qmp_path(self, path: str) -> str:
@@ -383,6 +384,7 @@ class DestSession:
             dn.live_enqueued += 1
             if dn.hold is None:  # with a hold, its mirror sees them first
                 self._count_direct(dn, data)
+                self._maybe_tell_direct(dn, data)
 
     def _pull_mirror(self, dn: DestNic) -> None:
         """Live frames the hold took: delivered later, but delivered."""
@@ -391,6 +393,18 @@ class DestSession:
             for data in dn.hold.read_mirror():
                 self._count_direct(dn, data)
                 dn.held_times.append(now)
+                self._maybe_tell_direct(dn, data)
+
+    def _maybe_tell_direct(self, dn: DestNic, data: bytes) -> None:
+        """The network now delivers the VM's unicast frames here: tell the
+        source, whose late tail can then end with a quiet period (a pause in
+        the traffic alone must not end it: frames could still come there)."""
+        if self.direct_told or not self.running or data[:6] != dn.mac_bytes:
+            return
+        self.direct_told = True
+        log.info("session=%s the network delivers the VM's frames here directly", self.sid)
+        task = asyncio.get_running_loop().create_task(self.ch.send_json(CONTROL, {"op": "direct"}))
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
     @staticmethod
     def _count_direct(dn: DestNic, data: bytes) -> None:

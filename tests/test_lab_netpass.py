@@ -34,12 +34,25 @@ def run(image: Any, mode: str, expect_ok: bool = True, **kw: Any) -> dict[str, A
     return res
 
 
+def summary(res: dict[str, Any]) -> dict[str, Any]:
+    """What to look at when a lab assertion fails (pytest cuts long dicts)."""
+    rep = res.get("report") or {}
+    keys = ("sent", "lost", "reordered", "duplicates", "guest_in_echos", "guest_icmp_out_errors",
+            "first_lost_id", "last_lost_id", "src_stop_ms", "dst_resume_ms", "dst_guest_fault", "dst_leftovers")
+    out = {k: res.get(k) for k in keys}
+    out["report"] = {k: rep.get(k) for k in ("exit_code", "error", "frames_captured", "frames_replayed",
+                                              "duplicates_suppressed", "frames_dropped", "notes",
+                                              "frames_lost_inside_qemu_recovered", "held_rx", "held_tx",
+                                              "hold_ms", "replay_delay_ms")}
+    return out
+
+
 def assert_all_reached_the_guest(res: dict[str, Any]) -> None:
     """Every probe reached the guest (its own InEchos counter), and the only
     replies the peer misses are ones the guest itself failed to send (its
     Icmp OutErrors: a burst fills its ICMP socket's send buffer)."""
-    assert res["guest_in_echos"] == res["sent"], res
-    assert res["lost"] == res["guest_icmp_out_errors"], res
+    assert res["guest_in_echos"] == res["sent"], summary(res)
+    assert res["lost"] == res["guest_icmp_out_errors"], summary(res)
 
 
 def assert_zero_loss(res: dict[str, Any]) -> None:
