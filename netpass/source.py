@@ -611,7 +611,7 @@ class SourceSession:
             # Quiet is not enough while frames came here after the resume and
             # the destination has not yet seen the network deliver there: a
             # pause in the traffic would end the linger while the network
-            # still sends here (seen under load: 1 frame lost, 24 reordered).
+            # still sends here (suspected in two failed late-LAN runs).
             converged = self.direct_seen or self.last_frame_t <= self.resumed_t
             if now - self.resumed_t >= quiet and now - self.last_frame_t >= quiet and converged:
                 return
