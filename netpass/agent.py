@@ -421,9 +421,9 @@ class DestSession:
         seen empty, everything entered so far is read: that is a mark.  From
         the last mark, the read count says how far into the ring QEMU is.
         """
-        self._ring_level(dn)  # moves the mark
-        tx = links.tx_packets(dn.nic.tap)
-        return dn.mark_enq + (tx - dn.mark_tx) >= dn.last_pos
+        level = self._ring_level(dn)  # pulls the shadow, moves the mark
+        # Frames read so far = frames entered less those still in the ring.
+        return dn.live_enqueued + dn.replayed - level >= dn.last_pos
 
     def _mark_stop(self) -> None:
         for dn in self.nics:

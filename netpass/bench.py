@@ -29,7 +29,7 @@ from typing import Any
 from . import links, netns, tapfd, wire
 from .channel import BATCH, CONTROL, Channel, connect, server_handshake
 from .errors import LabError
-from .packet import Injector
+from .packet import Injector, send_frames
 
 PORT = 7412
 VM_MAC = bytes.fromhex("525400123456")
@@ -62,13 +62,8 @@ def mixed_frames(n: int, size: int, seed: int = 1) -> list[bytes]:
 
 
 def _fill(tap: str, frames: list[bytes]) -> None:
-    inj = Injector(tap, vnet_hdr=False)
-    try:
-        for f in frames:
-            if not inj.send(b"", f):
-                raise LabError(f"tap {tap} refused frames: its ring is smaller than {len(frames)}")
-    finally:
-        inj.close()
+    if send_frames(tap, frames) < len(frames):
+        raise LabError(f"tap {tap} refused frames: its ring is smaller than {len(frames)}")
 
 
 def _filled_tap(name: str, frames: list[bytes]) -> int:

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from . import links, procs, tapfd, tc
 from .errors import KernelError, NetpassError, UsageError
-from .packet import Injector
+from .packet import send_frames
 
 log = logging.getLogger(__name__)
 
@@ -185,13 +185,8 @@ class Hold:
     def _send(self, ifb: str, frames: list[bytes]) -> None:
         """Frames of our own through an ifb's qdisc; the ifb drops them after
         (it only passes on what tc redirected to it)."""
-        inj = Injector(ifb, vnet_hdr=False, bypass=False)
-        try:
-            for frame in frames:
-                if not inj.send(b"", frame):
-                    raise KernelError(f"{ifb} refused a frame of netpass's own")
-        finally:
-            inj.close()
+        if send_frames(ifb, frames, bypass=False) < len(frames):
+            raise KernelError(f"{ifb} refused a frame of netpass's own")
 
     def _kick(self, ifb: str) -> None:
         """A ``tc change`` refills the bucket but does not wake the qdisc,
@@ -244,15 +239,20 @@ class Hold:
         if direction == "ingress" and PASS_PREF in tc.filter_prefs(None, self.spec.tap, direction):
             tc.del_filter(None, self.spec.tap, direction, PASS_PREF)
 
+    def _open(self, ifb: str, direction: str) -> int:
+        """Open ``ifb``'s plug (held frames leave first, in order), stop
+        steering once it is empty; what its queue dropped meanwhile."""
+        tc.tbf_open(None, ifb, HANDLE, self.spec.limit)
+        self._kick(ifb)
+        self._unsteer(ifb, direction)
+        return self._drops(ifb)
+
     def release_tx(self) -> None:
         """Let the VM's held transmissions out, in order, and stop steering them."""
         if self.stats.tx_released_t is not None:
             return
         self.stats.held_tx = self._backlog(self.spec.ifb_tx)[0]
-        tc.tbf_open(None, self.spec.ifb_tx, HANDLE, self.spec.limit)
-        self._kick(self.spec.ifb_tx)
-        self._unsteer(self.spec.ifb_tx, "ingress")
-        self.stats.dropped_tx = self._drops(self.spec.ifb_tx)
+        self.stats.dropped_tx = self._open(self.spec.ifb_tx, "ingress")
         self.stats.tx_released_t = time.monotonic()
         self._save("tx_released")
 
@@ -297,10 +297,7 @@ class Hold:
         return True
 
     def _open_rx(self) -> None:
-        tc.tbf_open(None, self.spec.ifb_rx, HANDLE, self.spec.limit)
-        self._kick(self.spec.ifb_rx)
-        self._unsteer(self.spec.ifb_rx, "egress")
-        self.stats.dropped_rx = self._drops(self.spec.ifb_rx)
+        self.stats.dropped_rx = self._open(self.spec.ifb_rx, "egress")
         self.stats.rx_released_t = time.monotonic()
         self._save("released")
 
@@ -345,9 +342,7 @@ class Hold:
                     deadline = time.monotonic() + 10
                     while self._backlog(ifb)[0] and time.monotonic() < deadline:
                         time.sleep(0.005)
-                attempt(f"open {ifb}", tc.tbf_open, None, ifb, HANDLE, spec.limit)
-                attempt(f"wake {ifb}", self._kick, ifb)
-                attempt(f"remove the {direction} filter", self._unsteer, ifb, direction)
+                attempt(f"open {ifb} and remove the {direction} filter", self._open, ifb, direction)
             elif tap_there and direction == "ingress" and PASS_PREF in tc.filter_prefs(None, spec.tap, direction):
                 attempt("remove the RARP filter", tc.del_filter, None, spec.tap, direction, PASS_PREF)
             if (left := self._backlog(ifb)[0]):

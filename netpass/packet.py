@@ -63,6 +63,19 @@ class Injector:
         self.sock.close()
 
 
+def send_frames(ifname: str, frames: list[bytes], bypass: bool = True) -> int:
+    """Queue raw frames (no virtio-net header) on ``ifname``; how many went
+    before the device first refused one (ENOBUFS), ``len(frames)`` if none."""
+    inj = Injector(ifname, vnet_hdr=False, bypass=bypass)
+    try:
+        for i, frame in enumerate(frames):
+            if not inj.send(b"", frame):
+                return i
+    finally:
+        inj.close()
+    return len(frames)
+
+
 class Shadow:
     """A copy of every frame the host queues toward a tap, in ring order.
 
