@@ -9,6 +9,7 @@ happened.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import ssl
@@ -26,7 +27,7 @@ from .channel import (BATCH, CONTROL, ERROR, AuthError, Channel, ChannelError, p
 from .errors import NetpassError, QMPError, UsageError
 from .metrics import AgentMetrics
 from .nics import Nic, discover
-from .packet import Injector, Shadow
+from .packet import Shadow, TxRing
 from .qmp import Monitor, peer_pid
 from .session import State, StateMachine
 
@@ -67,7 +68,7 @@ class SessionError(NetpassError):
 @dataclass
 class DestNic:
     nic: Nic
-    injector: Injector
+    ring: TxRing
     fds: list[int]
     orig_qlen: int
     mac_bytes: bytes = b""
@@ -78,7 +79,7 @@ class DestNic:
     mark_tx: int = 0
     direct: dict[int, int] = field(default_factory=dict)
     duplicates: int = 0
-    pending: deque[wire.Frame] = field(default_factory=deque)
+    pending: deque[bytes] = field(default_factory=deque)  # records: virtio-net header + frame
     replayed: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     hold: holdmod.Hold | None = None
@@ -148,7 +149,7 @@ class DestSession:
                                        f"(it has {', '.join(found) or 'none'})")
                 fds = [tapfd.pidfd_getfd(pidfd, fd) for fd in nic.qemu_fds]
                 info = links.info(None, nic.tap)
-                dn = DestNic(nic=nic, injector=Injector(nic.tap), fds=fds,
+                dn = DestNic(nic=nic, ring=TxRing(nic.tap, queue_len=info.txqueuelen), fds=fds,
                              orig_qlen=info.txqueuelen,
                              mac_bytes=bytes.fromhex(nic.mac.replace(":", "")),
                              shadow=Shadow(nic.tap, keep=100_000))  # emptied on every pull
@@ -323,26 +324,28 @@ class DestSession:
                 continue
             room = self._room(dn)
             while dn.pending and room > 0:
-                f = dn.pending[0]
+                recs = list(itertools.islice(dn.pending, min(room, len(dn.pending))))
                 try:
-                    if not dn.injector.send(f.vnet_hdr, f.data):
-                        break  # the ring is full after all: again once QEMU has read
+                    taken = dn.ring.send(recs)
                 except NetpassError as exc:
                     log.warning("session=%s replay failed on %s: %s", self.sid, dn.nic.tap, exc)
-                    dn.pending.popleft()
-                    self.cache_bytes -= len(f.data)
+                    self.cache_bytes -= len(dn.pending.popleft())
                     dn.drop("inject_error")
                     continue
-                dn.pending.popleft()
-                self.cache_bytes -= len(f.data)
-                dn.replayed += 1
+                for _ in range(taken):
+                    dn.pending.popleft()
+                self.cache_bytes -= sum(map(len, recs[:taken]))
+                dn.replayed += taken
                 if dn.live_at_stop is not None and dn.live_enqueued > dn.live_at_stop:
-                    # A frame the network delivered here after the source VM
-                    # stopped is ahead of this older one in the ring.
-                    dn.reordered += 1
-                room -= 1
+                    # Frames the network delivered here after the source VM
+                    # stopped are ahead of these older ones in the ring.
+                    dn.reordered += taken
+                room -= taken
                 dn.last_pos = dn.live_enqueued + dn.replayed
-                self.unconsumed = True
+                if taken:
+                    self.unconsumed = True
+                if taken < len(recs):
+                    break  # the ring is full after all: again once QEMU has read
 
     async def _feeder(self) -> None:
         while True:
@@ -435,43 +438,49 @@ class DestSession:
         batch = wire.decode(blob, nic_count=len(self.nics))
         self._mark_stop()
         if self.metrics is not None:
-            self.metrics.batch(len(batch.frames), sum(len(f.data) for f in batch.frames))
+            self.metrics.batch(len(batch), sum(map(len, batch.records)) - sum(batch.hdr_lens))
         if batch.seq != self.next_seq:
             raise SessionError("bad_batch", f"batch {batch.seq} out of sequence (expected {self.next_seq})")
         self.next_seq += 1
         self.batches += 1
         accepted = dropped = 0
         skipped: list[int] = []  # indexes in the batch not replayed
-        for i, f in enumerate(batch.frames):
-            dn = self.nics[f.nic]
-            dst = wire.dst_mac(f.data)
-            if dst != dn.mac_bytes and not wire.is_group(dst):
+        zero_hdr = bytes(wire.VNET_HDR_LEN)
+        for i, (nic, h, rec) in enumerate(zip(batch.nics, batch.hdr_lens, batch.records)):
+            dn = self.nics[nic]
+            data = rec[h:] if h else rec
+            dst = data[:6]
+            if dst != dn.mac_bytes and not dst[0] & 1:
                 dn.drop("foreign_mac")
                 dropped += 1
                 skipped.append(i)
                 continue
-            if f.data[6:12] == dn.mac_bytes:
+            if data[6:12] == dn.mac_bytes:
                 dn.drop("own_frame")
                 dropped += 1
                 skipped.append(i)
                 continue
-            # Per frame, not per batch: a flooded copy can reach the
-            # destination while the batch is being handled.
-            self._pull_direct(dn)
-            self._pull_mirror(dn)
-            key = hash(f.data)
-            if dn.direct.get(key):
-                dn.direct[key] -= 1
-                dn.duplicates += 1
-                skipped.append(i)
-                continue
-            if self.cache_bytes + len(f.data) > self.cfg.max_cache_bytes:
+            if not i % 32:
+                # Often, not only per batch: a flooded copy can reach the
+                # destination while the batch is being handled.
+                self._pull_direct(dn)
+                self._pull_mirror(dn)
+            if dn.direct:
+                key = hash(data)
+                if dn.direct.get(key):
+                    dn.direct[key] -= 1
+                    dn.duplicates += 1
+                    skipped.append(i)
+                    continue
+            if not h:
+                rec = zero_hdr + rec  # the TX ring takes a virtio-net header with each frame
+            if self.cache_bytes + len(rec) > self.cfg.max_cache_bytes:
                 dn.drop("agent_cache_full")
                 dropped += 1
                 skipped.append(i)
                 continue
-            dn.pending.append(f)
-            self.cache_bytes += len(f.data)
+            dn.pending.append(rec)
+            self.cache_bytes += len(rec)
             accepted += 1
         self.feed()
         return {"seq": batch.seq, "accepted": accepted, "dropped": dropped, "skipped": skipped}
@@ -591,7 +600,7 @@ class DestSession:
                 except (RuntimeError, ValueError):
                     pass
                 dn.shadow.close()
-            dn.injector.close()
+            dn.ring.close()
             for fd in dn.fds:
                 os.close(fd)
         self.nics.clear()

@@ -3,12 +3,15 @@
 A source tap's ring is filled with N frames; netpass drains it (tap fd
 reads), batches, compresses (zstd), ships over the authenticated channel to a
 receiver in a second namespace, which decodes and replays into a destination
-tap (AF_PACKET, as the agent does); a sink reading that tap counts.  The same
-run times a bare read loop on a tap of the same kind, as the ceiling.
+tap through an AF_PACKET TX ring, as the agent does; a sink process reading
+that tap (the 'VM') counts.  The same run times a bare read loop on a tap of
+the same kind, as the ceiling.  Every tap has a virtio-net header, as
+QEMU's do.
 
-Frames carry their drain time (CLOCK_MONOTONIC, shared by the two
-processes) in the batch's per-frame timestamp, so the receiver measures the
-drain-to-replay latency of each.
+Each batch carries its drain time (CLOCK_MONOTONIC, shared by the
+processes) in the per-frame timestamp, so the receiver measures the
+drain-to-replay latency of each frame.  The end-to-end rate runs from the
+first drain to the sink's last frame.
 """
 
 from __future__ import annotations
@@ -20,20 +23,23 @@ import os
 import random
 import resource
 import secrets
+import select
 import subprocess
 import sys
-import threading
 import time
+import zlib
 from typing import Any
 
 from . import links, netns, tapfd, wire
 from .channel import BATCH, CONTROL, Channel, connect, server_handshake
 from .errors import LabError
-from .packet import Injector, send_frames
+from .packet import TxRing, send_frames
 
 PORT = 7412
 VM_MAC = bytes.fromhex("525400123456")
 SRC_IP, DST_IP = "198.18.200.1", "198.18.200.2"
+HDR = wire.VNET_HDR_LEN
+DST_QLEN = 4096  # the destination tap's ring (a busy VM's tap; libvirt's default is 1000)
 
 
 def mixed_frames(n: int, size: int, seed: int = 1) -> list[bytes]:
@@ -61,18 +67,21 @@ def mixed_frames(n: int, size: int, seed: int = 1) -> list[bytes]:
     return out
 
 
-def _fill(tap: str, frames: list[bytes]) -> None:
-    if send_frames(tap, frames) < len(frames):
-        raise LabError(f"tap {tap} refused frames: its ring is smaller than {len(frames)}")
+def _quiet_namespace() -> None:
+    """No IPv6 on taps made from now on in this namespace: the kernel's own
+    chatter (router solicitations) would otherwise join the bench's frames."""
+    with open("/proc/sys/net/ipv6/conf/default/disable_ipv6", "w") as fh:
+        fh.write("1")
 
 
 def _filled_tap(name: str, frames: list[bytes]) -> int:
     """A tap of ours whose ring holds ``frames``, queued toward its reader; its fd."""
-    fd = tapfd.open_tap(name)
+    fd = tapfd.open_tap(name, vnet_hdr=True)
     os.set_blocking(fd, False)
     links.set_txqueuelen(None, name, len(frames) + 1024)  # our own idle tap: safe to resize
     links.set_up(None, name)
-    _fill(name, frames)
+    if send_frames(name, frames) < len(frames):
+        raise LabError(f"tap {name} refused frames: its ring is smaller than {len(frames)}")
     return fd
 
 
@@ -85,115 +94,135 @@ def raw_drain(frames: list[bytes]) -> float:
         t0 = time.perf_counter()
         while n < len(frames):
             try:
-                read(fd, 65536)
+                read(fd, 65_600)
             except BlockingIOError:
                 break
-            n += 1  # (a frame or two of kernel chatter may be among them: same cost)
+            n += 1
         dt = time.perf_counter() - t0
     finally:
         os.close(fd)
     return n / dt if dt > 0 else 0.0
 
 
-async def _send(frames: list[bytes], token: bytes, batch_frames: int) -> dict[str, Any]:
+async def _send(frames: list[bytes], token: bytes, batch_frames: int, compress: bool) -> dict[str, Any]:
+    """The source's half: drain, batch, compress, ship (the same calls as ``netpass migrate``)."""
     fd = _filled_tap("npb-src", frames)
     try:
         ch = await connect(f"{DST_IP}:{PORT}", token)
-        raw_bytes = 0
-        seq = 0
-        read = os.read
-        t0 = time.perf_counter()
-        batch: list[wire.Frame] = []
-        n = 0
+        raw_bytes = seq = n = 0
+        t0 = time.monotonic()
         while n < len(frames):
-            try:
-                data = read(fd, 65536)
-            except BlockingIOError:
+            bufs = tapfd.drain(fd, batch_frames)
+            if not bufs:
                 break
-            if data[:6] != VM_MAC:
-                continue  # the kernel's own chatter on a tap that just came up
-            n += 1
-            raw_bytes += len(data)
-            batch.append(wire.Frame(0, b"", data, time.monotonic_ns() // 1000))
-            if len(batch) >= batch_frames:
-                await ch.send(BATCH, wire.encode(seq, batch))
-                seq, batch = seq + 1, []
-        if batch:
-            await ch.send(BATCH, wire.encode(seq, batch))
+            n += len(bufs)
+            raw_bytes += sum(map(len, bufs)) - HDR * len(bufs)
+            await ch.send(BATCH, wire.encode_records(seq, bufs, 0, HDR, time.monotonic_ns() // 1000,
+                                                     compress=compress))
+            seq += 1
+        t_drained = time.monotonic()
         await ch.send_json(CONTROL, {"op": "end", "frames": n})
         report = await ch.recv_json(CONTROL, timeout=120)
-        dt = time.perf_counter() - t0
         wire_bytes = ch.bytes_out
         await ch.close()
     finally:
         os.close(fd)
-    return {"frames": n, "seconds": dt, "raw_bytes": raw_bytes, "wire_bytes": wire_bytes, "receiver": report}
+    return {"frames": n, "t0": t0, "drain_s": t_drained - t0, "raw_bytes": raw_bytes,
+            "wire_bytes": wire_bytes, "receiver": report}
 
 
-async def _serve(token: bytes, ready: str) -> None:
+def _sink(tap: str, expect: int, ready_fd: int, out_fd: int, verify: bool) -> None:
+    """The 'VM': read the destination tap until ``expect`` bench frames came
+    (or 120 s passed); report the count, the time of the last and, with
+    ``verify``, a CRC over all of them in arrival order."""
+    fd = tapfd.open_tap(tap, vnet_hdr=True)
+    links.set_txqueuelen(None, tap, DST_QLEN)
+    links.set_up(None, tap)
+    os.set_blocking(fd, False)
+    os.write(ready_fd, b"1")
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    got, crc, last = 0, 0, 0.0
+    deadline = time.monotonic() + 120
+    while got < expect and time.monotonic() < deadline:
+        bufs = tapfd.drain(fd, 1024)
+        if not bufs:
+            poller.poll(50)
+            continue
+        last = time.monotonic()
+        mine = [b for b in bufs if b[HDR:HDR + 6] == VM_MAC]
+        got += len(mine)
+        if verify:
+            for b in mine:
+                crc = zlib.crc32(memoryview(b)[HDR:], crc)
+    os.write(out_fd, json.dumps({"sunk": got, "t_last": last, "crc": crc}).encode())
+
+
+async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
+    rd, wr = os.pipe()
+    ready_r, ready_w = os.pipe()
+    sink_pid = os.fork()
+    if sink_pid == 0:  # the sink process: nothing of asyncio runs in it
+        os.close(rd)
+        try:
+            _sink("npb-dst", expect, ready_w, wr, verify)
+        finally:
+            os._exit(0)
+    os.close(wr)
+    os.read(ready_r, 1)
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ch = Channel(reader, writer, peer="bench")
         await server_handshake(ch, token)
-        fd = tapfd.open_tap("npb-dst")
-        os.set_blocking(fd, True)
-        links.set_up(None, "npb-dst")
-        inj = Injector("npb-dst", vnet_hdr=False)
-        sunk = [0]
-        stop = threading.Event()
-
-        def sink() -> None:  # the 'VM': reads the destination tap, counts the bench's frames
-            while not stop.is_set():
-                try:
-                    data = os.read(fd, 65536)
-                except OSError:
-                    return
-                if data[:6] == VM_MAC:
-                    sunk[0] += 1
-
-        t = threading.Thread(target=sink, daemon=True)
-        t.start()
+        ring = TxRing("npb-dst", vnet_hdr=True, queue_len=DST_QLEN)
         lat: list[int] = []
         retries = 0
-        expected = None
         while True:
             mtype, payload = await ch.recv(timeout=120)
-            if mtype == BATCH:
-                for f in wire.decode(payload).frames:
-                    while not inj.send(b"", f.data):  # a full ring: let the sink read
-                        retries += 1
-                        await asyncio.sleep(0)
+            if mtype != BATCH:
+                break
+            batch = wire.decode(payload)
+            recs, i = batch.records, 0
+            while i < len(recs):
+                k = ring.send(recs, i)
+                if k:
+                    now = time.monotonic_ns() // 1000
                     # The batch keeps 32 bits of microseconds: difference modulo 2^32.
-                    lat.append((time.monotonic_ns() // 1000 - f.ts_us) & 0xFFFFFFFF)
-                continue
-            expected = int(json.loads(payload)["frames"])
-            break
-        deadline = time.monotonic() + 5
-        while sunk[0] < expected and time.monotonic() < deadline:
-            await asyncio.sleep(0.001)
+                    lat += [(now - t) & 0xFFFFFFFF for t in batch.ts_us[i:i + k]]
+                    i += k
+                else:  # the sink's ring is full: let it read
+                    retries += 1
+                    await asyncio.sleep(0.0002)
+        res = json.loads(await asyncio.to_thread(os.read, rd, 4096) or b"{}")
         lat.sort()
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        await ch.send_json(CONTROL, {"sunk": sunk[0], "ring_full_retries": retries,
+        await ch.send_json(CONTROL, {**res, "ring_full_retries": retries,
                                      "latency_p50_ms": lat[len(lat) // 2] / 1000 if lat else None,
                                      "latency_p99_ms": lat[int(len(lat) * 0.99)] / 1000 if lat else None,
                                      "peak_rss_mib": round(rss, 1)})
-        stop.set()
-        os.close(fd)
-        inj.close()
+        ring.close()
         await ch.close()
         done.set_result(None)
 
     server = await asyncio.start_server(handle, DST_IP, PORT)
     with open(ready, "w") as fh:
         fh.write("ready")
-    async with server:
-        await asyncio.wait_for(done, 600)
+    try:
+        async with server:
+            await asyncio.wait_for(done, 600)
+    finally:
+        os.waitpid(sink_pid, 0)
 
 
-def run(size: int, count: int, batch_frames: int = 512) -> dict[str, Any]:
+def run(size: int, count: int, batch_frames: int = 512, verify: bool = False,
+        compress: bool = True) -> dict[str, Any]:
+    """Run the bench once; ``verify`` has the sink check every byte (slower);
+    ``compress=False`` ships the batches uncompressed, to show what zstd costs."""
     if size < 60 or size > 1514:
         raise LabError("--size is a frame size in bytes, 60 to 1514")
+    if not 1 <= count <= 2_000_000:
+        raise LabError("--frames is 1 to 2,000,000")
     tag = secrets.token_hex(2)
     a, b = f"npbench-{os.getpid()}-{tag}-a", f"npbench-{os.getpid()}-{tag}-b"
     token = secrets.token_hex(32).encode()
@@ -209,16 +238,17 @@ def run(size: int, count: int, batch_frames: int = 512) -> dict[str, Any]:
         tokfile = f"/run/{b}.token"
         with open(os.open(tokfile, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as fh:
             fh.write(token)
-        recv = subprocess.Popen(
-            netns.exec_argv(b, [sys.executable, "-m", "netpass.bench", "--serve", tokfile, ready]))
+        argv = [sys.executable, "-m", "netpass.bench", "--serve", tokfile, ready, "--expect", str(count)]
+        recv = subprocess.Popen(netns.exec_argv(b, argv + (["--verify"] if verify else [])))
         deadline = time.monotonic() + 30
         while not os.path.exists(ready):
             if recv.poll() is not None or time.monotonic() > deadline:
                 raise LabError("the bench receiver did not start")
             time.sleep(0.02)
         with netns.entered(a):
+            _quiet_namespace()
             raw = raw_drain(frames)
-            res = asyncio.run(_send(frames, token, batch_frames))
+            res = asyncio.run(_send(frames, token, batch_frames, compress))
         recv.wait(60)
     finally:
         if recv is not None and recv.poll() is None:
@@ -232,26 +262,103 @@ def run(size: int, count: int, batch_frames: int = 512) -> dict[str, Any]:
         netns.remove(a)
         netns.remove(b)
     r = res["receiver"]
-    fps = res["frames"] / res["seconds"]
-    rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {
-        "size": size, "frames": res["frames"], "frames_sunk": r["sunk"],
-        "frames_per_second": round(fps), "gbit_per_second": round(res["raw_bytes"] * 8 / res["seconds"] / 1e9, 3),
+    seconds = r["t_last"] - res["t0"] if r.get("t_last") else float("inf")
+    fps = res["frames"] / seconds
+    out = {
+        "size": size, "compress": compress, "frames": res["frames"], "frames_sunk": r.get("sunk"),
+        "frames_per_second": round(fps), "gbit_per_second": round(res["raw_bytes"] * 8 / seconds / 1e9, 3),
         "raw_drain_fps": round(raw), "ratio_to_raw": round(fps / raw, 3) if raw else None,
-        "peak_rss_mib": round(max(rss_self, r["peak_rss_mib"]), 1),
+        "drain_fps": round(res["frames"] / res["drain_s"]) if res["drain_s"] else None,
+        "peak_rss_mib": r["peak_rss_mib"],
         "compression_ratio": round(res["raw_bytes"] / res["wire_bytes"], 2) if res["wire_bytes"] else None,
         "latency_p50_ms": r["latency_p50_ms"], "latency_p99_ms": r["latency_p99_ms"],
         "ring_full_retries": r["ring_full_retries"],
     }
+    if verify:
+        expect = 0
+        for f in frames:
+            expect = zlib.crc32(f, expect)
+        out["content_ok"] = r.get("crc") == expect
+    return out
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _cache_fill(cap_mib: int, size: int) -> dict[str, Any]:
+    """The agent's cache while the VM is still paused: batches arrive, nothing
+    can be replayed yet, the cap must hold.  Runs the agent's own accept()."""
+    from pathlib import Path
+
+    from .agent import AgentConfig, DestNic, DestSession
+    from .nics import Nic
+
+    class PausedVm:  # a ring the VM has not started to read
+        def send(self, records: list[bytes], start: int = 0, end: int | None = None) -> int:
+            return 0
+
+        def close(self) -> None:
+            pass
+
+    pool = mixed_frames(4096, size)
+    cfg = AgentConfig(listen="127.0.0.1:1", token=b"x" * 32, qmp_root=Path("/nonexistent"),
+                      max_cache_bytes=cap_mib << 20)
+    sess = DestSession(cfg, None, "bench")  # type: ignore[arg-type]
+    sess.nics.append(DestNic(nic=Nic(mac="52:54:00:12:34:56", tap="none"), ring=PausedVm(),  # type: ignore[arg-type]
+                             fds=[], orig_qlen=1000, mac_bytes=VM_MAC))
+    sess._room = lambda dn: 0  # type: ignore[method-assign]
+    sess._pull_direct = lambda dn: None  # type: ignore[method-assign]
+    base = _rss_mib()
+    seq = offered = offered_bytes = 0
+    while True:
+        recs = [bytes(HDR) + f for f in pool[seq % 8 * 512:(seq % 8 + 1) * 512]]
+        ack = sess.accept(wire.encode_records(seq, recs, 0, HDR, seq))
+        seq += 1
+        offered += len(recs)
+        offered_bytes += sum(map(len, recs))
+        if ack["dropped"] == len(recs) and offered_bytes > (cap_mib << 20) * 1.1:
+            break
+    dn = sess.nics[0]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cached = sess.cache_bytes
+    bound = 1.5 * cached / 2**20 + 64
+    return {"cache_cap_mib": cap_mib, "size": size, "frames_offered": offered,
+            "frames_cached": len(dn.pending), "cached_mib": round(cached / 2**20, 1),
+            "dropped_cache_full": dn.dropped.get("agent_cache_full", 0),
+            "rss_before_mib": round(base, 1), "peak_rss_mib": round(peak, 1),
+            "rss_bound_mib": round(bound, 1), "cap_holds": cached <= cap_mib << 20,
+            "rss_within_bound": peak <= bound}
+
+
+def cache_cap(cap_mib: int, size: int) -> dict[str, Any]:
+    """Run :func:`_cache_fill` in a fresh process, so its peak RSS is its own."""
+    out = subprocess.run([sys.executable, "-m", "netpass.bench", "--cache-fill", str(cap_mib), str(size)],
+                         capture_output=True, text=True, timeout=1200)
+    if out.returncode != 0:
+        raise LabError(f"the cache bench failed: {out.stderr.strip()[-500:]}")
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m netpass.bench")
     p.add_argument("--serve", nargs=2, metavar=("TOKEN_FILE", "READY_FILE"))
+    p.add_argument("--expect", type=int, default=0)
+    p.add_argument("--verify", action="store_true")
+    p.add_argument("--cache-fill", nargs=2, type=int, metavar=("CAP_MIB", "SIZE"))
     args = p.parse_args(argv)
+    if args.cache_fill:
+        print(json.dumps(_cache_fill(*args.cache_fill)))
+        return 0
     with open(args.serve[0], "rb") as fh:
         token = fh.read()
-    asyncio.run(_serve(token, args.serve[1]))
+    _quiet_namespace()
+    asyncio.run(_serve(token, args.serve[1], args.expect, args.verify))
     return 0
 
 

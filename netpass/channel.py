@@ -113,13 +113,40 @@ class Channel:
         size = 1 + len(payload) + len(mac)
         if size > MAX_MESSAGE:
             raise ChannelError(f"message of {size} bytes exceeds {MAX_MESSAGE}")
-        # One vectored write: prefix, payload and MAC without joining them.
-        self.writer.writelines([PREFIX.pack(size, mtype), payload, mac])
+        parts = [PREFIX.pack(size, mtype), payload, mac]
+        self._write(parts, PREFIX.size + len(payload) + len(mac))
         self.bytes_out += PREFIX.size + len(payload) + len(mac)
         try:
             await self.writer.drain()
         except (ConnectionError, OSError) as exc:
             raise ChannelError(f"connection to {self.peer} lost: {exc}") from exc
+
+    def _write(self, parts: list[bytes], total: int) -> None:
+        """One vectored write (writev) of prefix, payload and MAC, without
+        joining them, when nothing is queued ahead; what the socket does not
+        take goes to the transport, which keeps the order.  (asyncio 3.11's
+        writelines joins, and its buffer copies what a partial send left.)
+        TLS goes through the transport."""
+        transport = self.writer.transport
+        sock = transport.get_extra_info("socket")
+        if (self._fd is None or transport.get_write_buffer_size() or sock is None
+                or transport.get_extra_info("sslcontext") is not None or transport.is_closing()):
+            self.writer.writelines(parts)
+            return
+        try:
+            sent = os.writev(self._fd, parts)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            raise ChannelError(f"connection to {self.peer} lost: {exc}") from exc
+        if sent < total:
+            rest = memoryview(b"".join(parts))[sent:]
+            self.writer.write(rest)
+
+    @property
+    def _fd(self) -> int | None:
+        sock = self.writer.transport.get_extra_info("socket")
+        return sock.fileno() if sock is not None else None
 
     async def send_json(self, mtype: int, obj: dict[str, Any]) -> None:
         await self.send(mtype, json.dumps(obj).encode())

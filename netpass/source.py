@@ -213,10 +213,7 @@ class SourceSession:
 
     # -- capture --------------------------------------------------------------------------
     def _on_readable(self, sn: SourceNic, fd: int, hdr: int) -> None:
-        for _ in range(256):
-            buf = tapfd.read_frame(fd)
-            if buf is None:
-                return
+        for buf in tapfd.drain(fd, 256):
             data = buf[hdr:]
             if data == sn.sacrifice:
                 if sn.swallow_pending:

@@ -62,7 +62,7 @@ def test_truncation_is_caught(frames: list[Frame], data: st.DataObject) -> None:
 
 
 def _header(**kw: int) -> bytes:
-    fields = dict(magic=wire.MAGIC, version=1, flags=0, reserved=0, seq=0, count=0, raw_len=0,
+    fields = dict(magic=wire.MAGIC, version=wire.VERSION, flags=0, reserved=0, seq=0, count=0, raw_len=0,
                   body_len=0, crc=0)
     fields.update(kw)  # type: ignore[arg-type]
     return wire.HEADER.pack(*fields.values())
@@ -72,6 +72,8 @@ def _header(**kw: int) -> bytes:
     (b"", "shorter"),
     (_header(magic=b"XXXX"), "bad magic"),  # type: ignore[arg-type]
     (_header(version=9), "version 9"),
+    (_header(version=1), "run the same netpass version"),
+    (_header(count=2, raw_len=10, body_len=10) + bytes(10), "too short for 2 frames"),
     (_header(flags=0x80), "unknown flags"),
     (_header(count=10**6), "limit"),
     (_header(raw_len=1 << 30), "exceed"),
@@ -106,14 +108,46 @@ def test_encoder_refuses_bad_frames() -> None:
     assert issubclass(WireError, NetpassError)
 
 
+def _body(ts: list[int], lens: list[int], nics: bytes, hdrs: bytes, records: bytes) -> bytes:
+    import array
+
+    return (array.array("I", ts).tobytes() + array.array("I", lens).tobytes() + nics + hdrs + records)
+
+
+def _blob(count: int, raw: bytes) -> bytes:
+    return _header(count=count, raw_len=len(raw), body_len=len(raw), crc=zlib.crc32(raw)) + raw
+
+
 def test_garbage_after_records() -> None:
-    raw = wire.RECORD.pack(0, 0, 0, 0, 14) + bytes(14) + b"junk"
-    blob = _header(count=1, raw_len=len(raw), body_len=len(raw), crc=zlib.crc32(raw)) + raw
+    raw = _body([0], [14], b"\0", b"\0", bytes(14) + b"junk")
     with pytest.raises(WireError, match="garbage"):
-        wire.decode(blob)
+        wire.decode(_blob(1, raw))
+
+
+@pytest.mark.parametrize("lens,nics,hdrs,records,needle", [
+    ([14], b"\0", b"\0", bytes(13), "too short"),
+    ([13], b"\0", b"\0", bytes(14), "frame length 13"),
+    ([14], b"\0", b"\x05", bytes(19), "header length 5"),
+    ([14], b"\x09", b"\0", bytes(14), "NIC index 9"),
+    ([14, 14], b"\0\0", b"\0\x0a", bytes(14 + 23), "past the end"),
+    ([14, 14], b"\0\0", b"\0\x0a", bytes(14 + 25), "garbage"),
+])
+def test_column_defects(lens: list[int], nics: bytes, hdrs: bytes, records: bytes, needle: str) -> None:
+    raw = _body([0] * len(lens), lens, nics, hdrs, records)
+    with pytest.raises(WireError, match=needle):
+        wire.decode(_blob(len(lens), raw), nic_count=2)
+
+
+def test_fast_path_matches_frames() -> None:
+    recs = [bytes([i]) * 10 + bytes([i]) * (20 + i) for i in range(5)]
+    fast = wire.decode(wire.encode_records(3, recs, 1, 10, 77))
+    slow = wire.decode(wire.encode(3, [Frame(1, r[:10], r[10:], 77) for r in recs]))
+    assert fast == slow and fast.records == recs
+    assert [fast.data(i) for i in range(5)] == [r[10:] for r in recs]
 
 
 def test_group_bit() -> None:
     assert wire.is_group(b"\xff" * 6) and wire.is_group(b"\x01\x00\x5e\x00\x00\x01")
     assert not wire.is_group(b"\x52\x54\x00\x12\x34\x56")
     assert struct.calcsize("!4sBBHQIIII") == wire.HEADER.size == 32
+    assert struct.calcsize("<IIBB") == wire.COLUMNS
