@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", type=_positive(int, "--size"), default=64, help="frame size in bytes (60-1514)")
     bench.add_argument("--frames", type=_positive(int, "--frames"), default=100_000,
                        help="frames in the source tap's ring (default 100000)")
+    bench.add_argument("--no-compress", action="store_true",
+                       help="ship the batches uncompressed (shows what zstd costs)")
+    bench.add_argument("--cache-cap-mib", type=_positive(int, "--cache-cap-mib"), metavar="MIB",
+                       help="instead: fill the agent's cache (a paused VM) past a cap of MIB "
+                            "and report whether the cap and the RSS bound hold")
     bench.add_argument("--json", action="store_true")
 
     doc = sub.add_parser("doctor", help="what this host supports and what netpass will use")
@@ -349,10 +354,15 @@ def _print_report(rep: dict[str, Any]) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     _require_root("netpass bench")
-    from .bench import run
+    from .bench import cache_cap, run
 
-    with err_console.status(f"bench: {args.frames} frames of {args.size} bytes"):
-        res = run(args.size, args.frames)
+    if args.cache_cap_mib:
+        with err_console.status(f"bench: filling a {args.cache_cap_mib} MiB agent cache with "
+                                f"{args.size}-byte frames"):
+            res = cache_cap(args.cache_cap_mib, args.size)
+    else:
+        with err_console.status(f"bench: {args.frames} frames of {args.size} bytes"):
+            res = run(args.size, args.frames, compress=not args.no_compress)
     if args.json:
         print(json.dumps(res))
     else:

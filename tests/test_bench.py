@@ -27,3 +27,13 @@ def test_bench_carries_every_frame(root_required: None, size: int) -> None:
     assert 0 <= res["latency_p50_ms"] <= res["latency_p99_ms"] < 60_000
     assert res["peak_rss_mib"] > 0
     assert set(netns.list_names()) == before  # its namespaces are gone
+
+
+def test_cache_cap_bench_fills_past_the_cap(root_required: None) -> None:
+    from netpass.bench import cache_cap
+
+    res = cache_cap(32, 64)
+    assert res["cap_holds"] and res["cached_mib"] <= 32
+    assert res["dropped_cache_full"] > 0  # it did offer more than the cap
+    assert res["frames_cached"] + res["dropped_cache_full"] == res["frames_offered"]
+    assert res["peak_rss_mib"] > res["rss_before_mib"]
