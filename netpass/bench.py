@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import random
-import resource
 import secrets
 import select
 import subprocess
@@ -196,7 +195,7 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
                     await asyncio.sleep(0.0002)
         res = json.loads(await asyncio.to_thread(os.read, rd, 4096) or b"{}")
         lat.sort()
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss = _rss_mib("VmHWM")
         await ch.send_json(CONTROL, {**res, "ring_full_retries": retries,
                                      "latency_p50_ms": lat[len(lat) // 2] / 1000 if lat else None,
                                      "latency_p99_ms": lat[int(len(lat) * 0.99)] / 1000 if lat else None,
@@ -282,10 +281,12 @@ def run(size: int, count: int, batch_frames: int = 512, verify: bool = False,
     return out
 
 
-def _rss_mib() -> float:
+def _rss_mib(field: str = "VmRSS") -> float:
+    """This process's resident size (``VmHWM``: its peak).  Not ru_maxrss,
+    which survives exec and so reports the forking parent's size."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -324,7 +325,7 @@ def _cache_fill(cap_mib: int, size: int) -> dict[str, Any]:
         if ack["dropped"] == len(recs) and offered_bytes > (cap_mib << 20) * 1.1:
             break
     dn = sess.nics[0]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _rss_mib("VmHWM")
     cached = sess.cache_bytes
     bound = 1.5 * cached / 2**20 + 64
     return {"cache_cap_mib": cap_mib, "size": size, "frames_offered": offered,
