@@ -32,12 +32,10 @@ PACKET_TX_RING = 13
 PACKET_LOSS = 14
 TPACKET_V2 = 1
 TP_STATUS_SEND_REQUEST = 1
-TP_STATUS_SENDING = 2
 # struct tpacket2_hdr is 32 bytes; a TX frame's data starts right after it
 # (tp_hdrlen - sizeof(struct sockaddr_ll) = 52 - 20).
 TP2_STATUS_LEN = struct.Struct("=II")
 TP2_DATA = 32
-VNET_HDR_LEN_FIELD = struct.Struct("<H")  # virtio_net_hdr.hdr_len, little-endian (virtio 1.0)
 PACKET_OUTGOING = 4
 ETH_P_ALL = 0x0003
 
@@ -145,6 +143,8 @@ class TxRing:
             self.sock.bind((ifname, 0))
             self.mm = mmap.mmap(self.sock.fileno(), slots * frame_size)
             self._status = memoryview(self.mm).cast("I")  # word 0 of a slot: tp_status, 1: tp_len
+            # virtio_net_hdr.hdr_len, written through this view: little-endian
+            # on the little-endian hosts QEMU/KVM runs on (virtio 1.0 is LE).
             self._half = memoryview(self.mm).cast("H")
         except OSError as exc:
             self.sock.close()
