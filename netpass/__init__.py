@@ -1,3 +1,3 @@
 """netpass: zero-loss network switchover for QEMU live migration, from the host."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -66,6 +66,12 @@ def mixed_frames(n: int, size: int, seed: int = 1) -> list[bytes]:
     return out
 
 
+def _cpu() -> float:
+    """CPU seconds (user + system) this process used so far."""
+    t = os.times()
+    return t.user + t.system
+
+
 def _quiet_namespace() -> None:
     """No IPv6 on taps made from now on in this namespace: the kernel's own
     chatter (router solicitations) would otherwise join the bench's frames."""
@@ -103,30 +109,35 @@ def raw_drain(frames: list[bytes]) -> float:
     return n / dt if dt > 0 else 0.0
 
 
-async def _send(frames: list[bytes], token: bytes, batch_frames: int, compress: bool) -> dict[str, Any]:
+async def _send(frames: list[bytes], token: bytes, batch_frames: int, compress: str) -> dict[str, Any]:
     """The source's half: drain, batch, compress, ship (the same calls as ``netpass migrate``)."""
     fd = _filled_tap("npb-src", frames)
     try:
         ch = await connect(f"{DST_IP}:{PORT}", token)
-        raw_bytes = seq = n = 0
+        raw_bytes = seq = n = compressed = 0
+        cpu0 = _cpu()
         t0 = time.monotonic()
         while n < len(frames):
             bufs = tapfd.drain(fd, batch_frames)
             if not bufs:
                 break
             n += len(bufs)
-            raw_bytes += sum(map(len, bufs)) - HDR * len(bufs)
+            size = sum(map(len, bufs))
+            raw_bytes += size - HDR * len(bufs)
+            zstd = ch.should_compress(compress, size)
+            compressed += zstd
             await ch.send(BATCH, wire.encode_records(seq, bufs, 0, HDR, time.monotonic_ns() // 1000,
-                                                     compress=compress))
+                                                     compress=zstd))
             seq += 1
         t_drained = time.monotonic()
+        cpu = _cpu() - cpu0
         await ch.send_json(CONTROL, {"op": "end", "frames": n})
         report = await ch.recv_json(CONTROL, timeout=120)
         wire_bytes = ch.bytes_out
         await ch.close()
     finally:
         os.close(fd)
-    return {"frames": n, "t0": t0, "drain_s": t_drained - t0, "raw_bytes": raw_bytes,
+    return {"frames": n, "cpu_s": cpu, "batches": seq, "compressed": compressed, "t0": t0, "drain_s": t_drained - t0, "raw_bytes": raw_bytes,
             "wire_bytes": wire_bytes, "receiver": report}
 
 
@@ -141,7 +152,7 @@ def _sink(tap: str, expect: int, ready_fd: int, out_fd: int, verify: bool) -> No
     os.write(ready_fd, b"1")
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    got, crc, last = 0, 0, 0.0
+    got, crc, last, cpu0 = 0, 0, 0.0, 0.0
     deadline = time.monotonic() + 120
     while got < expect and time.monotonic() < deadline:
         bufs = tapfd.drain(fd, 1024)
@@ -149,12 +160,14 @@ def _sink(tap: str, expect: int, ready_fd: int, out_fd: int, verify: bool) -> No
             poller.poll(50)
             continue
         last = time.monotonic()
+        if not got:
+            cpu0 = _cpu()
         mine = [b for b in bufs if b[HDR:HDR + 6] == VM_MAC]
         got += len(mine)
         if verify:
             for b in mine:
                 crc = zlib.crc32(memoryview(b)[HDR:], crc)
-    os.write(out_fd, json.dumps({"sunk": got, "t_last": last, "crc": crc}).encode())
+    os.write(out_fd, json.dumps({"sunk": got, "t_last": last, "crc": crc, "sink_cpu_s": _cpu() - cpu0}).encode())
 
 
 async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
@@ -177,8 +190,11 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
         ring = TxRing("npb-dst", vnet_hdr=True, queue_len=DST_QLEN)
         lat: list[int] = []
         retries = 0
+        cpu0 = None
         while True:
             mtype, payload = await ch.recv(timeout=120)
+            if cpu0 is None:
+                cpu0 = _cpu()
             if mtype != BATCH:
                 break
             batch = wire.decode(payload)
@@ -193,10 +209,11 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
                 else:  # the sink's ring is full: let it read
                     retries += 1
                     await asyncio.sleep(0.0002)
+        cpu = _cpu() - (cpu0 or 0.0)
         res = json.loads(await asyncio.to_thread(os.read, rd, 4096) or b"{}")
         lat.sort()
         rss = _rss_mib("VmHWM")
-        await ch.send_json(CONTROL, {**res, "ring_full_retries": retries,
+        await ch.send_json(CONTROL, {**res, "ring_full_retries": retries, "receiver_cpu_s": cpu,
                                      "latency_p50_ms": lat[len(lat) // 2] / 1000 if lat else None,
                                      "latency_p99_ms": lat[int(len(lat) * 0.99)] / 1000 if lat else None,
                                      "peak_rss_mib": round(rss, 1)})
@@ -215,9 +232,9 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
 
 
 def run(size: int, count: int, batch_frames: int = 512, verify: bool = False,
-        compress: bool = True) -> dict[str, Any]:
+        compress: str = "auto") -> dict[str, Any]:
     """Run the bench once; ``verify`` has the sink check every byte (slower);
-    ``compress=False`` ships the batches uncompressed, to show what zstd costs."""
+    ``compress`` is the policy, as ``netpass migrate --compress``."""
     if size < 60 or size > 1514:
         raise LabError("--size is a frame size in bytes, 60 to 1514")
     if not 1 <= count <= 2_000_000:
@@ -270,8 +287,13 @@ def run(size: int, count: int, batch_frames: int = 512, verify: bool = False,
         "drain_fps": round(res["frames"] / res["drain_s"]) if res["drain_s"] else None,
         "peak_rss_mib": r["peak_rss_mib"],
         "compression_ratio": round(res["raw_bytes"] / res["wire_bytes"], 2) if res["wire_bytes"] else None,
+        "batches_compressed": f"{res['compressed']}/{res['batches']}",
         "latency_p50_ms": r["latency_p50_ms"], "latency_p99_ms": r["latency_p99_ms"],
         "ring_full_retries": r["ring_full_retries"],
+        # CPU per frame of each process while it worked: where the 2 cores go.
+        "cpu_us_per_frame": {"source": round(res["cpu_s"] / res["frames"] * 1e6, 2),
+                             "receiver": round(r["receiver_cpu_s"] / res["frames"] * 1e6, 2),
+                             "sink": round(r["sink_cpu_s"] / res["frames"] * 1e6, 2)},
     }
     if verify:
         expect = 0

@@ -15,16 +15,22 @@ Handshake (the token itself never crosses the wire):
     client -> AUTH      {proof_c = HMAC(token, "client" | nonce_c | nonce_s)}
     agent  -> AUTH_OK, or ERROR {code: "auth"} and closes
 
-After it, each direction MACs every message with its own key,
-``HMAC(token, "c2s"|"s2c" | nonce_c | nonce_s)``, over a message counter,
-the type and the payload.  A replayed, reordered, injected or altered
-message fails its MAC; one replayed from another session too, since the
-nonces differ.
+After it, each direction authenticates every message with its own key,
+``HMAC(token, "c2s"|"s2c" | nonce_c | nonce_s)``: the MAC is AES-256-GMAC
+(AES-GCM with no plaintext and the payload as associated data) under that
+key, with the message counter and type as the 12-byte nonce.  A replayed,
+reordered, injected or altered message fails its MAC; one replayed from
+another session too, since the keys differ.  Keys are per session and per
+direction and the counter never repeats, so no nonce is ever used twice
+under one key, which GCM requires.  (Protocol 1 used a truncated
+HMAC-SHA256: 1.8 GB/s here, against 22 GB/s for GMAC with AES-NI and
+VPCLMULQDQ; at 1500-byte frames it cost 0.9 us per frame at each end.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import hmac
 import json
@@ -37,17 +43,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from .errors import NetpassError, UsageError
 
 log = logging.getLogger(__name__)
 
-PROTO = 1
+PROTO = 2
 HELLO, CHALLENGE, AUTH, AUTH_OK, ERROR, CONTROL, BATCH = range(1, 8)
 PREFIX = struct.Struct("!IB")
 MAC_LEN = 16
 MAX_MESSAGE = 32 << 20
 HANDSHAKE_TIMEOUT = 10.0
 MIN_TOKEN = 16
+SIOCOUTQNSD = 0x894B  # bytes in a TCP socket's queue not yet sent
 
 
 class ChannelError(NetpassError):
@@ -84,10 +93,12 @@ def load_token(path: str | Path) -> bytes:
     return token
 
 
-def _mac(key: bytes, counter: int, mtype: int, payload: bytes) -> bytes:
-    h = hmac.new(key, struct.pack("!QB", counter, mtype), hashlib.sha256)
-    h.update(payload)
-    return h.digest()[:MAC_LEN]
+_NONCE = struct.Struct("!QBxxx")  # counter, type: 12 bytes
+
+
+def _mac(aead: AESGCM, counter: int, mtype: int, payload: bytes | memoryview) -> bytes:
+    """GMAC of ``payload``: AES-GCM over no plaintext, the payload as associated data."""
+    return aead.encrypt(_NONCE.pack(counter, mtype), b"", payload)
 
 
 def _derive(token: bytes, label: bytes, nc: bytes, ns: bytes) -> bytes:
@@ -98,8 +109,8 @@ def _derive(token: bytes, label: bytes, nc: bytes, ns: bytes) -> bytes:
 class Channel:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
-    send_key: bytes | None = None
-    recv_key: bytes | None = None
+    send_key: AESGCM | None = None
+    recv_key: AESGCM | None = None
     sent: int = 0
     received: int = 0
     bytes_out: int = 0
@@ -143,6 +154,32 @@ class Channel:
             rest = memoryview(b"".join(parts))[sent:]
             self.writer.write(rest)
 
+    def backlog(self) -> int:
+        """Bytes written but not yet sent: asyncio's buffer plus the socket's
+        unsent queue (SIOCOUTQNSD).  It grows when the link, or the other end,
+        is slower than we produce."""
+        queued = self.writer.transport.get_write_buffer_size()
+        fd = self._fd
+        if fd is not None:
+            try:
+                buf = fcntl.ioctl(fd, SIOCOUTQNSD, b"\0\0\0\0")
+                queued += struct.unpack("i", buf)[0]
+            except OSError:
+                pass
+        return queued
+
+    def should_compress(self, mode: str, raw_bytes: int) -> bool:
+        """The compression policy: ``zstd`` always, ``none`` never, ``auto``
+        when the batch would queue behind at least its own size of unsent
+        bytes.  zstd buys link bandwidth with CPU (at -1, ~3.5 us per
+        1500-byte frame here): worth it when the link is the bottleneck, a
+        pure cost when it keeps up."""
+        if mode == "zstd":
+            return True
+        if mode == "none":
+            return False
+        return self.backlog() >= raw_bytes
+
     @property
     def _fd(self) -> int | None:
         sock = self.writer.transport.get_extra_info("socket")
@@ -151,7 +188,7 @@ class Channel:
     async def send_json(self, mtype: int, obj: dict[str, Any]) -> None:
         await self.send(mtype, json.dumps(obj).encode())
 
-    async def recv(self, timeout: float | None = None) -> tuple[int, bytes]:
+    async def recv(self, timeout: float | None = None) -> tuple[int, bytes | memoryview]:
         try:
             head = await asyncio.wait_for(self.reader.readexactly(PREFIX.size), timeout)
             size, mtype = PREFIX.unpack(head)
@@ -167,7 +204,9 @@ class Channel:
         if self.recv_key is not None:
             if len(body) < MAC_LEN:
                 raise ChannelError(f"{self.peer} sent a message without its MAC")
-            payload, mac = body[:-MAC_LEN], body[-MAC_LEN:]
+            # A batch is handed on as a view (no copy of up to 16 MiB); the rest as bytes.
+            payload = memoryview(body)[:-MAC_LEN] if mtype == BATCH else body[:-MAC_LEN]
+            mac = body[-MAC_LEN:]
             if not hmac.compare_digest(mac, _mac(self.recv_key, self.received, mtype, payload)):
                 raise ChannelError(f"message {self.received} from {self.peer} failed "
                                    "authentication (altered, replayed or injected)")
@@ -237,8 +276,8 @@ async def client_handshake(ch: Channel, token: bytes) -> None:
     except AuthError as exc:
         raise AuthError(f"authentication failed: the agent at {ch.peer} refused our token "
                         f"({exc}); check --token-file on both hosts") from exc
-    ch.send_key = _derive(token, b"c2s", nc, ns)
-    ch.recv_key = _derive(token, b"s2c", nc, ns)
+    ch.send_key = AESGCM(_derive(token, b"c2s", nc, ns))
+    ch.recv_key = AESGCM(_derive(token, b"s2c", nc, ns))
 
 
 async def server_handshake(ch: Channel, token: bytes) -> None:
@@ -259,8 +298,8 @@ async def server_handshake(ch: Channel, token: bytes) -> None:
         await ch.send_json(ERROR, {"code": "auth", "message": "wrong token"})
         raise AuthError(f"client {ch.peer} failed authentication (wrong token)")
     await ch.send_json(AUTH_OK, {})
-    ch.send_key = _derive(token, b"s2c", nc, ns)
-    ch.recv_key = _derive(token, b"c2s", nc, ns)
+    ch.send_key = AESGCM(_derive(token, b"s2c", nc, ns))
+    ch.recv_key = AESGCM(_derive(token, b"c2s", nc, ns))
 
 
 def parse_hostport(text: str) -> tuple[str, int]:

@@ -20,6 +20,8 @@ from rich.table import Table
 from . import __version__
 from .errors import NetpassError, UsageError
 
+COMPRESS_MODES = ("auto", "zstd", "none")  # see channel.Channel.should_compress
+
 log = logging.getLogger(__name__)
 
 err_console = Console(stderr=True)
@@ -149,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "destination resumes, whatever is still missing (default 3000)")
     mig.add_argument("--save-pcap", type=Path, metavar="FILE.pcap",
                      help="write the frames netpass carried across (those replayed) as a pcap file")
+    mig.add_argument("--compress", choices=COMPRESS_MODES, default="auto",
+                     help="zstd for the batches: auto (when the link falls behind: the default), "
+                          "zstd (always) or none")
     mig.add_argument("--tls-ca", help="talk TLS to the agent, trusting this CA (PEM)")
     mig.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
@@ -156,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", type=_positive(int, "--size"), default=64, help="frame size in bytes (60-1514)")
     bench.add_argument("--frames", type=_positive(int, "--frames"), default=100_000,
                        help="frames in the source tap's ring (default 100000)")
-    bench.add_argument("--no-compress", action="store_true",
-                       help="ship the batches uncompressed (shows what zstd costs)")
+    bench.add_argument("--compress", choices=COMPRESS_MODES, default="auto",
+                       help="compression policy, as for migrate (default auto)")
     bench.add_argument("--cache-cap-mib", type=_positive(int, "--cache-cap-mib"), metavar="MIB",
                        help="instead: fill the agent's cache (a paused VM) past a cap of MIB "
                             "and report whether the cap and the RSS bound hold")
@@ -306,7 +311,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                           linger_quiet_ms=args.linger_ms,
                           linger_max_ms=args.linger_max_ms, tls_ca=args.tls_ca,
                           strict_ordering=args.strict_ordering, hold_timeout_ms=args.hold_timeout_ms,
-                          save_pcap=str(args.save_pcap) if args.save_pcap else None)
+                          save_pcap=str(args.save_pcap) if args.save_pcap else None,
+                          compress=args.compress)
     if args.hold_timeout_ms > 60_000:
         raise UsageError("--hold-timeout-ms is at most 60000")
     report: dict[str, Any] | None = None
@@ -362,7 +368,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             res = cache_cap(args.cache_cap_mib, args.size)
     else:
         with err_console.status(f"bench: {args.frames} frames of {args.size} bytes"):
-            res = run(args.size, args.frames, compress=not args.no_compress)
+            res = run(args.size, args.frames, compress=args.compress)
     if args.json:
         print(json.dumps(res))
     else:

@@ -71,6 +71,7 @@ class MigrateOptions:
     strict_ordering: bool = False
     hold_timeout_ms: int = 3000
     save_pcap: str | None = None
+    compress: str = "auto"
 
 
 @dataclass
@@ -117,6 +118,7 @@ class SourceSession:
         self.cache: list[wire.Frame] = []
         self.cache_bytes = 0
         self.seq = 0
+        self.batches_compressed = 0
         self.shipped = 0
         self.agent_accepted = 0
         self.agent_dropped = 0
@@ -292,7 +294,10 @@ class SourceSession:
         while self.outq:
             n = min(len(self.outq), self.o.batch_frames)
             frames = [self.outq.popleft() for _ in range(n)]
-            blob = wire.encode(self.seq, frames)
+            raw = sum(f.wire_size for f in frames)
+            zstd = self.ch.should_compress(self.o.compress, raw)
+            self.batches_compressed += zstd
+            blob = wire.encode(self.seq, frames, compress=zstd)
             if self.o.save_pcap:
                 self.unacked[self.seq] = frames
             self.seq += 1
@@ -870,6 +875,8 @@ class SourceSession:
             "bytes_captured": sum(sn.bytes_captured for sn in self.nics),
             "bytes_wire": self.ch.bytes_out if self.ch else 0,
             "batches": self.seq,
+            "batches_compressed": self.batches_compressed,
+            "compress": self.o.compress,
             "downtime_ms": info.get("downtime"),
             "total_time_ms": info.get("total-time"),
             "stop_to_resume_ms": (round((self.resumed_t - self.stop_t) * 1000, 1)

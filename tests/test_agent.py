@@ -239,3 +239,18 @@ def test_tls_channel(tmp_path: Path) -> None:
             await agent.server.wait_closed()
 
     asyncio.run(main())
+
+
+def test_compression_policy(tmp_path: Path) -> None:
+    async def body(addr: str) -> None:
+        ch = await channel.connect(addr, TOKEN)
+        try:
+            assert ch.should_compress("zstd", 10**6) and not ch.should_compress("none", 10**6)
+            assert ch.backlog() == 0  # an idle link: auto does not spend CPU on zstd
+            assert not ch.should_compress("auto", 1)
+            ch.backlog = lambda: 10**6  # type: ignore[method-assign]  # a link that fell behind
+            assert ch.should_compress("auto", 512 * 64)
+        finally:
+            await ch.close()
+
+    asyncio.run(with_agent(tmp_path, body))
