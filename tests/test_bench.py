@@ -18,7 +18,7 @@ def test_mixed_frames_look_like_traffic() -> None:
 @pytest.mark.parametrize("size", [64, 1500])
 def test_bench_carries_every_frame(root_required: None, size: int) -> None:
     before = set(netns.list_names())
-    res = run(size, 3000, verify=True)
+    res = run(size, 3000, verify=True, compress="zstd")
     assert res["frames"] == res["frames_sunk"] == 3000
     assert res["content_ok"]  # every byte, in order
     assert res["frames_per_second"] > 0 and res["raw_drain_fps"] > 0 and 0 < res["ratio_to_raw"]
