@@ -183,7 +183,8 @@ class Channel:
     @property
     def _fd(self) -> int | None:
         sock = self.writer.transport.get_extra_info("socket")
-        return sock.fileno() if sock is not None else None
+        fd = sock.fileno() if sock is not None else -1
+        return fd if fd >= 0 else None  # -1 once the connection is closed
 
     async def send_json(self, mtype: int, obj: dict[str, Any]) -> None:
         await self.send(mtype, json.dumps(obj).encode())

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--proto", choices=("icmp", "udp"), default="icmp")
     demo.add_argument("--pause-ms", type=_non_negative_int("--pause-ms"), default=200,
                       help="extra switchover pause via pause-before-switchover (default 200)")
+    demo.add_argument("--burst", type=_non_negative_int("--burst"), default=0, metavar="N",
+                      help="the peer also sends N frames to the VM while the source is stopped "
+                           "(a backlog for netpass to carry; at most 200000)")
     demo.add_argument("--lan-lag-ms", type=_non_negative_int("--lan-lag-ms"), default=0,
                       help="the LAN keeps sending to the source this long after the destination resumes")
     demo.add_argument("--kill-source", action="store_true",
@@ -191,6 +194,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .lab import image, scenario
     from .lab.topology import sweep_stale
 
+    if args.burst > 200_000:
+        raise UsageError("--burst is at most 200000 frames")
     sweep_stale()
     cache = args.cache or image.DEFAULT_CACHE
     with err_console.status("building the guest image") as status:
@@ -210,7 +215,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 opts = scenario.ScenarioOptions(
                     rate=args.rate, proto=args.proto, switchover_pause_ms=args.pause_ms,
                     lan_lag_ms=args.lan_lag_ms, kill_source=args.kill_source,
-                    timeline_path=timelines[mode], mode=mode,
+                    timeline_path=timelines[mode], mode=mode, burst_frames=args.burst,
                     migrate_args=("--strict-ordering",) if args.strict_ordering else ())
                 say(f"{mode}: starting")
                 runs[mode] = scenario.run_migration_scenario(img, opts, say)

@@ -43,6 +43,8 @@ class MigrationResult:
     dst_leftovers: list[str] = field(default_factory=list)
     metrics_before: str = ""
     metrics_after: str = ""
+    burst_sent: int = 0
+    burst_end_t: float | None = None
 
 
 def progress_line(info: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +63,8 @@ def progress_line(info: dict[str, Any]) -> dict[str, Any]:
 
 async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
                   progress: ProgressFn | None = None,
-                  before_continue: HookFn | None = None) -> MigrationResult:
+                  before_continue: HookFn | None = None,
+                  on_stop: HookFn | None = None) -> MigrationResult:
     """Run the migration from ``src``; watch ``dst`` for its RESUME.
 
     Returns when the source reports ``completed`` and the destination runs.
@@ -108,6 +111,8 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
                 res.events.append((ev.received, "src", ev.name + ":" + str(ev.data.get("status", ""))))
                 if ev.name == "STOP" and res.src_stop_t is None:
                     res.src_stop_t = ev.emitted
+                    if on_stop is not None:
+                        await on_stop()
                 if ev.name == "MIGRATION":
                     status = ev.data.get("status")
                     res.status = str(status)

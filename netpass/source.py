@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -46,6 +47,9 @@ from .qmp import Event, Monitor, peer_pid
 from .session import State, StateMachine
 
 log = logging.getLogger(__name__)
+
+SETTLE_BUSY_FRAMES = 64  # frames entering after the sacrificial one: traffic is heavy
+ALIGN_SCAN = 65_536  # shadow entries searched for a drained frame (the shadow keeps this many)
 
 Progress = Callable[[str, dict[str, Any]], None]
 
@@ -95,6 +99,10 @@ class SourceNic:
     captured: int = 0
     bytes_captured: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    tx_dropped0: int = 0  # the tap's drop counter at arm time
+    expect: int | None = None  # shadow index of the next frame the drain should read
+    overflow_recovered: int = 0  # frames the tap's ring dropped, taken from the shadow
+    ring_overflow: int | None = None  # frames the tap's ring dropped before netpass drained them
 
 
 class SourceSession:
@@ -119,6 +127,7 @@ class SourceSession:
         self.cache_bytes = 0
         self.seq = 0
         self.batches_compressed = 0
+        self.drain_start_ms: float | None = None
         self.shipped = 0
         self.agent_accepted = 0
         self.agent_dropped = 0
@@ -189,13 +198,14 @@ class SourceSession:
                         raise MigrationFailed(f"QEMU's fd for tap {nic.tap} is blocking; netpass "
                                               "cannot read it safely")
                 info = links.info(None, nic.tap)
+                sn.tx_dropped0 = info.tx_dropped
                 if info.master:
                     sn.bridge = links.name_of(None, info.master)
                 # The ring size is left alone: changing txqueuelen deactivates a
                 # live device for a moment and drops frames (measured).  netpass
                 # drains the ring continuously from the stop instead.
                 sn.virtio_path = paths.get(nic.mac)
-                sn.shadow = Shadow(nic.tap)
+                sn.shadow = Shadow(nic.tap, keep=ALIGN_SCAN)
                 sn.sacrifice = self._sacrificial_frame(nic.mac)
         finally:
             os.close(pidfd)
@@ -229,7 +239,49 @@ class SourceSession:
                 start = max(0, sn.settle["inject_seen"] - 4096)
                 self._account(sn, sn.shadow.index_of(data, start))
                 sn.swallow_pending = False
+            if sn.expect is not None:
+                self._align(sn, data)
             self._capture(sn, buf[:wire.VNET_HDR_LEN] if hdr else b"", data)
+
+    def _align(self, sn: SourceNic, data: bytes) -> None:
+        """Catch the frames the tap's ring dropped, in their place.
+
+        The shadow sees every frame the host sends toward the tap, before tun
+        queues it, so also those tun drops because the ring is full (while
+        QEMU is stopped and before the drain caught up: at 40,000 frames/s
+        the 1000-frame ring of a default tap lasts 25 ms).  After the stop
+        only netpass reads the ring, oldest first, so the frames it reads are
+        the shadow's in order, less the dropped ones: the shadow entries
+        skipped before the frame just read.  They are captured before it, so
+        order is kept.
+        """
+        frames = sn.shadow.frames
+        expect = sn.expect
+        assert expect is not None
+        j = None
+        for attempt in range(2):
+            while frames and frames[0][0] < expect:
+                frames.popleft()
+            if frames and frames[0][2] == data:
+                j = 0
+            else:
+                for k, entry in enumerate(itertools.islice(frames, ALIGN_SCAN)):
+                    if entry[2] == data:
+                        j = k
+                        break
+            if j is not None or attempt:
+                break
+            sn.shadow.pull()  # the frame entered after the last pull
+        if j is None or frames[0][0] != expect:
+            sn.expect = None
+            self.notes.append(f"{sn.nic.tap}: lost track of the ring in the shadow; frames the ring "
+                              "drops from here on are not recovered (tap_ring_overflow counts them)")
+            return
+        for _ in range(j):
+            _idx, vnet, dropped = frames.popleft()
+            sn.overflow_recovered += 1
+            self._capture(sn, vnet, dropped)
+        sn.expect = frames.popleft()[0] + 1
 
     def _recover(self, sn: SourceNic, items: list[tuple[bytes, bytes]] | None) -> None:
         """Ship, from the shadow, the frames QEMU read at the stop and never delivered."""
@@ -282,6 +334,17 @@ class SourceSession:
         for fd in self.readers:
             loop.remove_reader(fd)
         self.readers.clear()
+        self._read_overflow()
+
+    def _read_overflow(self) -> None:
+        """Frames each tap's ring dropped since arm time: not drained in time
+        (tun counts them as the tap's tx_dropped).  Read once capture ends."""
+        for sn in self.nics:
+            if sn.ring_overflow is None and sn.fds:
+                try:  # (the tap is gone with a killed QEMU: then unknown)
+                    sn.ring_overflow = links.info(None, sn.nic.tap).tx_dropped - sn.tx_dropped0
+                except NetpassError:
+                    pass
 
     def drain_now(self) -> None:
         for sn in self.nics:
@@ -384,8 +447,11 @@ class SourceSession:
                 except NetpassError as exc:
                     self.notes.append(f"could not pin {sn.nic.mac} on {sn.bridge}: {exc}")
         for sn in self.nics:
+            t = time.monotonic()
             await self._settle(sn)
+            log.info("session=%s %s settled in %.1f ms", self.sid, sn.nic.tap, (time.monotonic() - t) * 1000)
         self.start_draining()
+        self.drain_start_ms = round((time.monotonic() - self.stop_t) * 1000, 1)
         self.sm.to(State.CAPTURING)
         self.sm.to(State.SHIPPING)
 
@@ -440,10 +506,19 @@ class SourceSession:
                                   "frame could not be queued")
         finally:
             inj.close()
-        deadline = time.monotonic() + 0.05
-        while tapfd.readable(sn.fds) and time.monotonic() < deadline:
+        t_inj = time.monotonic()
+        deadline = t_inj + 0.05
+        # Under heavy traffic the ring does not empty: once frames keep
+        # coming, QEMU's armed reader has had its chance (it fires on the
+        # first frame after the stop) and waiting longer only lets the ring
+        # overflow (the shadow recovers what it drops, see _align).
+        while (tapfd.readable(sn.fds) and time.monotonic() < deadline
+               and sn.shadow.seen - inject_seen < SETTLE_BUSY_FRAMES):
             await asyncio.sleep(0.0005)
         taken = not tapfd.readable(sn.fds)
+        log.info("session=%s %s: waited %.1f ms for the sacrificial frame (%s), %d frames entered since",
+                 self.sid, sn.nic.tap, (time.monotonic() - t_inj) * 1000, "taken" if taken else "left",
+                 sn.shadow.seen - inject_seen)
         sn.settle = {"inject_seen": inject_seen, "taken": taken, "tx": links.tx_packets(sn.nic.tap)}
         if sn.virtio_path is not None:
             try:
@@ -468,6 +543,7 @@ class SourceSession:
         sample bounds C; together they pin it.  Then the accepted frames QEMU
         read, less those delivered, are the ones lost inside QEMU.
         """
+        sn.expect = read_end  # from here on only netpass reads the ring (see _align)
         st = sn.settle
         taken = bool(st["taken"])
         recovered: list[tuple[bytes, bytes]] | None = None
@@ -802,6 +878,7 @@ class SourceSession:
             self.stop_draining()
         except RuntimeError:
             pass
+        self._read_overflow()
         for sn in self.nics:
             if sn.shadow is not None:
                 try:
@@ -848,6 +925,8 @@ class SourceSession:
                             "frames_captured": sn.captured, "bytes_captured": sn.bytes_captured,
                             "frames_replayed": replayed, "duplicates_suppressed": dups,
                             "own_frames_ignored": sn.own_frames,
+                            "tap_ring_overflow": sn.ring_overflow,
+                            "frames_overflow_recovered": sn.overflow_recovered,
                             "frames_dropped": nic_dropped})
         captured = sum(sn.captured for sn in self.nics)
         if self.completed and self.dest_report == {} and self.netpass_active:
@@ -872,6 +951,10 @@ class SourceSession:
             "giveback_qemu_counts": self.giveback_counts,
             "duplicates_suppressed": sum(int(n.get("duplicates_suppressed", 0)) for n in dest_nics.values()),
             "frames_dropped": dropped,
+            "drain_start_ms": self.drain_start_ms,
+            "frames_overflow_recovered": sum(sn.overflow_recovered for sn in self.nics),
+            "tap_ring_overflow": (sum(sn.ring_overflow for sn in self.nics)
+                                  if all(sn.ring_overflow is not None for sn in self.nics) else None),
             "bytes_captured": sum(sn.bytes_captured for sn in self.nics),
             "bytes_wire": self.ch.bytes_out if self.ch else 0,
             "batches": self.seq,

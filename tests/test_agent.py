@@ -254,3 +254,12 @@ def test_compression_policy(tmp_path: Path) -> None:
             await ch.close()
 
     asyncio.run(with_agent(tmp_path, body))
+
+
+def test_compression_policy_on_a_closed_channel(tmp_path: Path) -> None:
+    async def body(addr: str) -> None:
+        ch = await channel.connect(addr, TOKEN)
+        await ch.close()
+        assert ch.backlog() >= 0 and not ch.should_compress("auto", 1)  # no crash on a dead socket
+
+    asyncio.run(with_agent(tmp_path, body))

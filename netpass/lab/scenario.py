@@ -18,7 +18,7 @@ from ..errors import LabError, MigrationFailed, QMPError
 from ..migration import MigrationOptions, MigrationResult, migrate
 from ..qmp import Monitor
 from .image import GuestImage
-from .topology import GUEST_IP, GUEST_MAC, MIG_DST, Lab
+from .topology import GUEST_IP, GUEST_MAC, MIG_DST, PEER_MAC, Lab
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class ScenarioOptions:
     kill_agent_after_resume_ms: int | None = None
     metrics: bool = False
     agent_argv: tuple[str, ...] | None = None  # run this agent instead (the Ansible test's)
+    burst_frames: int = 0  # sent to the VM by the peer while the source is stopped: a backlog
+    burst_ms: int = 250  # spread over this long, from the stop
 
 
 def _prober_argv(lab: Lab, opts: ScenarioOptions, duration: float, timeline: Path | None,
@@ -146,6 +148,9 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
             stats["metrics_before"], stats["metrics_after"] = result.metrics_before, result.metrics_after
         stats["dst_guest_fault"] = dst_fault
         stats["src_stop_ms"] = rel(result.src_stop_t)
+        if opts.burst_frames:
+            stats["burst_sent"] = result.burst_sent
+            stats["burst_end_ms"] = rel(result.burst_end_t)
         stats["dst_resume_ms"] = rel(result.dst_resume_t)
         if report is not None:
             stats["report"] = report
@@ -157,9 +162,19 @@ async def _drive(lab: Lab, opts: ScenarioOptions, say: Say) -> MigrationResult: 
     mopts = MigrationOptions(uri=lab.migration_uri, switchover_pause_ms=opts.switchover_pause_ms,
                              downtime_limit_ms=opts.downtime_limit_ms,
                              cancel_at_pre_switchover=opts.on_pre_switchover == "cancel")
+    burst = MigrationResult()  # what the burst did, if any
+    burst_task: asyncio.Task[None] | None = None
+
+    async def on_stop() -> None:
+        nonlocal burst_task
+        burst_task = asyncio.get_running_loop().create_task(_burst(lab, opts, burst))
+
     async with Monitor(lab.src_vm.qmp, "src") as src, Monitor(lab.dst_vm.qmp, "dst") as dst:
         try:
-            result = await migrate(src, dst, mopts)
+            result = await migrate(src, dst, mopts, on_stop=on_stop if opts.burst_frames else None)
+            if burst_task is not None:
+                await burst_task
+                result.burst_sent, result.burst_end_t = burst.burst_sent, burst.burst_end_t
         except MigrationFailed as exc:
             if opts.on_pre_switchover != "cancel":
                 raise
@@ -219,6 +234,9 @@ async def _on_src_event(ev: Any, lab: Lab, opts: ScenarioOptions, res: Migration
     status = ev.data.get("status") if ev.name == "MIGRATION" else None
     if ev.name == "STOP" and res.src_stop_t is None:
         res.src_stop_t = ev.emitted
+        if opts.burst_frames:
+            task = asyncio.get_running_loop().create_task(_burst(lab, opts, res))
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
         if opts.kill_agent_at_stop and agent.returncode is None:
             await asyncio.sleep(0.05)  # let some frames cross first
             say("lab: killing the destination agent")
@@ -237,6 +255,44 @@ async def _on_src_event(ev: Any, lab: Lab, opts: ScenarioOptions, res: Migration
         res.completed_t = ev.emitted
         if opts.kill_source:
             lab.src_vm.kill()
+
+
+BURST_ETHERTYPE = b"\x88\xb5"  # IEEE 802 local experimental: the guest drops it on arrival
+
+
+async def _burst(lab: Lab, opts: ScenarioOptions, res: MigrationResult) -> None:
+    """From the peer, ``burst_frames`` frames to the VM while its source is
+    stopped: the backlog netpass must carry across.  Paced in chunks over
+    ``burst_ms`` (each chunk fits the source tap's ring), bounded in count
+    and time.  The guest has no handler for the EtherType: it takes and drops
+    them, so what is measured is how fast the VM consumes its NIC."""
+    from ..packet import TxRing
+
+    dst = bytes.fromhex(GUEST_MAC.replace(":", ""))
+    src = bytes.fromhex(PEER_MAC.replace(":", ""))
+    with netns.entered(lab.ns("peer")):
+        ring = TxRing("eth0", queue_len=1000)
+    try:
+        total, chunk = opts.burst_frames, 500
+        steps = max(1, -(-total // chunk))
+        interval = opts.burst_ms / 1000 / steps
+        deadline = time.monotonic() + opts.burst_ms / 1000 + 2.0
+        sent = 0
+        while sent < total and time.monotonic() < deadline:
+            n = min(chunk, total - sent)
+            recs = [bytes(10) + dst + src + BURST_ETHERTYPE + (sent + i).to_bytes(4, "big") + bytes(42)
+                    for i in range(n)]
+            done = 0
+            while done < n and time.monotonic() < deadline:
+                done += ring.send(recs, done)
+                if done < n:
+                    await asyncio.sleep(0.001)
+            sent += done
+            res.burst_sent = sent
+            await asyncio.sleep(interval)
+        res.burst_end_t = time.monotonic()
+    finally:
+        ring.close()
 
 
 async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[MigrationResult, dict[str, Any]]:

@@ -1,0 +1,86 @@
+"""The source's overflow recovery (_align): pure logic, a fake shadow.
+
+The lab test (test_lab_netpass.py, the burst) runs it for real with a tap
+ring that overflows.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from netpass.nics import Nic
+from netpass.source import MigrateOptions, SourceNic, SourceSession
+
+VM = bytes.fromhex("525400000001")
+
+
+def frame(n: int) -> bytes:
+    return VM + bytes.fromhex("020000000009") + b"\x88\xb5" + n.to_bytes(4, "big") + bytes(42)
+
+
+class FakeShadow:
+    """What the shadow socket saw, in order, with running indexes."""
+
+    def __init__(self, frames: list[bytes], first: int = 100) -> None:
+        self.frames: deque[tuple[int, bytes, bytes]] = deque(
+            (first + i, bytes(10), f) for i, f in enumerate(frames))
+        self.seen = first + len(frames)
+        self.pulls = 0
+
+    def pull(self) -> int:
+        self.pulls += 1
+        return 0
+
+
+def session(shadow: Any, expect: int) -> tuple[SourceSession, SourceNic]:
+    sess = SourceSession(MigrateOptions(qmp="q", uri="u", dest_agent="a:1", dest_qmp="d", token=b"t" * 32))
+    sn = SourceNic(index=0, nic=Nic(mac="52:54:00:00:00:01", tap="tap0"), fds=[3], hdr_size=10,
+                   shadow=shadow, mac_bytes=VM, expect=expect)
+    sess.nics.append(sn)
+    return sess, sn
+
+
+def drain(sess: SourceSession, sn: SourceNic, read: list[bytes]) -> list[bytes]:
+    for data in read:
+        if sn.expect is not None:  # as _on_readable does
+            sess._align(sn, data)
+        sess._capture(sn, bytes(10), data)
+    return [f.data for f in sess.cache]
+
+
+def test_frames_the_ring_dropped_are_caught_in_their_place() -> None:
+    sent = [frame(i) for i in range(10)]
+    read = [sent[i] for i in (0, 1, 4, 5, 9)]  # 2, 3, 6, 7, 8 dropped by a full ring
+    sess, sn = session(FakeShadow(sent), expect=100)
+    assert drain(sess, sn, read) == sent
+    assert sn.overflow_recovered == 5 and sn.expect == 110 and not sess.notes
+
+
+def test_nothing_dropped_nothing_added() -> None:
+    sent = [frame(i) for i in range(50)]
+    sess, sn = session(FakeShadow(sent), expect=100)
+    assert drain(sess, sn, sent) == sent
+    assert sn.overflow_recovered == 0
+
+
+def test_frames_before_the_expected_index_are_not_recovered() -> None:
+    sent = [frame(i) for i in range(6)]  # 0, 1 were QEMU's reads before the drain began
+    sess, sn = session(FakeShadow(sent), expect=102)
+    assert drain(sess, sn, sent[2:]) == sent[2:]
+
+
+def test_a_frame_missing_from_the_shadow_stops_the_recovery_and_says_so() -> None:
+    sent = [frame(i) for i in range(4)]
+    shadow = FakeShadow(sent)
+    sess, sn = session(shadow, expect=100)
+    assert drain(sess, sn, [sent[0], frame(99), sent[3]]) == [sent[0], frame(99), sent[3]]
+    assert sn.expect is None and shadow.pulls == 1
+    assert any("lost track" in n for n in sess.notes)
+
+
+def test_shadow_that_lost_its_head_is_not_trusted() -> None:
+    sent = [frame(i) for i in range(4)]
+    sess, sn = session(FakeShadow(sent, first=105), expect=100)  # 100..104 evicted
+    drain(sess, sn, [sent[2]])
+    assert sn.overflow_recovered == 0 and sn.expect is None
