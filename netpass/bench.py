@@ -29,7 +29,7 @@ import time
 import zlib
 from typing import Any
 
-from . import links, netns, tapfd, wire
+from . import links, netns, tapfd, tc, wire
 from .channel import BATCH, CONTROL, Channel, connect, server_handshake
 from .errors import LabError
 from .packet import TxRing, send_frames
@@ -125,9 +125,12 @@ async def _send(frames: list[bytes], token: bytes, batch_frames: int, compress: 
             size = sum(map(len, bufs))
             raw_bytes += size - HDR * len(bufs)
             zstd = ch.should_compress(compress, size)
-            compressed += zstd
-            await ch.send(BATCH, wire.encode_records(seq, bufs, 0, HDR, time.monotonic_ns() // 1000,
-                                                     compress=zstd))
+            t = time.perf_counter()
+            blob = wire.encode_records(seq, bufs, 0, HDR, time.monotonic_ns() // 1000, compress=zstd)
+            if zstd:
+                ch.compressed(size, len(blob), time.perf_counter() - t)
+                compressed += 1
+            await ch.send(BATCH, blob)
             seq += 1
         t_drained = time.monotonic()
         cpu = _cpu() - cpu0
@@ -137,8 +140,10 @@ async def _send(frames: list[bytes], token: bytes, batch_frames: int, compress: 
         await ch.close()
     finally:
         os.close(fd)
-    return {"frames": n, "cpu_s": cpu, "batches": seq, "compressed": compressed, "t0": t0, "drain_s": t_drained - t0, "raw_bytes": raw_bytes,
-            "wire_bytes": wire_bytes, "receiver": report}
+    link = ch.link_rate
+    return {"frames": n, "cpu_s": cpu, "batches": seq, "compressed": compressed,
+            "link_mbit": round(link * 8 / 1e6, 1) if link else None, "t0": t0,
+            "drain_s": t_drained - t0, "raw_bytes": raw_bytes, "wire_bytes": wire_bytes, "receiver": report}
 
 
 def _sink(tap: str, expect: int, ready_fd: int, out_fd: int, verify: bool) -> None:
@@ -232,9 +237,10 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
 
 
 def run(size: int, count: int, batch_frames: int = 512, verify: bool = False,
-        compress: str = "auto") -> dict[str, Any]:
+        compress: str = "auto", link_mbit: int | None = None) -> dict[str, Any]:
     """Run the bench once; ``verify`` has the sink check every byte (slower);
-    ``compress`` is the policy, as ``netpass migrate --compress``."""
+    ``compress`` is the policy, as ``netpass migrate --compress``;
+    ``link_mbit`` limits the link between the two hosts (a tbf)."""
     if size < 60 or size > 1514:
         raise LabError("--size is a frame size in bytes, 60 to 1514")
     if not 1 <= count <= 2_000_000:
@@ -250,6 +256,8 @@ def run(size: int, count: int, batch_frames: int = 512, verify: bool = False,
         links.add_veth(a, "npb-a", b, "npb-b")
         links.add_address(a, "npb-a", SRC_IP, 24)
         links.add_address(b, "npb-b", DST_IP, 24)
+        if link_mbit:
+            tc.shape(a, "npb-a", link_mbit * 1_000_000)
         ready = f"/run/{b}.ready"
         tokfile = f"/run/{b}.token"
         with open(os.open(tokfile, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as fh:
@@ -281,13 +289,14 @@ def run(size: int, count: int, batch_frames: int = 512, verify: bool = False,
     seconds = r["t_last"] - res["t0"] if r.get("t_last") else float("inf")
     fps = res["frames"] / seconds
     out = {
-        "size": size, "compress": compress, "frames": res["frames"], "frames_sunk": r.get("sunk"),
+        "size": size, "compress": compress, "link_mbit": link_mbit, "frames": res["frames"], "frames_sunk": r.get("sunk"),
         "frames_per_second": round(fps), "gbit_per_second": round(res["raw_bytes"] * 8 / seconds / 1e9, 3),
         "raw_drain_fps": round(raw), "ratio_to_raw": round(fps / raw, 3) if raw else None,
         "drain_fps": round(res["frames"] / res["drain_s"]) if res["drain_s"] else None,
         "peak_rss_mib": r["peak_rss_mib"],
         "compression_ratio": round(res["raw_bytes"] / res["wire_bytes"], 2) if res["wire_bytes"] else None,
         "batches_compressed": f"{res['compressed']}/{res['batches']}",
+        "link_rate_mbit": res["link_mbit"],
         "latency_p50_ms": r["latency_p50_ms"], "latency_p99_ms": r["latency_p99_ms"],
         "ring_full_retries": r["ring_full_retries"],
         # CPU per frame of each process while it worked: where the 2 cores go.

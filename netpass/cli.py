@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="frames in the source tap's ring (default 100000)")
     bench.add_argument("--compress", choices=COMPRESS_MODES, default="auto",
                        help="compression policy, as for migrate (default auto)")
+    bench.add_argument("--link-mbit", type=_positive(int, "--link-mbit"), metavar="MBIT",
+                       help="limit the link between the two namespaces to MBIT Mbit/s")
     bench.add_argument("--cache-cap-mib", type=_positive(int, "--cache-cap-mib"), metavar="MIB",
                        help="instead: fill the agent's cache (a paused VM) past a cap of MIB "
                             "and report whether the cap and the RSS bound hold")
@@ -373,7 +375,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             res = cache_cap(args.cache_cap_mib, args.size)
     else:
         with err_console.status(f"bench: {args.frames} frames of {args.size} bytes"):
-            res = run(args.size, args.frames, compress=args.compress)
+            res = run(args.size, args.frames, compress=args.compress, link_mbit=args.link_mbit)
     if args.json:
         print(json.dumps(res))
     else:

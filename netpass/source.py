@@ -359,8 +359,11 @@ class SourceSession:
             frames = [self.outq.popleft() for _ in range(n)]
             raw = sum(f.wire_size for f in frames)
             zstd = self.ch.should_compress(self.o.compress, raw)
-            self.batches_compressed += zstd
+            t = time.perf_counter()
             blob = wire.encode(self.seq, frames, compress=zstd)
+            if zstd:
+                self.ch.compressed(raw, len(blob), time.perf_counter() - t)
+                self.batches_compressed += 1
             if self.o.save_pcap:
                 self.unacked[self.seq] = frames
             self.seq += 1
@@ -960,6 +963,7 @@ class SourceSession:
             "batches": self.seq,
             "batches_compressed": self.batches_compressed,
             "compress": self.o.compress,
+            "link_rate_mbit": round(self.ch.link_rate * 8 / 1e6, 1) if self.ch and self.ch.link_rate else None,
             "downtime_ms": info.get("downtime"),
             "total_time_ms": info.get("total-time"),
             "stop_to_resume_ms": (round((self.resumed_t - self.stop_t) * 1000, 1)

@@ -164,6 +164,11 @@ def tbf_allow(ns: str | None, dev: str, handle: str, nbytes: int, limit: int, mi
     tbf_plug(ns, dev, handle, max(nbytes, min_burst), limit, op="change")
 
 
+def shape(ns: str | None, dev: str, rate_bits: int) -> None:
+    """A plain rate limit on ``dev``'s egress (the bench's slower link)."""
+    _tbf(ns, dev, "add", "1:", rate_bits, max(64 << 10, rate_bits // 8 // 250), 8 << 20)
+
+
 def tbf_pace(ns: str | None, dev: str, handle: str, rate_bytes: int, burst: int, limit: int) -> None:
     """Let held frames through at ``rate_bytes`` per second, ``burst`` at once."""
     _tbf(ns, dev, "change", handle, max(8, rate_bytes * 8), burst, limit)

@@ -248,8 +248,14 @@ def test_compression_policy(tmp_path: Path) -> None:
             assert ch.should_compress("zstd", 10**6) and not ch.should_compress("none", 10**6)
             assert ch.backlog() == 0  # an idle link: auto does not spend CPU on zstd
             assert not ch.should_compress("auto", 1)
-            ch.backlog = lambda: 10**6  # type: ignore[method-assign]  # a link that fell behind
+            ch.backlog = lambda: 10**6  # type: ignore[method-assign]  # a link that fell behind ...
+            ch.link_rate = 50e6  # ... and drains at 400 Mbit/s: zstd (~400 MB/s) gains time
             assert ch.should_compress("auto", 512 * 64)
+            ch.link_rate = 1e9  # 8 Gbit/s, behind only because the far end is slow: it would not
+            ch._busy_since = None
+            assert not ch.should_compress("auto", 512 * 64)
+            ch.compressed(10**6, 5 * 10**5, 0.001)  # zstd measured at 1 GB/s, ratio 2 here
+            assert ch.zstd_rate > 400e6 and ch.zstd_ratio > 1.7
         finally:
             await ch.close()
 
