@@ -60,11 +60,20 @@ def loop_safe(fn: F) -> F:
 
 def tx_packets(ifname: str) -> int:
     """QEMU's reads from a tap, from sysfs: cheap enough to poll."""
+    return _stat(ifname, "tx_packets")
+
+
+def tx_dropped(ifname: str) -> int:
+    """Frames a tap's full ring dropped, from sysfs."""
+    return _stat(ifname, "tx_dropped")
+
+
+def _stat(ifname: str, name: str) -> int:
     try:
-        with open(f"/sys/class/net/{ifname}/statistics/tx_packets") as fh:
+        with open(f"/sys/class/net/{ifname}/statistics/{name}") as fh:
             return int(fh.read())
     except OSError as exc:
-        raise KernelError(f"cannot read tx_packets of {ifname}: {exc.strerror}") from exc
+        raise KernelError(f"cannot read {name} of {ifname}: {exc.strerror}") from exc
 
 
 @contextlib.contextmanager

@@ -37,6 +37,10 @@ TP_STATUS_SEND_REQUEST = 1
 TP2_STATUS_LEN = struct.Struct("=II")
 TP2_DATA = 32
 PACKET_OUTGOING = 4
+PACKET_STATISTICS = 6
+PACKET_STATS = struct.Struct("II")  # struct tpacket_stats: tp_packets, tp_drops
+SO_RCVBUFFORCE = 33
+SHADOW_BUFFER = 64 << 20
 ETH_P_ALL = 0x0003
 
 
@@ -292,10 +296,16 @@ class Shadow:
         self.ifname = ifname
         self.frames: deque[tuple[int, bytes, bytes]] = deque(maxlen=keep)
         self.seen = 0
+        self.dropped = 0  # copies the kernel dropped because this socket's buffer was full
         try:
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
             self.sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
+            try:
+                # Past net.core.rmem_max (212992 by default, a few hundred
+                # frames): a burst must not outrun the copy (CAP_NET_ADMIN).
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, SHADOW_BUFFER)
+            except PermissionError:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SHADOW_BUFFER)
             self.sock.bind((ifname, ETH_P_ALL))
             self.sock.setblocking(False)
         except OSError as exc:
@@ -317,6 +327,9 @@ class Shadow:
             self.frames.append((self.seen, buf[:10], buf[10:]))
             self.seen += 1
             n += 1
+        # (reading the statistics resets them: keep the sum)
+        self.dropped += PACKET_STATS.unpack(self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS,
+                                                                 PACKET_STATS.size))[1]
         return n
 
     def index_of(self, frame: bytes, not_before: int = 0) -> int | None:

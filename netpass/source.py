@@ -101,6 +101,10 @@ class SourceNic:
     dropped: dict[str, int] = field(default_factory=dict)
     tx_dropped0: int = 0  # the tap's drop counter at arm time
     expect: int | None = None  # shadow index of the next frame the drain should read
+    dropped_at_stop: int = 0  # the tap's tx_dropped just before the stop
+    drop_samples: list[tuple[float, int]] = field(default_factory=list)
+    shadow_dropped_at_stop: int = 0
+    shadow_dropped_final: int = 0
     overflow_recovered: int = 0  # frames the tap's ring dropped, taken from the shadow
     ring_overflow: int | None = None  # frames the tap's ring dropped before netpass drained them
 
@@ -272,15 +276,25 @@ class SourceSession:
             if j is not None or attempt:
                 break
             sn.shadow.pull()  # the frame entered after the last pull
-        if j is None or frames[0][0] != expect:
+        if j is None or frames[0][0] != expect or sn.shadow.dropped > sn.shadow_dropped_at_stop:
             sn.expect = None
-            self.notes.append(f"{sn.nic.tap}: lost track of the ring in the shadow; frames the ring "
-                              "drops from here on are not recovered (tap_ring_overflow counts them)")
+            self.notes.append(f"{sn.nic.tap}: lost track of the ring in the shadow (the shadow "
+                              f"socket dropped {sn.shadow.dropped - sn.shadow_dropped_at_stop} copies); "
+                              "frames the ring drops from here on are not recovered "
+                              "(tap_ring_overflow counts them)")
             return
-        for _ in range(j):
-            _idx, vnet, dropped = frames.popleft()
-            sn.overflow_recovered += 1
-            self._capture(sn, vnet, dropped)
+        skipped = [frames.popleft() for _ in range(j)]
+        if skipped:
+            # Only as many as tun counts as dropped since the stop: a frame
+            # someone else read (QEMU, resumed after a cancel) is a gap too,
+            # and must not be delivered twice.  Those are the oldest.
+            try:
+                budget = links.tx_dropped(sn.nic.tap) - sn.dropped_at_stop - sn.overflow_recovered
+            except NetpassError:
+                budget = 0
+            for _idx, vnet, dropped in skipped[max(0, len(skipped) - max(0, budget)):]:
+                sn.overflow_recovered += 1
+                self._capture(sn, vnet, dropped)
         sn.expect = frames.popleft()[0] + 1
 
     def _recover(self, sn: SourceNic, items: list[tuple[bytes, bytes]] | None) -> None:
@@ -469,7 +483,13 @@ class SourceSession:
         """
         assert self.mon is not None
         nics = [sn for sn in self.nics if sn.virtio_path is not None]
-        while nics and self.stop_t is None:
+        while self.stop_t is None:
+            now = time.monotonic()
+            for sn in self.nics:
+                # The ring's drop counter while the VM runs: the baseline for
+                # the drops after the stop that _align may recover.
+                sn.drop_samples.append((now, links.tx_dropped(sn.nic.tap)))
+                del sn.drop_samples[:-64]
             for sn in nics:
                 before = links.tx_packets(sn.nic.tap)
                 try:
@@ -502,6 +522,13 @@ class SourceSession:
         assert self.mon is not None
         sn.shadow.pull()
         inject_seen = sn.shadow.seen
+        # Drops from the stop on may be recovered; the STOP event comes late
+        # (the ring may overflow before it), so the baseline is the last
+        # sample taken well before the stop, else the count at arm time.
+        cutoff = (self.stop_emitted or time.monotonic()) - 0.02
+        before = [d for t, d in sn.drop_samples if t < cutoff]
+        sn.dropped_at_stop = before[-1] if before else sn.tx_dropped0
+        sn.shadow_dropped_at_stop = sn.shadow.dropped
         inj = Injector(sn.nic.tap)
         try:
             if not inj.send(bytes(wire.VNET_HDR_LEN), sn.sacrifice):
@@ -888,6 +915,7 @@ class SourceSession:
                     asyncio.get_running_loop().remove_reader(sn.shadow.fileno())
                 except (RuntimeError, ValueError):
                     pass
+                sn.shadow_dropped_final = sn.shadow.dropped
                 sn.shadow.close()
                 sn.shadow = None
             if sn.pinned:
@@ -930,6 +958,7 @@ class SourceSession:
                             "own_frames_ignored": sn.own_frames,
                             "tap_ring_overflow": sn.ring_overflow,
                             "frames_overflow_recovered": sn.overflow_recovered,
+                            "shadow_dropped": sn.shadow.dropped if sn.shadow else sn.shadow_dropped_final,
                             "frames_dropped": nic_dropped})
         captured = sum(sn.captured for sn in self.nics)
         if self.completed and self.dest_report == {} and self.netpass_active:

@@ -9,6 +9,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+import pytest
+
+from netpass import links
 from netpass.nics import Nic
 from netpass.source import MigrateOptions, SourceNic, SourceSession
 
@@ -27,6 +30,7 @@ class FakeShadow:
             (first + i, bytes(10), f) for i, f in enumerate(frames))
         self.seen = first + len(frames)
         self.pulls = 0
+        self.dropped = 0
 
     def pull(self) -> int:
         self.pulls += 1
@@ -49,12 +53,42 @@ def drain(sess: SourceSession, sn: SourceNic, read: list[bytes]) -> list[bytes]:
     return [f.data for f in sess.cache]
 
 
-def test_frames_the_ring_dropped_are_caught_in_their_place() -> None:
+def tun_dropped(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """The tap's tx_dropped since the stop."""
+    monkeypatch.setattr(links, "tx_dropped", lambda tap: n)
+
+
+def test_frames_the_ring_dropped_are_caught_in_their_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    tun_dropped(monkeypatch, 5)
     sent = [frame(i) for i in range(10)]
     read = [sent[i] for i in (0, 1, 4, 5, 9)]  # 2, 3, 6, 7, 8 dropped by a full ring
     sess, sn = session(FakeShadow(sent), expect=100)
     assert drain(sess, sn, read) == sent
     assert sn.overflow_recovered == 5 and sn.expect == 110 and not sess.notes
+
+
+def test_gaps_tun_did_not_drop_are_not_recovered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a cancel QEMU reads the ring again: its reads are gaps too, and
+    the VM already has those frames."""
+    tun_dropped(monkeypatch, 0)
+    sent = [frame(i) for i in range(6)]
+    sess, sn = session(FakeShadow(sent), expect=100)
+    assert drain(sess, sn, [sent[0], sent[3], sent[5]]) == [sent[0], sent[3], sent[5]]
+    assert sn.overflow_recovered == 0
+
+
+def test_only_as_many_as_tun_dropped_the_newest(monkeypatch: pytest.MonkeyPatch) -> None:
+    tun_dropped(monkeypatch, 2)  # 1 was read by QEMU just after the stop, 2 and 3 dropped
+    sent = [frame(i) for i in range(5)]
+    sess, sn = session(FakeShadow(sent), expect=100)
+    assert drain(sess, sn, [sent[0], sent[4]]) == [sent[0], sent[2], sent[3], sent[4]]
+
+
+def test_a_long_gap_is_recovered_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    tun_dropped(monkeypatch, 3000)  # a little more than this gap (2998): all of it
+    sent = [frame(i) for i in range(3000)]
+    sess, sn = session(FakeShadow(sent), expect=100)
+    assert drain(sess, sn, [sent[0], sent[2999]]) == sent
 
 
 def test_nothing_dropped_nothing_added() -> None:
