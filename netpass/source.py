@@ -1003,6 +1003,7 @@ class SourceSession:
             "destination_status": self.dest_status,
             "frames_lost_inside_qemu_recovered": sum(sn.swallowed_recovered for sn in self.nics),
             "reordered_estimate": self.dest_report.get("reordered_estimate"),
+            "dest_ring_overflow": self.dest_report.get("dest_ring_overflow"),
             **({"pcap": self.o.save_pcap, "pcap_frames": self.pcap_written}
                if self.o.save_pcap else {}),
             "strict_ordering": self.o.strict_ordering,

@@ -45,7 +45,8 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
                                               "duplicates_suppressed", "frames_dropped", "notes",
                                               "frames_lost_inside_qemu_recovered", "held_rx", "held_tx",
                                               "hold_ms", "replay_delay_ms", "tap_ring_overflow",
-                                              "frames_overflow_recovered", "drain_start_ms")}
+                                              "frames_overflow_recovered", "drain_start_ms",
+                                              "dest_ring_overflow", "frames_after_resume")}
     return out
 
 

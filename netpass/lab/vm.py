@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +23,16 @@ QEMU = "qemu-system-x86_64"
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    # If the lab process dies without cleaning up, its QEMUs go with it.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def _die_with(parent: int) -> Callable[[], None]:
+    """A preexec_fn: if the lab process dies without cleaning up, its QEMUs
+    go with it.  The parent may die between fork and prctl, which then never
+    fires (the killed-lab test hit that once): so check it is still there."""
+    def preexec() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return preexec
 
 
 @dataclass
@@ -87,7 +94,7 @@ class VM:
         with open(log_path, "wb") as err:
             self.proc = subprocess.Popen(netns.exec_argv(self.ns, self.argv()),
                                          stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=_die_with(os.getpid()))
         deadline = time.monotonic() + 30
         while not os.path.exists(self.qmp):
             if self.proc.poll() is not None:
