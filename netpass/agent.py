@@ -23,8 +23,8 @@ from typing import Any
 
 from . import hold as holdmod
 from . import links, tapfd, wire
-from .channel import (BATCH, CONTROL, ERROR, AuthError, Channel, ChannelError, parse_hostport,
-                      server_handshake)
+from .channel import (BATCH, CONTROL, ERROR, AuthError, Channel, ChannelError, Wire, parse_hostport,
+                      serve, server_handshake)
 from .errors import NetpassError, QMPError, UsageError
 from .metrics import AgentMetrics
 from .nics import Nic, discover
@@ -519,7 +519,8 @@ class DestSession:
                 self._pull_direct(dn)
                 self._pull_mirror(dn)
             if dn.direct:
-                key = hash(data)
+                # (a view of a received message hashes only as bytes)
+                key = hash(data if isinstance(data, bytes) else bytes(data))
                 if dn.direct.get(key):
                     dn.direct[key] -= 1
                     dn.duplicates += 1
@@ -770,7 +771,7 @@ class Agent:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(self.cfg.tls_cert, self.cfg.tls_key)
         try:
-            self.server = await asyncio.start_server(self._handle, host, port, ssl=ctx)
+            self.server = await serve(self._handle, host, port, ctx)
         except OSError as exc:
             raise UsageError(f"cannot listen on {self.cfg.listen}: {exc.strerror}") from exc
         log.info("agent listening on %s (qmp-root %s)", self.cfg.listen, self.cfg.qmp_root)
@@ -781,7 +782,7 @@ class Agent:
         async with self.server:
             await self.server.serve_forever()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, reader: Wire, writer: Any) -> None:
         peer = writer.get_extra_info("peername")
         ch = Channel(reader, writer, peer=f"{peer[0]}:{peer[1]}" if peer else "?")
         try:

@@ -30,7 +30,7 @@ import zlib
 from typing import Any
 
 from . import links, netns, tapfd, tc, wire
-from .channel import BATCH, CONTROL, Channel, connect, server_handshake
+from .channel import BATCH, CONTROL, Channel, Wire, connect, serve, server_handshake
 from .errors import LabError
 from .packet import TxRing, send_frames
 
@@ -189,7 +189,7 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
     os.read(ready_r, 1)
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(reader: Wire, writer: Any) -> None:
         ch = Channel(reader, writer, peer="bench")
         await server_handshake(ch, token)
         ring = TxRing("npb-dst", vnet_hdr=True, queue_len=DST_QLEN)
@@ -226,7 +226,7 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
         await ch.close()
         done.set_result(None)
 
-    server = await asyncio.start_server(handle, DST_IP, PORT)
+    server = await serve(handle, DST_IP, PORT)
     with open(ready, "w") as fh:
         fh.write("ready")
     try:

@@ -40,6 +40,8 @@ import ssl
 import stat
 import struct
 import time
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,10 +108,183 @@ def _derive(token: bytes, label: bytes, nc: bytes, ns: bytes) -> bytes:
     return hmac.new(token, label + nc + ns, hashlib.sha256).digest()
 
 
+class _Closed(Exception):
+    """The connection ended (``cause`` is the OS error, if any)."""
+
+    def __init__(self, cause: BaseException | None) -> None:
+        super().__init__(str(cause) if cause else "closed")
+        self.cause = cause
+
+
+class _Oversized(Exception):
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+class Wire(asyncio.BufferedProtocol):
+    """The channel's receiving end: the kernel writes each message straight
+    into its own buffer (``recv_into``), no stream buffer in between.
+
+    asyncio's StreamReader copies every byte into its buffer, again out of
+    it, and moves the rest down: measured on a 768 KiB message stream, 2.4
+    to 3.6 us of CPU per 1500-byte frame, against 0.23 us this way.  A
+    message is ``length u32 | type u8 | rest``; the length is checked
+    before its buffer is allocated.
+    """
+
+    HIGH = 16 << 20  # bytes of unread messages before reading pauses
+    LOW = 4 << 20
+
+    def __init__(self, on_connect: Callable[[Wire, _Writer], None] | None = None) -> None:
+        self.transport: asyncio.BaseTransport | None = None
+        self._head = bytearray(PREFIX.size)
+        self._body: bytearray | None = None
+        self._target = memoryview(self._head)
+        self._pos = 0
+        self._mtype = 0
+        self._queue: deque[tuple[int, bytearray]] = deque()
+        self._queued = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self._reading_paused = False
+        self._writing_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._on_connect = on_connect
+
+    # -- asyncio callbacks --------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        if self._on_connect is not None:
+            self._on_connect(self, _Writer(transport, self))  # type: ignore[arg-type]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._target[self._pos:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._pos += nbytes
+        if self._pos < len(self._target):
+            return
+        if self._body is None:
+            size, self._mtype = PREFIX.unpack(self._head)
+            if not 1 <= size <= MAX_MESSAGE:
+                self._fail(_Oversized(size))
+                assert self.transport is not None
+                self.transport.close()
+                return
+            self._body = bytearray(size - 1)
+            self._target, self._pos = memoryview(self._body), 0
+            if size > 1:
+                return
+        self._queue.append((self._mtype, self._body))
+        self._queued += len(self._body)
+        self._body = None
+        self._target, self._pos = memoryview(self._head), 0
+        self._wake()
+        if self._queued > self.HIGH and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()  # type: ignore[attr-defined]
+
+    def eof_received(self) -> bool | None:
+        return None  # close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(_Closed(exc))
+        for fut in self._drain_waiters:
+            if not fut.done():
+                fut.set_exception(ConnectionResetError("connection lost"))
+        self._drain_waiters.clear()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        for fut in self._drain_waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._drain_waiters.clear()
+
+    # -- for the channel ----------------------------------------------------------------
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read(self) -> tuple[int, bytearray]:
+        """The next whole message: its type and the rest (payload and MAC)."""
+        while not self._queue:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        mtype, body = self._queue.popleft()
+        self._queued -= len(body)
+        if self._reading_paused and self._queued < self.LOW and self._error is None:
+            self._reading_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        return mtype, body
+
+    async def drain(self) -> None:
+        if self._error is not None and isinstance(self._error, _Closed):
+            raise ConnectionResetError("connection lost")
+        if self._writing_paused:
+            fut = asyncio.get_running_loop().create_future()
+            self._drain_waiters.append(fut)
+            await fut
+
+
+class _Writer:
+    """The sending end: the transport, with drain() and wait_closed()."""
+
+    def __init__(self, transport: asyncio.WriteTransport, wire: Wire) -> None:
+        self.transport = transport
+        self._wire = wire
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.transport.write(data)
+
+    def writelines(self, parts: list[bytes]) -> None:
+        self.transport.writelines(parts)
+
+    async def drain(self) -> None:
+        await self._wire.drain()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
+
+    def close(self) -> None:
+        self.transport.close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._wire._closed)
+
+
+async def serve(handler: Callable[[Wire, _Writer], Awaitable[None]], host: str, port: int,
+                ssl_ctx: ssl.SSLContext | None = None) -> asyncio.Server:
+    """Listen; run ``handler(reader, writer)`` for each connection."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def connected(wire: Wire, writer: _Writer) -> None:
+        task = loop.create_task(handler(wire, writer))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    return await loop.create_server(lambda: Wire(connected), host, port, ssl=ssl_ctx)
+
+
 @dataclass
 class Channel:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    reader: Wire
+    writer: _Writer
     send_key: AESGCM | None = None
     recv_key: AESGCM | None = None
     sent: int = 0
@@ -221,12 +396,12 @@ class Channel:
 
     async def recv(self, timeout: float | None = None) -> tuple[int, bytes | memoryview]:
         try:
-            head = await asyncio.wait_for(self.reader.readexactly(PREFIX.size), timeout)
-            size, mtype = PREFIX.unpack(head)
-            if not 1 <= size <= MAX_MESSAGE:
-                raise ChannelError(f"{self.peer} sent a message of {size} bytes: refused")
-            body = await asyncio.wait_for(self.reader.readexactly(size - 1), timeout)
-        except asyncio.IncompleteReadError as exc:
+            mtype, body = await asyncio.wait_for(self.reader.read(), timeout)
+        except _Oversized as exc:
+            raise ChannelError(f"{self.peer} sent a message of {exc.size} bytes: refused") from exc
+        except _Closed as exc:
+            if exc.cause is not None:
+                raise ChannelError(f"connection to {self.peer} lost: {exc.cause}") from exc
             raise ChannelError(f"{self.peer} closed the connection") from exc
         except asyncio.TimeoutError as exc:
             raise ChannelError(f"{self.peer} sent nothing for {timeout:.0f} s") from exc
@@ -235,15 +410,17 @@ class Channel:
         if self.recv_key is not None:
             if len(body) < MAC_LEN:
                 raise ChannelError(f"{self.peer} sent a message without its MAC")
-            # A batch is handed on as a view (no copy of up to 16 MiB); the rest as bytes.
-            payload = memoryview(body)[:-MAC_LEN] if mtype == BATCH else body[:-MAC_LEN]
-            mac = body[-MAC_LEN:]
+            # A batch is handed on as a read-only view (no copy of up to 16
+            # MiB); the rest as bytes.
+            payload = (memoryview(body).toreadonly()[:-MAC_LEN] if mtype == BATCH
+                       else bytes(body[:-MAC_LEN]))
+            mac = bytes(body[-MAC_LEN:])
             if not hmac.compare_digest(mac, _mac(self.recv_key, self.received, mtype, payload)):
                 raise ChannelError(f"message {self.received} from {self.peer} failed "
                                    "authentication (altered, replayed or injected)")
             self.received += 1
         else:
-            payload = body
+            payload = memoryview(body).toreadonly() if mtype == BATCH else bytes(body)
         if mtype == ERROR:
             err = _json(payload)
             code = str(err.get("code", "error"))
@@ -347,8 +524,11 @@ async def connect(hostport: str, token: bytes, tls_ca: str | None = None,
     if tls_ca:
         ctx = ssl.create_default_context(cafile=tls_ca)
         ctx.check_hostname = False  # the token authenticates the agent; TLS adds secrecy
+    loop = asyncio.get_running_loop()
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ctx), timeout)
+        transport, wire = await asyncio.wait_for(
+            loop.create_connection(Wire, host, port, ssl=ctx), timeout)
+        reader, writer = wire, _Writer(transport, wire)  # type: ignore[arg-type]
     except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
         raise ChannelError(f"cannot reach the agent at {hostport}: {exc or 'timed out'}; "
                            "is 'netpass agent' running there?") from exc
