@@ -131,7 +131,7 @@ class DestNic:
     mark_tx: int = 0
     direct: dict[int, int] = field(default_factory=dict)
     duplicates: int = 0
-    pending: Pending = field(default_factory=lambda: Pending())
+    pending: Pending = field(default_factory=Pending)
     replayed: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     hold: holdmod.Hold | None = None
@@ -502,8 +502,8 @@ class DestSession:
         for i, (nic, h, rec) in enumerate(zip(batch.nics, batch.hdr_lens, batch.records)):
             dn = self.nics[nic]
             data = rec[h:] if h else rec
-            dst = data[:6]
-            if dst != dn.mac_bytes and not dst[0] & 1:
+            dst = wire.dst_mac(data)
+            if dst != dn.mac_bytes and not wire.is_group(dst):
                 dn.drop("foreign_mac")
                 dropped += 1
                 skipped.append(i)

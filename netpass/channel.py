@@ -320,13 +320,13 @@ class Channel:
         writelines joins, and its buffer copies what a partial send left.)
         TLS goes through the transport."""
         transport = self.writer.transport
-        sock = transport.get_extra_info("socket")
-        if (self._fd is None or transport.get_write_buffer_size() or sock is None
+        fd = self._fd
+        if (fd is None or transport.get_write_buffer_size()
                 or transport.get_extra_info("sslcontext") is not None or transport.is_closing()):
             self.writer.writelines(parts)
             return
         try:
-            sent = os.writev(self._fd, parts)
+            sent = os.writev(fd, parts)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:

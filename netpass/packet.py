@@ -34,7 +34,6 @@ TPACKET_V2 = 1
 TP_STATUS_SEND_REQUEST = 1
 # struct tpacket2_hdr is 32 bytes; a TX frame's data starts right after it
 # (tp_hdrlen - sizeof(struct sockaddr_ll) = 52 - 20).
-TP2_STATUS_LEN = struct.Struct("=II")
 TP2_DATA = 32
 PACKET_OUTGOING = 4
 PACKET_STATISTICS = 6
@@ -126,7 +125,6 @@ class TxRing:
         self.frame_size = frame_size
         self.max_record = frame_size - TP2_DATA
         self.head = 0  # the next slot to fill: also the kernel's next slot to send
-        self.refused_bytes = 0
         self._big: Injector | None = None
         block = 1 << 16
         try:
@@ -218,8 +216,11 @@ class TxRing:
         return n
 
     def _flush(self, n: int) -> int:
-        """Have the kernel send the ``n`` slots from the head; how many it took."""
-        expect = 0
+        """Have the kernel send the ``n`` slots from the head; how many it took.
+
+        ``_fill`` never wraps, so the ``n`` slots are contiguous: their
+        statuses and lengths are read back column-wise, like they were written.
+        """
         try:
             sent = self.sock.send(b"", socket.MSG_DONTWAIT)
         except OSError as exc:
@@ -227,30 +228,28 @@ class TxRing:
                 self._unmark(0, n)
                 raise KernelError(f"replay into {self.ifname} failed: {exc}") from exc
             sent = None
-        mm, fs, mask = self.mm, self.frame_size, self.slots - 1
-        hdr = 10 if self.vnet_hdr else 0  # the kernel counts the bytes after the header
-        taken = 0
-        slot = self.head
-        while taken < n:
-            off = slot * fs
-            if mm[off] & TP_STATUS_SEND_REQUEST:
-                break  # where the kernel stopped: the tap refused this one
-            expect += TP2_STATUS_LEN.unpack_from(mm, off)[1] - hdr
-            slot = (slot + 1) & mask
-            taken += 1
+        q = self.frame_size // 4
+        first = self.head * q
+        statuses = self._status[first:first + n * q:q]
+        # Where the kernel stopped (the tap refused that one): still a send request.
+        taken = next((k for k, st in enumerate(statuses) if st & TP_STATUS_SEND_REQUEST), n)
         self._unmark(taken, n)
-        self.head = slot
-        if sent is not None and sent < expect:
-            self.refused_bytes += expect - sent
-            log.warning("%s: the kernel refused %d bytes of frames as malformed", self.ifname,
-                        expect - sent)
+        if sent is not None:
+            # The kernel counts the bytes after the virtio-net header.
+            hdr = 10 if self.vnet_hdr else 0
+            expect = sum(self._status[first + 1:first + 1 + taken * q:q]) - hdr * taken
+            if sent < expect:
+                log.warning("%s: the kernel refused %d bytes of frames as malformed", self.ifname,
+                            expect - sent)
+        self.head = (self.head + taken) & (self.slots - 1)
         return taken
 
     def _unmark(self, first: int, n: int) -> None:
         """Give back slots head+first .. head+n-1 that the kernel did not take."""
-        mm, fs, mask = self.mm, self.frame_size, self.slots - 1
-        for k in range(first, n):
-            TP2_STATUS_LEN.pack_into(mm, ((self.head + k) & mask) * fs, 0, 0)
+        if first < n:
+            q = self.frame_size // 4
+            base = (self.head + first) * q
+            self._status[base:base + (n - first) * q:q] = array.array("I", [0]) * (n - first)
 
     def _send_big(self, rec: bytes | memoryview) -> bool:
         if self._big is None:
@@ -327,9 +326,10 @@ class Shadow:
             self.frames.append((self.seen, buf[:10], buf[10:]))
             self.seen += 1
             n += 1
-        # (reading the statistics resets them: keep the sum)
-        self.dropped += PACKET_STATS.unpack(self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS,
-                                                                 PACKET_STATS.size))[1]
+        if n:  # a full buffer leaves frames to read: only then can it have dropped any
+            # (reading the statistics resets them: keep the sum)
+            self.dropped += PACKET_STATS.unpack(self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS,
+                                                                     PACKET_STATS.size))[1]
         return n
 
     def index_of(self, frame: bytes, not_before: int = 0) -> int | None:

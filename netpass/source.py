@@ -262,20 +262,10 @@ class SourceSession:
         frames = sn.shadow.frames
         expect = sn.expect
         assert expect is not None
-        j = None
-        for attempt in range(2):
-            while frames and frames[0][0] < expect:
-                frames.popleft()
-            if frames and frames[0][2] == data:
-                j = 0
-            else:
-                for k, entry in enumerate(itertools.islice(frames, ALIGN_SCAN)):
-                    if entry[2] == data:
-                        j = k
-                        break
-            if j is not None or attempt:
-                break
+        j = _position(frames, expect, data)
+        if j is None:
             sn.shadow.pull()  # the frame entered after the last pull
+            j = _position(frames, expect, data)
         if j is None or frames[0][0] != expect or sn.shadow.dropped > sn.shadow_dropped_at_stop:
             sn.expect = None
             self.notes.append(f"{sn.nic.tap}: lost track of the ring in the shadow (the shadow "
@@ -356,7 +346,7 @@ class SourceSession:
         for sn in self.nics:
             if sn.ring_overflow is None and sn.fds:
                 try:  # (the tap is gone with a killed QEMU: then unknown)
-                    sn.ring_overflow = links.info(None, sn.nic.tap).tx_dropped - sn.tx_dropped0
+                    sn.ring_overflow = links.tx_dropped(sn.nic.tap) - sn.tx_dropped0
                 except NetpassError:
                     pass
 
@@ -1024,3 +1014,13 @@ async def migrate(opts: MigrateOptions, progress: Progress | None = None) -> dic
         exc.report = getattr(sess, "final_report", sess.report(exc))  # type: ignore[attr-defined]
         raise
 
+
+def _position(frames: deque[tuple[int, bytes, bytes]], expect: int, data: bytes) -> int | None:
+    """Where ``data`` is among the shadow's entries from index ``expect`` on
+    (older ones are dropped from the left first); None if not there."""
+    while frames and frames[0][0] < expect:
+        frames.popleft()
+    if frames and frames[0][2] == data:
+        return 0  # the usual case: nothing dropped in between
+    return next((k for k, entry in enumerate(itertools.islice(frames, ALIGN_SCAN)) if entry[2] == data),
+                None)
