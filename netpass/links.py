@@ -85,7 +85,7 @@ def _ipr(ns: str | None) -> Iterator[IPRoute]:
     try:
         yield handle
     except (NetlinkError, OSError) as exc:
-        raise KernelError(f"netlink error in namespace {ns or 'host'}: {exc}") from exc
+        raise KernelError(f"netlink error in namespace {ns or 'of this process'}: {exc}") from exc
     finally:
         handle.close()
 

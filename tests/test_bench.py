@@ -6,6 +6,7 @@ import pytest
 
 from netpass import netns
 from netpass.bench import VM_MAC, mixed_frames, run
+from netpass.errors import LabError
 
 
 def test_mixed_frames_look_like_traffic() -> None:
@@ -37,3 +38,9 @@ def test_cache_cap_bench_fills_past_the_cap(root_required: None) -> None:
     assert res["dropped_cache_full"] > 0  # it did offer more than the cap
     assert res["frames_cached"] + res["dropped_cache_full"] == res["frames_offered"]
     assert res["peak_rss_mib"] > res["rss_before_mib"]
+
+
+@pytest.mark.parametrize("count", [0, 500_001])
+def test_bench_refuses_a_run_one_tap_cannot_hold(count: int) -> None:
+    with pytest.raises(LabError, match="--frames is 1 to 500,000"):
+        run(64, count)
