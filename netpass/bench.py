@@ -176,6 +176,19 @@ def _sink(tap: str, expect: int, ready_fd: int, out_fd: int, verify: bool) -> No
     os.write(out_fd, json.dumps({"sunk": got, "t_last": last, "crc": crc, "sink_cpu_s": _cpu() - cpu0}).encode())
 
 
+def _percentile(weighted: list[tuple[int, int]], q: float) -> float | None:
+    """The q-quantile in milliseconds of values given with their counts."""
+    total = sum(n for _, n in weighted)
+    if not total:
+        return None
+    rank, seen = int(total * q), 0
+    for value, n in sorted(weighted):
+        seen += n
+        if seen > rank:
+            return value / 1000
+    return sorted(weighted)[-1][0] / 1000
+
+
 async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
     rd, wr = os.pipe()
     ready_r, ready_w = os.pipe()
@@ -194,7 +207,7 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
         ch = Channel(reader, writer, peer="bench")
         await server_handshake(ch, token)
         ring = TxRing("npb-dst", vnet_hdr=True, queue_len=DST_QLEN)
-        lat: list[int] = []
+        lat: list[tuple[int, int]] = []  # (drain-to-replay microseconds, frames)
         retries = 0
         cpu0 = None
         while True:
@@ -210,18 +223,23 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
                 if k:
                     now = time.monotonic_ns() // 1000
                     # The batch keeps 32 bits of microseconds: difference modulo 2^32.
-                    lat += [(now - t) & 0xFFFFFFFF for t in batch.ts_us[i:i + k]]
+                    # The source stamps a whole batch at once: one entry per
+                    # stamp and its count, not a Python int per frame.
+                    stamps = batch.ts_us[i:i + k]
+                    if stamps.count(stamps[0]) == k:
+                        lat.append(((now - stamps[0]) & 0xFFFFFFFF, k))
+                    else:
+                        lat += [((now - t) & 0xFFFFFFFF, 1) for t in stamps]
                     i += k
                 else:  # the sink's ring is full: let it read
                     retries += 1
                     await asyncio.sleep(0.0002)
         cpu = _cpu() - (cpu0 or 0.0)
         res = json.loads(await asyncio.to_thread(os.read, rd, 4096) or b"{}")
-        lat.sort()
         rss = _rss_mib("VmHWM")
         await ch.send_json(CONTROL, {**res, "ring_full_retries": retries, "receiver_cpu_s": cpu,
-                                     "latency_p50_ms": lat[len(lat) // 2] / 1000 if lat else None,
-                                     "latency_p99_ms": lat[int(len(lat) * 0.99)] / 1000 if lat else None,
+                                     "latency_p50_ms": _percentile(lat, 0.5),
+                                     "latency_p99_ms": _percentile(lat, 0.99),
                                      "peak_rss_mib": round(rss, 1)})
         ring.close()
         await ch.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from netpass import netns
 from netpass.bench import VM_MAC, mixed_frames, run
@@ -44,3 +46,18 @@ def test_cache_cap_bench_fills_past_the_cap(root_required: None) -> None:
 def test_bench_refuses_a_run_one_tap_cannot_hold(count: int) -> None:
     with pytest.raises(LabError, match="--frames is 1 to 500,000"):
         run(64, count)
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(1, 600)), min_size=1, max_size=40),
+       st.sampled_from([0.0, 0.5, 0.99]))
+def test_weighted_percentile_matches_the_per_frame_list(weighted: list[tuple[int, int]], q: float) -> None:
+    from netpass.bench import _percentile
+
+    flat = sorted(v for v, n in weighted for _ in range(n))
+    assert _percentile(weighted, q) == flat[int(len(flat) * q)] / 1000
+
+
+def test_weighted_percentile_of_nothing() -> None:
+    from netpass.bench import _percentile
+
+    assert _percentile([], 0.5) is None
