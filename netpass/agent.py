@@ -66,6 +66,12 @@ class SessionError(NetpassError):
         self.code = code
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system) this agent process used so far."""
+    t = os.times()
+    return t.user + t.system
+
+
 class Pending:
     """Frames waiting for the VM, in order, stored compactly: each accepted
     batch's records (virtio-net header + frame) joined into one buffer with
@@ -139,6 +145,8 @@ class DestNic:
     reordered: int = 0
     held_times: deque[float] = field(default_factory=lambda: deque(maxlen=65536))
     tx_dropped0: int = 0  # the tap's drop counter at arm time
+    tx0: int = 0  # QEMU's reads from the tap at arm time (none until the VM runs)
+    first_read_t: float | None = None  # when QEMU was first seen reading after that
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
@@ -169,6 +177,7 @@ class DestSession:
         self.hold_lock = asyncio.Lock()  # one hold operation at a time (feeder, finish, cleanup)
         self.final_report: dict[str, Any] | None = None
         self.direct_told = False
+        self.cpu0 = _cpu_s()
 
     # -- arming -------------------------------------------------------------------------
     def _check_qmp_path(self, path: str) -> str:
@@ -209,7 +218,7 @@ class DestSession:
                 self.nics.append(dn)
                 # The ring is used at its size: changing txqueuelen on a live
                 # tap drops frames; what does not fit is fed as the VM reads.
-                dn.mark_tx = info.tx_packets
+                dn.mark_tx = dn.tx0 = info.tx_packets
                 dn.tx_dropped0 = info.tx_dropped
         finally:
             os.close(pidfd)
@@ -359,6 +368,8 @@ class DestSession:
         """
         self._pull_direct(dn)
         tx = links.tx_packets(dn.nic.tap)
+        if dn.first_read_t is None and tx > dn.tx0:
+            dn.first_read_t = time.monotonic()
         entered = dn.live_enqueued + dn.replayed
         if not tapfd.readable(dn.fds):
             dn.mark_enq, dn.mark_tx = entered, tx
@@ -415,7 +426,9 @@ class DestSession:
                 await self._release_tx_when_ready()
             if any(dn.pending for dn in self.nics):
                 self.feed()
-                await asyncio.sleep(0.0005)
+                # A paused VM reads nothing (accept() and migrated() feed
+                # too): polling it only takes CPU from the incoming migration.
+                await asyncio.sleep(0.0005 if self.running else 0.002)
             elif self.unconsumed and self.running:
                 if all(self._consumed(dn) for dn in self.nics):
                     self.last_consumed_t = time.monotonic()
@@ -595,14 +608,23 @@ class DestSession:
         return self.report()
 
     def report(self) -> dict[str, Any]:
-        delay = None
+        delay = read_fps = None
         if self.resume_t is not None and self.last_consumed_t is not None:
             delay = round(max(0.0, self.last_consumed_t - self.resume_t) * 1000, 1)
+        reads = [dn.first_read_t for dn in self.nics if dn.first_read_t is not None]
+        if reads:
+            # The rate the VM read a backlog at, from its first read: what
+            # bounds the replay delay when netpass keeps the ring fed.
+            replayed = sum(dn.replayed for dn in self.nics)
+            if self.last_consumed_t is not None and self.last_consumed_t > min(reads) and replayed >= 1000:
+                read_fps = round(replayed / (self.last_consumed_t - min(reads)))
         return {
             "session": self.sid,
             "state": self.sm.state.value,
             "batches": self.batches,
             "replay_delay_ms": delay,
+            "vm_replay_read_fps": read_fps,
+            "agent_cpu_ms": round((_cpu_s() - self.cpu0) * 1000, 1),
             "nics": [{"mac": dn.nic.mac, "tap": dn.nic.tap, "replayed": dn.replayed,
                       "duplicates_suppressed": dn.duplicates,
                       "reordered_estimate": dn.reordered,

@@ -256,7 +256,8 @@ def _print_runs(runs: dict[str, dict[str, Any]]) -> None:
                   *(str(r.get("guest_icmp_out_errors", "-")) for r in runs.values()))
     rep_rows = [("frames captured", "frames_captured"), ("frames replayed", "frames_replayed"),
                 ("lost inside QEMU, recovered", "frames_lost_inside_qemu_recovered"),
-                ("replay delay (ms)", "replay_delay_ms")]
+                ("replay delay (ms)", "replay_delay_ms"),
+                ("VM read the replay at (frames/s)", "vm_replay_read_fps")]
     for label, key in rep_rows:
         table.add_row(label, *(str(r.get("report", {}).get(key, "-")) for r in runs.values()))
     out_console.print(table)

@@ -988,6 +988,8 @@ class SourceSession:
             "stop_to_resume_ms": (round((self.resumed_t - self.stop_t) * 1000, 1)
                                   if self.resumed_t and self.stop_t else None),
             "replay_delay_ms": self.dest_report.get("replay_delay_ms"),
+            "vm_replay_read_fps": self.dest_report.get("vm_replay_read_fps"),
+            "agent_cpu_ms": self.dest_report.get("agent_cpu_ms"),
             "frames_after_resume": late_frames,
             "last_frame_after_resume_ms": last_late_ms,
             "destination_status": self.dest_status,
