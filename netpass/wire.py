@@ -111,7 +111,9 @@ class Batch:
     nics: bytes
     hdr_lens: bytes
     ts_us: array.array[int]
-    records: list[bytes] | list[memoryview]  # views into the message when it was not compressed
+    records: list[memoryview]  # read-only views into ``body``
+    body: memoryview  # the whole body: columns, then the records back to back
+    offsets: list[int]  # record i is body[offsets[i]:offsets[i + 1]]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -214,13 +216,13 @@ def decode(blob: bytes | bytearray | memoryview, nic_count: int = 256,
     body = memoryview(blob)[HEADER.size:]
     if flags & FLAG_ZSTD:
         try:
-            raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=raw_len)
+            raw = memoryview(zstandard.ZstdDecompressor().decompress(body, max_output_size=raw_len))
         except zstandard.ZstdError as exc:
             raise WireError(f"zstd body does not decompress: {exc}") from exc
     else:
-        # A view: the records are slices of the message, not copies (of a
-        # read-only message, so that they hash like bytes).
-        raw = body if body.readonly else bytes(body)
+        # The records are slices of the message, not copies (of a read-only
+        # message, so that they hash like bytes).
+        raw = body if body.readonly else memoryview(bytes(body))
     if len(raw) != raw_len:
         raise WireError(f"body is {len(raw)} bytes once decompressed, header says {raw_len}")
     if _check(raw) != crc:
@@ -248,7 +250,7 @@ def decode(blob: bytes | bytearray | memoryview, nic_count: int = 256,
         raise WireError(f"{raw_len - total} bytes of garbage after the last record")
     ends = list(itertools.accumulate(sizes, initial=start))
     records = list(map(raw.__getitem__, map(slice, ends, ends[1:])))
-    return Batch(seq=seq, nics=nics, hdr_lens=hdrs, ts_us=ts, records=records)
+    return Batch(seq=seq, nics=nics, hdr_lens=hdrs, ts_us=ts, records=records, body=raw, offsets=ends)
 
 
 def dst_mac(frame: bytes) -> bytes:
