@@ -518,7 +518,12 @@ class DestSession:
                 dn.live_at_stop = dn.live_enqueued
 
     def accept(self, blob: bytes | memoryview) -> dict[str, Any]:
-        batch = wire.decode(blob, nic_count=len(self.nics))
+        return self.accept_batch(wire.decode(blob, nic_count=len(self.nics)))
+
+    def accept_batch(self, batch: wire.Batch) -> dict[str, Any]:
+        """Cache a decoded batch's frames for the VM and feed what fits."""
+        if batch.nics and max(batch.nics) >= len(self.nics):
+            raise wire.WireError(f"NIC index {max(batch.nics)} but the session has {len(self.nics)} NICs")
         self._mark_stop()
         if self.metrics is not None:
             self.metrics.batch(len(batch), batch.offsets[-1] - batch.offsets[0] - sum(batch.hdr_lens))

@@ -27,12 +27,15 @@ import subprocess
 import sys
 import time
 import zlib
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import links, netns, tapfd, tc, wire
 from .channel import BATCH, CONTROL, Channel, Wire, connect, serve, server_handshake
 from .errors import LabError
-from .packet import TxRing, send_frames
+from .packet import Shadow, TxRing, send_frames
 
 PORT = 7412
 VM_MAC = bytes.fromhex("525400123456")
@@ -142,19 +145,17 @@ async def _send(frames: list[bytes], token: bytes, batch_frames: int, compress: 
     finally:
         os.close(fd)
     link = ch.link_rate
+    peer = ch.peer_limited
     return {"frames": n, "cpu_s": cpu, "batches": seq, "compressed": compressed,
-            "link_mbit": round(link * 8 / 1e6, 1) if link else None, "t0": t0,
+            "link_mbit": round(link * 8 / 1e6, 1) if link else None,
+            "peer_limited": round(peer, 2) if peer is not None else None, "t0": t0,
             "drain_s": t_drained - t0, "raw_bytes": raw_bytes, "wire_bytes": wire_bytes, "receiver": report}
 
 
-def _sink(tap: str, expect: int, ready_fd: int, out_fd: int, verify: bool) -> None:
+def _sink(fd: int, expect: int, ready_fd: int, out_fd: int, verify: bool) -> None:
     """The 'VM': read the destination tap until ``expect`` bench frames came
     (or 120 s passed); report the count, the time of the last and, with
     ``verify``, a CRC over all of them in arrival order."""
-    fd = tapfd.open_tap(tap, vnet_hdr=True)
-    links.set_txqueuelen(None, tap, DST_QLEN)
-    links.set_up(None, tap)
-    os.set_blocking(fd, False)
     os.write(ready_fd, b"1")
     poller = select.poll()
     poller.register(fd, select.POLLIN)
@@ -189,14 +190,53 @@ def _percentile(weighted: list[tuple[int, int]], q: float) -> float | None:
     return sorted(weighted)[-1][0] / 1000
 
 
+class _TimedRing:
+    """The destination's TX ring, noting when each batch's frames went in:
+    the agent's feeder calls it, the bench learns drain-to-replay times."""
+
+    def __init__(self, ring: TxRing) -> None:
+        self.ring = ring
+        self.queue: deque[list[int]] = deque()  # [the source's stamp, frames of it still to go]
+        self.lat: list[tuple[int, int]] = []  # (drain-to-replay microseconds, frames)
+
+    def send(self, records: Sequence[bytes | memoryview], start: int = 0, end: int | None = None) -> int:
+        k = self.ring.send(records, start, end)
+        now = time.monotonic_ns() // 1000
+        left = k
+        while left and self.queue:
+            head = self.queue[0]
+            n = min(left, head[1])
+            # The batch keeps 32 bits of microseconds: difference modulo 2^32.
+            self.lat.append(((now - head[0]) & 0xFFFFFFFF, n))
+            head[1] -= n
+            left -= n
+            if not head[1]:
+                self.queue.popleft()
+        return k
+
+    def close(self) -> None:
+        self.ring.close()
+
+
 async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
+    """The destination: the agent's own DestSession accepts each batch and
+    its feeder replays the cache into the tap, as during a migration; a
+    forked sink reads the tap as the VM's QEMU would."""
+    from .agent import AgentConfig, DestNic, DestSession
+    from .nics import Nic
+
+    tap = "npb-dst"
+    fd = tapfd.open_tap(tap, vnet_hdr=True)  # the sink's, as a QEMU's; the agent polls it too
+    links.set_txqueuelen(None, tap, DST_QLEN)
+    links.set_up(None, tap)
+    os.set_blocking(fd, False)
     rd, wr = os.pipe()
     ready_r, ready_w = os.pipe()
     sink_pid = os.fork()
     if sink_pid == 0:  # the sink process: nothing of asyncio runs in it
         os.close(rd)
         try:
-            _sink("npb-dst", expect, ready_w, wr, verify)
+            _sink(fd, expect, ready_w, wr, verify)
         finally:
             os._exit(0)
     os.close(wr)
@@ -206,42 +246,46 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
     async def handle(reader: Wire, writer: Any) -> None:
         ch = Channel(reader, writer, peer="bench")
         await server_handshake(ch, token)
-        ring = TxRing("npb-dst", vnet_hdr=True, queue_len=DST_QLEN)
-        lat: list[tuple[int, int]] = []  # (drain-to-replay microseconds, frames)
-        retries = 0
+        ring = _TimedRing(TxRing(tap, vnet_hdr=True, queue_len=DST_QLEN))
+        cfg = AgentConfig(listen=f"{DST_IP}:{PORT}", token=token, qmp_root=Path("/nonexistent"))
+        sess = DestSession(cfg, ch, "bench")
+        dn = DestNic(nic=Nic(mac=":".join(f"{b:02x}" for b in VM_MAC), tap=tap),
+                     ring=ring, fds=[fd], orig_qlen=DST_QLEN, mac_bytes=VM_MAC,  # type: ignore[arg-type]
+                     shadow=Shadow(tap, keep=100_000))
+        dn.mark_tx = dn.tx0 = links.tx_packets(tap)
+        sess.nics.append(dn)
+        sess.running = True  # the 'VM' reads from the start
+        feeder = asyncio.get_running_loop().create_task(sess._feeder())
         cpu0 = None
-        while True:
-            mtype, payload = await ch.recv(timeout=120)
-            if cpu0 is None:
-                cpu0 = _cpu()
-            if mtype != BATCH:
-                break
-            batch = wire.decode(payload)
-            recs, i = batch.records, 0
-            while i < len(recs):
-                k = ring.send(recs, i)
-                if k:
-                    now = time.monotonic_ns() // 1000
-                    # The batch keeps 32 bits of microseconds: difference modulo 2^32.
-                    # The source stamps a whole batch at once: one entry per
-                    # stamp and its count, not a Python int per frame.
-                    stamps = batch.ts_us[i:i + k]
-                    if stamps.count(stamps[0]) == k:
-                        lat.append(((now - stamps[0]) & 0xFFFFFFFF, k))
-                    else:
-                        lat += [((now - t) & 0xFFFFFFFF, 1) for t in stamps]
-                    i += k
-                else:  # the sink's ring is full: let it read
-                    retries += 1
-                    await asyncio.sleep(0.0002)
+        try:
+            while True:
+                mtype, payload = await ch.recv(timeout=120)
+                if cpu0 is None:
+                    cpu0 = _cpu()
+                if mtype != BATCH:
+                    break
+                batch = wire.decode(payload, nic_count=1)
+                if not len(batch):
+                    continue
+                # The source stamps each batch once: its frames share the stamp.
+                entry = [batch.ts_us[0], len(batch)]
+                ring.queue.append(entry)
+                ack = sess.accept_batch(batch)  # feeds the ring too
+                entry[1] = max(0, entry[1] - (len(batch) - ack["accepted"]))
+            while dn.pending:
+                await asyncio.sleep(0.0005)
+        finally:
+            feeder.cancel()
         cpu = _cpu() - (cpu0 or 0.0)
         res = json.loads(await asyncio.to_thread(os.read, rd, 4096) or b"{}")
         rss = _rss_mib("VmHWM")
-        await ch.send_json(CONTROL, {**res, "ring_full_retries": retries, "receiver_cpu_s": cpu,
-                                     "latency_p50_ms": _percentile(lat, 0.5),
-                                     "latency_p99_ms": _percentile(lat, 0.99),
+        await ch.send_json(CONTROL, {**res, "receiver_cpu_s": cpu,
+                                     "latency_p50_ms": _percentile(ring.lat, 0.5),
+                                     "latency_p99_ms": _percentile(ring.lat, 0.99),
+                                     "frames_dropped": dn.dropped,
                                      "peak_rss_mib": round(rss, 1)})
         ring.close()
+        dn.shadow.close()  # type: ignore[union-attr]
         await ch.close()
         done.set_result(None)
 
@@ -317,9 +361,9 @@ def run(size: int, count: int, batch_frames: int = 512, verify: bool = False,
         "peak_rss_mib": r["peak_rss_mib"],
         "compression_ratio": round(res["raw_bytes"] / res["wire_bytes"], 2) if res["wire_bytes"] else None,
         "batches_compressed": f"{res['compressed']}/{res['batches']}",
-        "link_rate_mbit": res["link_mbit"],
+        "link_rate_mbit": res["link_mbit"], "link_peer_limited": res["peer_limited"],
         "latency_p50_ms": r["latency_p50_ms"], "latency_p99_ms": r["latency_p99_ms"],
-        "ring_full_retries": r["ring_full_retries"],
+        "frames_dropped": r.get("frames_dropped"),
         # CPU per frame of each process while it worked: where the 2 cores go.
         "cpu_us_per_frame": {"source": round(res["cpu_s"] / res["frames"] * 1e6, 2),
                              "receiver": round(r["receiver_cpu_s"] / res["frames"] * 1e6, 2),
@@ -346,7 +390,6 @@ def _rss_mib(field: str = "VmRSS") -> float:
 def _cache_fill(cap_mib: int, size: int) -> dict[str, Any]:
     """The agent's cache while the VM is still paused: batches arrive, nothing
     can be replayed yet, the cap must hold.  Runs the agent's own accept()."""
-    from pathlib import Path
 
     from .agent import AgentConfig, DestNic, DestSession
     from .nics import Nic

@@ -36,6 +36,7 @@ import hmac
 import json
 import logging
 import os
+import socket
 import ssl
 import stat
 import struct
@@ -60,6 +61,11 @@ MAX_MESSAGE = 32 << 20
 HANDSHAKE_TIMEOUT = 10.0
 MIN_TOKEN = 16
 SIOCOUTQNSD = 0x894B  # bytes in a TCP socket's queue not yet sent
+# struct tcp_info's tcpi_busy_time and tcpi_rwnd_limited (microseconds the
+# connection was busy sending, and of that, held back by the receiver's
+# window), at this offset since Linux 4.10.
+TCP_CHRONO = struct.Struct("=QQ")
+TCP_CHRONO_AT = 168
 
 
 class ChannelError(NetpassError):
@@ -293,9 +299,10 @@ class Channel:
     peer: str = "?"
     # The compression policy's measurements (see should_compress).
     link_rate: float | None = None  # bytes/s the link drained while busy
+    peer_limited: float | None = None  # share of that busy time the receiver's window held us back
     zstd_rate: float = 400e6  # bytes/s zstd compresses here (a prior, then measured)
     zstd_ratio: float = 1.7
-    _busy_since: tuple[float, int] | None = None
+    _busy_since: tuple[float, int, tuple[int, int] | None] | None = None
 
     async def send(self, mtype: int, payload: bytes) -> None:
         mac = b""
@@ -360,8 +367,12 @@ class Channel:
         about 1.5 Gbit/s.  ``auto`` compresses a batch when the link is
         behind (at least the batch's size is unsent) and the rate at which
         it drains, measured while it was busy, is below that break-even.
-        A link that keeps up, or a fast one whose far end is the bottleneck,
-        gets the batches as they are.
+        A link that keeps up gets the batches as they are.  So does one
+        whose far end is the bottleneck: TCP says so (the share of the busy
+        time its receive window held us back, ``tcp_info``); compressing
+        for it would only give the slow end decompression to do.  At 64-byte
+        frames the agent is such an end: its per-frame work, not the bytes,
+        sets the pace, and the drain looked like a link of ~90 Mbit/s.
         """
         if mode == "zstd":
             return True
@@ -370,14 +381,35 @@ class Channel:
         now = time.monotonic()
         backlog = self.backlog()
         done = self.bytes_out - backlog  # bytes the kernel has sent so far
+        chrono = self._tcp_chrono()
         if self._busy_since is not None and now > self._busy_since[0]:
-            t0, done0 = self._busy_since
+            t0, done0, chrono0 = self._busy_since
             sample = (done - done0) / (now - t0)
             self.link_rate = sample if self.link_rate is None else 0.7 * self.link_rate + 0.3 * sample
-        self._busy_since = (now, done) if backlog > 0 else None
+            if chrono is not None and chrono0 is not None and chrono[0] > chrono0[0]:
+                share = min(1.0, (chrono[1] - chrono0[1]) / (chrono[0] - chrono0[0]))
+                self.peer_limited = (share if self.peer_limited is None
+                                     else 0.7 * self.peer_limited + 0.3 * share)
+        self._busy_since = (now, done, chrono) if backlog > 0 else None
         if backlog < raw_bytes or self.link_rate is None:
             return False
+        if self.peer_limited is not None and self.peer_limited > 0.5:
+            return False
         return self.link_rate < self.zstd_rate * (1 - 1 / max(self.zstd_ratio, 1.0))
+
+    def _tcp_chrono(self) -> tuple[int, int] | None:
+        """(busy, receive-window-limited) microseconds of the TCP connection."""
+        sock = self.writer.transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_CHRONO_AT + TCP_CHRONO.size)
+        except OSError:
+            return None
+        if len(info) < TCP_CHRONO_AT + TCP_CHRONO.size:
+            return None  # a kernel older than 4.10
+        busy, rwnd = TCP_CHRONO.unpack_from(info, TCP_CHRONO_AT)
+        return busy, rwnd
 
     def compressed(self, raw_bytes: int, packed_bytes: int, seconds: float) -> None:
         """Learn zstd's speed and ratio on this traffic from a batch it compressed."""

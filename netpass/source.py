@@ -983,6 +983,8 @@ class SourceSession:
             "batches_compressed": self.batches_compressed,
             "compress": self.o.compress,
             "link_rate_mbit": round(self.ch.link_rate * 8 / 1e6, 1) if self.ch and self.ch.link_rate else None,
+            "link_peer_limited": (round(self.ch.peer_limited, 2)
+                                  if self.ch and self.ch.peer_limited is not None else None),
             "downtime_ms": info.get("downtime"),
             "total_time_ms": info.get("total-time"),
             "stop_to_resume_ms": (round((self.resumed_t - self.stop_t) * 1000, 1)

@@ -267,6 +267,34 @@ def test_compression_policy(tmp_path: Path) -> None:
     asyncio.run(with_agent(tmp_path, body))
 
 
+def test_compression_policy_leaves_a_slow_receiver_alone(tmp_path: Path) -> None:
+    """Behind because the far end reads slowly (TCP's receive window held
+    the sender back): compressing would only give that end more work."""
+    async def body(addr: str) -> None:
+        ch = await channel.connect(addr, TOKEN)
+        try:
+            busy, rwnd = ch._tcp_chrono() or (None, None)
+            assert busy is not None and rwnd is not None and 0 <= rwnd <= busy  # a live tcp_info
+            ch.backlog = lambda: 10**6  # type: ignore[method-assign]
+            clock = [busy, rwnd]
+            ch._tcp_chrono = lambda: (clock[0], clock[1])  # type: ignore[method-assign]
+            assert not ch.should_compress("auto", 512 * 64)  # the first look only starts a measure
+            for _ in range(5):  # busy sending, never held back by the window: the link is slow
+                clock[0] += 10_000
+                ch.link_rate = 50e6  # (nothing drained meanwhile: the samples keep it slow)
+                assert ch.should_compress("auto", 512 * 64)
+            for _ in range(5):  # 90% of the busy time held back by the receiver's window
+                clock[0] += 10_000
+                clock[1] += 9_000
+                ch.link_rate = 50e6  # (nothing drained meanwhile: the samples keep it slow)
+                decision = ch.should_compress("auto", 512 * 64)
+            assert ch.peer_limited is not None and ch.peer_limited > 0.5 and not decision
+        finally:
+            await ch.close()
+
+    asyncio.run(with_agent(tmp_path, body))
+
+
 def test_compression_policy_on_a_closed_channel(tmp_path: Path) -> None:
     async def body(addr: str) -> None:
         ch = await channel.connect(addr, TOKEN)
