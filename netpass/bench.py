@@ -72,9 +72,9 @@ def mixed_frames(n: int, size: int, seed: int = 1) -> list[bytes]:
 
 
 def _cpu() -> float:
-    """CPU seconds (user + system) this process used so far."""
-    t = os.times()
-    return t.user + t.system
+    """CPU seconds (user + system) this process used so far (clock_gettime,
+    not os.times: its 10 ms ticks are 0.5 us per frame over 20,000 frames)."""
+    return time.process_time()
 
 
 def _quiet_namespace() -> None:

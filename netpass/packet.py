@@ -39,6 +39,17 @@ PACKET_OUTGOING = 4
 PACKET_STATISTICS = 6
 PACKET_STATS = struct.Struct("II")  # struct tpacket_stats: tp_packets, tp_drops
 SO_RCVBUFFORCE = 33
+SO_ATTACH_FILTER = 26
+# Classic BPF: keep a frame only if the kernel is sending it out of the
+# device (skb->pkt_type == PACKET_OUTGOING, an ancillary load), so the VM's
+# own transmissions never reach the shadow's queue.
+SKF_AD_PKTTYPE = 0xFFFFF000 + 4
+OUTGOING_ONLY = [  # (code, jt, jf, k)
+    (0x20, 0, 0, SKF_AD_PKTTYPE),   # ld  [pkttype]
+    (0x15, 0, 1, 4),                # jeq #PACKET_OUTGOING, keep, drop
+    (0x06, 0, 0, 0xFFFFFFFF),       # keep: the whole frame
+    (0x06, 0, 0, 0),                # drop
+]
 SHADOW_BUFFER = 64 << 20
 ETH_P_ALL = 0x0003
 
@@ -280,6 +291,23 @@ def send_frames(ifname: str, frames: list[bytes], bypass: bool = True) -> int:
     return len(frames)
 
 
+def _attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
+    """SO_ATTACH_FILTER: the kernel copies the program from the address in
+    struct sock_fprog, so the array only has to live through the call."""
+    import ctypes
+
+    class Insn(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                    ("k", ctypes.c_uint32)]
+
+    class Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(Insn))]
+
+    insns = (Insn * len(program))(*[Insn(*i) for i in program])
+    prog = Prog(len(program), ctypes.cast(insns, ctypes.POINTER(Insn)))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(prog))  # type: ignore[call-overload]
+
+
 class Shadow:
     """A copy of every frame the host queues toward a tap, in ring order.
 
@@ -297,7 +325,9 @@ class Shadow:
         self.seen = 0
         self.dropped = 0  # copies the kernel dropped because this socket's buffer was full
         try:
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+            # Protocol 0 until bound: no frame of any other device is queued meanwhile.
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            _attach_filter(self.sock, OUTGOING_ONLY)
             self.sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
             try:
                 # Past net.core.rmem_max (212992 by default, a few hundred
@@ -316,16 +346,15 @@ class Shadow:
     def pull(self, limit: int = 100_000) -> int:
         """Take what the kernel has queued for us; return how many frames."""
         n = 0
-        while n < limit:
-            try:
-                buf, addr = self.sock.recvfrom(65_600)
-            except BlockingIOError:
-                break
-            if addr[2] != PACKET_OUTGOING:
-                continue  # the VM's own transmissions
-            self.frames.append((self.seen, buf[:10], buf[10:]))
-            self.seen += 1
-            n += 1
+        recv, append, seen = self.sock.recv, self.frames.append, self.seen
+        try:
+            while n < limit:
+                buf = recv(65_600)  # only frames sent toward the tap: the filter dropped the rest
+                append((seen + n, buf[:10], buf[10:]))
+                n += 1
+        except BlockingIOError:
+            pass
+        self.seen = seen + n
         if n:  # a full buffer leaves frames to read: only then can it have dropped any
             # (reading the statistics resets them: keep the sum)
             self.dropped += PACKET_STATS.unpack(self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS,

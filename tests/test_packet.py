@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from netpass import links, netns, tapfd
-from netpass.packet import TxRing
+from netpass.packet import Shadow, TxRing
 
 VM = bytes.fromhex("020000000007")
 PEER = bytes.fromhex("020000000009")
@@ -96,3 +96,26 @@ def test_refusal_leaves_nothing_half_queued(tap: int) -> None:
     ring.close()
     assert [g[10:] for g in got][:first + rest] == [r[10:] for r in recs[:first + rest]]
     assert len(got) == first + rest
+
+
+def test_shadow_copies_only_what_goes_toward_the_tap(tap: int) -> None:
+    """The shadow holds, in order, each frame the host sends toward the tap
+    (with its virtio-net header); not what the VM sends, nor another
+    device's traffic."""
+    shadow = Shadow("tap0")
+    try:
+        links.add_bridge(None, "npbr0")  # another device of the namespace, up: its own traffic
+        ring = TxRing("tap0", queue_len=100, bypass=False)  # the transmit path, as a bridge's
+        recs = [record(i, size=60 + i) for i in range(50)]
+        assert ring.send(recs) == 50
+        ring.close()
+        for i in range(5):  # the VM's own transmissions
+            os.write(tap, record(1000 + i)[:10] + PEER + VM + b"\x88\xb5" + bytes(50))
+        other = TxRing("npbr0", queue_len=100, bypass=False)
+        assert other.send([record(2000 + i) for i in range(5)]) == 5
+        other.close()
+        assert shadow.pull() == 50
+        assert [(i, v + d) for i, v, d in shadow.frames] == list(enumerate(recs))
+        assert shadow.pull() == 0 and shadow.seen == 50
+    finally:
+        shadow.close()
