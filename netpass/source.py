@@ -28,6 +28,7 @@ import asyncio
 import itertools
 import json
 import logging
+import operator
 import os
 import time
 import uuid
@@ -49,6 +50,8 @@ from .session import State, StateMachine
 log = logging.getLogger(__name__)
 
 SETTLE_BUSY_FRAMES = 64  # frames entering after the sacrificial one: traffic is heavy
+_SRC_MAC = operator.itemgetter(slice(6, 12))
+_ENTRY_DATA = operator.itemgetter(2)  # a shadow entry: (index, vnet, data)
 ALIGN_SCAN = 65_536  # shadow entries searched for a drained frame (the shadow keeps this many)
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -229,7 +232,14 @@ class SourceSession:
 
     # -- capture --------------------------------------------------------------------------
     def _on_readable(self, sn: SourceNic, fd: int, hdr: int) -> None:
-        for buf in tapfd.drain(fd, 256):
+        self._take(sn, tapfd.drain(fd, 256), hdr)
+
+    def _take(self, sn: SourceNic, bufs: list[bytes], hdr: int) -> None:
+        """Capture a round of tap reads (each ``hdr`` bytes of virtio-net
+        header, then the frame), in order."""
+        if bufs and self._capture_round(sn, bufs, hdr):
+            return
+        for buf in bufs:
             data = buf[hdr:]
             if data == sn.sacrifice:
                 if sn.swallow_pending:
@@ -246,6 +256,54 @@ class SourceSession:
             if sn.expect is not None:
                 self._align(sn, data)
             self._capture(sn, buf[:wire.VNET_HDR_LEN] if hdr else b"", data)
+
+    def _capture_round(self, sn: SourceNic, bufs: list[bytes], hdr: int) -> bool:
+        """The usual round of reads in one go: no sacrificial frame and no
+        swallowed one to look for, no runt, none of the VM's own, room in
+        the cache, and (after the stop) the shadow's next entries are these
+        very frames, in order: nothing dropped in between.  Same outcome as
+        the per-frame path, with the per-frame work in C (map, islice);
+        False, and nothing done, when anything is unusual."""
+        if sn.swallow_pending:
+            return False
+        datas = list(map(operator.itemgetter(slice(hdr, None)), bufs)) if hdr else bufs
+        sizes = list(map(len, datas))
+        total = sum(sizes)
+        if min(sizes) < wire.MIN_FRAME or sn.sacrifice in datas or \
+                self.cache_bytes + total > self.o.max_cache_bytes or \
+                sn.mac_bytes in map(_SRC_MAC, datas):
+            return False
+        k = len(datas)
+        if sn.expect is not None:
+            shadow = sn.shadow
+            frames = shadow.frames
+            while frames and frames[0][0] < sn.expect:
+                frames.popleft()
+            if len(frames) < k:
+                shadow.pull()
+            if len(frames) < k or frames[0][0] != sn.expect or \
+                    shadow.dropped > sn.shadow_dropped_at_stop:
+                return False
+            head = list(itertools.islice(frames, k))
+            if head[-1][0] != sn.expect + k - 1 or \
+                    not all(map(operator.eq, map(_ENTRY_DATA, head), datas)):
+                return False  # a gap (the ring dropped some): the per-frame path finds it
+            for _ in range(k):
+                frames.popleft()
+            sn.expect += k
+        now = time.monotonic()
+        ts = int((now - self.t0) * 1e6)
+        vnets = map(operator.itemgetter(slice(0, wire.VNET_HDR_LEN)), bufs) if hdr else itertools.repeat(b"")
+        # tuple.__new__ builds each Frame in C (a NamedTuple's own __new__ is Python)
+        batch = list(map(tuple.__new__, itertools.repeat(wire.Frame),
+                         zip(itertools.repeat(sn.index), vnets, datas, itertools.repeat(ts))))
+        self.last_frame_t = now
+        sn.captured += k
+        sn.bytes_captured += total
+        self.cache += batch
+        self.cache_bytes += total
+        self.outq += batch
+        return True
 
     def _align(self, sn: SourceNic, data: bytes) -> None:
         """Catch the frames the tap's ring dropped, in their place.
@@ -360,8 +418,12 @@ class SourceSession:
         assert self.ch is not None
         while self.outq:
             n = min(len(self.outq), self.o.batch_frames)
-            frames = [self.outq.popleft() for _ in range(n)]
-            raw = sum(f.wire_size for f in frames)
+            if n == len(self.outq):
+                frames = list(self.outq)
+                self.outq.clear()
+            else:
+                frames = [self.outq.popleft() for _ in range(n)]
+            raw = wire.wire_size(frames)
             zstd = self.ch.should_compress(self.o.compress, raw)
             t = time.perf_counter()
             blob = wire.encode(self.seq, frames, compress=zstd)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import array
 import itertools
+import operator
 import struct
 import sys
 import xxhash
@@ -82,6 +83,15 @@ class Frame(NamedTuple):
     @property
     def wire_size(self) -> int:
         return COLUMNS + len(self.vnet_hdr) + len(self.data)
+
+
+_NIC, _VNET, _DATA, _TS = (operator.itemgetter(i) for i in range(4))  # a Frame's fields
+
+
+def wire_size(frames: Sequence[Frame]) -> int:
+    """Bytes of ``frames`` in a batch body: each frame's ``wire_size``, summed in C."""
+    return (COLUMNS * len(frames) + sum(map(len, map(_VNET, frames)))
+            + sum(map(len, map(_DATA, frames))))
 
 
 def _u32(values: Sequence[int] | bytes) -> bytes:
@@ -134,21 +144,26 @@ _NO_HEADER = bytes(HEADER.size)
 
 
 def encode(seq: int, frames: Sequence[Frame], compress: bool = True) -> bytes | bytearray:
-    hdrs = bytes([len(f.vnet_hdr) for f in frames])
+    # Column by column with map(): no Python code runs per frame.
+    vnets = list(map(_VNET, frames))
+    datas = list(map(_DATA, frames))
+    hdrs = bytes(map(len, vnets))
     if hdrs.strip(b"\x00\x0a"):
         bad = next(h for h in hdrs if h not in (0, VNET_HDR_LEN))
         raise WireError(f"virtio-net header must be 0 or {VNET_HDR_LEN} bytes, not {bad}")
-    lens = [len(f.data) for f in frames]
+    lens = list(map(len, datas))
     if frames and not (MIN_FRAME <= min(lens) and max(lens) <= MAX_FRAME):
         bad = next(n for n in lens if not MIN_FRAME <= n <= MAX_FRAME)
         raise WireError(f"frame length {bad} outside {MIN_FRAME}..{MAX_FRAME}")
     try:
-        nics = bytes([f.nic for f in frames])
+        nics = bytes(map(_NIC, frames))
     except ValueError as exc:
         raise WireError("a NIC index must be 0..255") from exc
-    records = [part for f in frames for part in (f.vnet_hdr, f.data)]
-    return _pack(seq, len(frames), [_u32([f.ts_us & 0xFFFFFFFF for f in frames]), _u32(lens),
-                                    nics, hdrs, *records], compress)
+    records: list[bytes] = [b""] * (2 * len(frames))
+    records[0::2] = vnets
+    records[1::2] = datas
+    ts = _u32(list(map(operator.and_, map(_TS, frames), itertools.repeat(0xFFFFFFFF))))
+    return _pack(seq, len(frames), [ts, _u32(lens), nics, hdrs, *records], compress)
 
 
 def encode_records(seq: int, records: list[bytes], nic: int, hdr_len: int, ts_us: int,

@@ -10,6 +10,8 @@ from collections import deque
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from netpass import links
 from netpass.nics import Nic
@@ -118,3 +120,41 @@ def test_shadow_that_lost_its_head_is_not_trusted() -> None:
     sess, sn = session(FakeShadow(sent, first=105), expect=100)  # 100..104 evicted
     drain(sess, sn, [sent[2]])
     assert sn.overflow_recovered == 0 and sn.expect is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["read", "dropped", "runt", "own"]), min_size=1, max_size=700),
+       st.integers(1, 300))
+def test_a_round_at_once_equals_frame_by_frame(kinds: list[str], chunk: int) -> None:
+    """_take's one-go path for the usual round and the per-frame path give
+    the same cache, queue and counts, whatever the ring dropped or held."""
+    monkeypatch = pytest.MonkeyPatch()
+    sent, read = [], []
+    for i, kind in enumerate(kinds):
+        f = frame(i)
+        if kind == "runt":
+            f = f[:10]
+        elif kind == "own":
+            f = bytes.fromhex("ffffffffffff") + VM + f[12:]
+        sent.append(f)
+        if kind != "dropped":
+            read.append(f)
+    monkeypatch.setattr(links, "tx_dropped", lambda tap: kinds.count("dropped"))
+    try:
+        ref, rsn = session(FakeShadow(sent), expect=100)
+        for data in read:  # the per-frame path, as before the one-go path existed
+            if rsn.expect is not None:
+                ref._align(rsn, data)
+            ref._capture(rsn, bytes(10), data)
+        fast, fsn = session(FakeShadow(sent), expect=100)
+        for at in range(0, len(read), chunk):
+            fast._take(fsn, [bytes(10) + d for d in read[at:at + chunk]], 10)
+    finally:
+        monkeypatch.undo()
+
+    def seen(sess: SourceSession, sn: SourceNic) -> tuple[Any, ...]:
+        return ([(f.nic, f.vnet_hdr, f.data) for f in sess.cache], [f.data for f in sess.outq],
+                sess.cache_bytes, sn.captured, sn.bytes_captured, sn.expect, sn.overflow_recovered,
+                sn.dropped, sn.own_frames, sess.notes)
+
+    assert seen(fast, fsn) == seen(ref, rsn)

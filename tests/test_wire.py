@@ -150,3 +150,10 @@ def test_group_bit() -> None:
     assert not wire.is_group(b"\x52\x54\x00\x12\x34\x56")
     assert struct.calcsize("!4sBBHQIIII") == wire.HEADER.size == 32
     assert struct.calcsize("<IIBB") == wire.COLUMNS
+
+
+@given(frames_st)
+def test_wire_size_is_the_body_length(frames: list[Frame]) -> None:
+    blob = wire.encode(0, frames, compress=False)
+    raw_len = wire.HEADER.unpack_from(blob)[6]
+    assert wire.wire_size(frames) == sum(f.wire_size for f in frames) == raw_len
