@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--best-effort", action="store_true",
                      help="if netpass cannot arm, migrate without it (and say so) instead of aborting")
     mig.add_argument("--max-cache-bytes", type=_positive(int, "--max-cache-bytes"), default=256 << 20,
-                     help="bound on captured frames held in memory (default 256 MiB)")
+                     help="bound on the memory captured frames take, each frame's bytes plus "
+                          "~256 bytes of bookkeeping (default 256 MiB)")
     mig.add_argument("--linger-ms", type=_positive(int, "--linger-ms"), default=300,
                      help="keep catching late frames until this long a quiet period after the resume")
     mig.add_argument("--linger-max-ms", type=_positive(int, "--linger-max-ms"), default=5000,
