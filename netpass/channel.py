@@ -393,8 +393,8 @@ class Channel:
         self._busy_since = (now, done, chrono) if backlog > 0 else None
         if backlog < raw_bytes or self.link_rate is None:
             return False
-        if self.peer_limited is not None and self.peer_limited > 0.5:
-            return False
+        if chrono is not None and (self.peer_limited is None or self.peer_limited > 0.5):
+            return False  # the far end is the slow one, or TCP has not said yet which
         return self.link_rate < self.zstd_rate * (1 - 1 / max(self.zstd_ratio, 1.0))
 
     def _tcp_chrono(self) -> tuple[int, int] | None:

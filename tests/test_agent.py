@@ -254,7 +254,9 @@ def test_compression_policy(tmp_path: Path) -> None:
             assert ch.backlog() == 0  # an idle link: auto does not spend CPU on zstd
             assert not ch.should_compress("auto", 1)
             ch.backlog = lambda: 10**6  # type: ignore[method-assign]  # a link that fell behind ...
-            ch.link_rate = 50e6  # ... and drains at 400 Mbit/s: zstd (~400 MB/s) gains time
+            ch.link_rate = 50e6  # ... and drains at 400 Mbit/s: zstd (~400 MB/s) gains time ...
+            assert not ch.should_compress("auto", 512 * 64)  # ... once TCP says the link is the slow end
+            ch.link_rate, ch.peer_limited = 50e6, 0.0
             assert ch.should_compress("auto", 512 * 64)
             ch.link_rate = 1e9  # 8 Gbit/s, behind only because the far end is slow: it would not
             ch._busy_since = None
