@@ -183,7 +183,9 @@ async def session_capture(frames: list[bytes]) -> float:
 
 
 async def _send(frames: list[bytes], token: bytes, batch_frames: int, compress: str) -> dict[str, Any]:
-    """The source's half: drain, batch, compress, ship (the same calls as ``netpass migrate``)."""
+    """The source's half: drain, batch, compress, ship, with the calls ``netpass
+    migrate`` makes for them; its capture path's extra work (the shadow, the
+    alignment, the rollback cache) is measured apart, by :func:`session_capture`."""
     fd = _filled_tap("npb-src", frames)
     try:
         ch = await connect(f"{DST_IP}:{PORT}", token)

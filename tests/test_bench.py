@@ -29,6 +29,8 @@ def test_bench_carries_every_frame(root_required: None, size: int) -> None:
     assert res["compression_ratio"] < 10
     assert 0 <= res["latency_p50_ms"] <= res["latency_p99_ms"] < 60_000
     assert res["peak_rss_mib"] > 0
+    assert res["frames_dropped"] == {}  # the agent's own checks took every frame
+    assert res["session_source_us_per_frame"] > 0 and res["session_source_fps"] > 0
     assert set(netns.list_names()) == before  # its namespaces are gone
 
 
