@@ -23,6 +23,7 @@ import os
 import random
 import secrets
 import select
+import statistics
 import subprocess
 import sys
 import time
@@ -449,6 +450,26 @@ def run(size: int, count: int, batch_frames: int = 512, verify: bool = False,
         for f in frames:
             expect = zlib.crc32(f, expect)
         out["content_ok"] = r.get("crc") == expect
+    return out
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each field's median over runs of the bench (the machines are noisy:
+    quote medians); nested numbers too; a field that is not a number is kept
+    when every run agrees and listed when they differ."""
+    out: dict[str, Any] = {}
+    for key in runs[0] if runs else ():
+        values = [r.get(key) for r in runs]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            m = statistics.median(values)
+            out[key] = round(m, 3) if isinstance(m, float) else m
+        elif all(isinstance(v, dict) for v in values) and values[0] and \
+                all(isinstance(x, (int, float)) for v in values for x in v.values()):
+            out[key] = medians(values)
+        elif all(v == values[0] for v in values):
+            out[key] = values[0]
+        else:
+            out[key] = values
     return out
 
 

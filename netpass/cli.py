@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache-cap-mib", type=_positive(int, "--cache-cap-mib"), metavar="MIB",
                        help="instead: fill the agent's cache (a paused VM) past a cap of MIB "
                             "and report whether the cap and the RSS bound hold")
+    bench.add_argument("--repeat", type=_positive(int, "--repeat"), default=1, metavar="N",
+                       help="run N times and report each field's median, and every run (with --json)")
     bench.add_argument("--json", action="store_true")
 
     doc = sub.add_parser("doctor", help="what this host supports and what netpass will use")
@@ -369,23 +371,33 @@ def _print_report(rep: dict[str, Any]) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     _require_root("netpass bench")
-    from .bench import cache_cap, run
+    from .bench import cache_cap, medians, run
 
-    if args.cache_cap_mib:
-        with err_console.status(f"bench: filling a {args.cache_cap_mib} MiB agent cache with "
-                                f"{args.size}-byte frames"):
-            res = cache_cap(args.cache_cap_mib, args.size)
-    else:
-        with err_console.status(f"bench: {args.frames} frames of {args.size} bytes"):
-            res = run(args.size, args.frames, compress=args.compress, link_mbit=args.link_mbit)
+    runs: list[dict[str, Any]] = []
+    for i in range(args.repeat):
+        of = f" (run {i + 1} of {args.repeat})" if args.repeat > 1 else ""
+        if args.cache_cap_mib:
+            with err_console.status(f"bench: filling a {args.cache_cap_mib} MiB agent cache with "
+                                    f"{args.size}-byte frames{of}"):
+                runs.append(cache_cap(args.cache_cap_mib, args.size))
+        else:
+            with err_console.status(f"bench: {args.frames} frames of {args.size} bytes{of}"):
+                runs.append(run(args.size, args.frames, compress=args.compress, link_mbit=args.link_mbit))
+    res = runs[0] if args.repeat == 1 else medians(runs)
     if args.json:
-        print(json.dumps(res))
+        print(json.dumps(res if args.repeat == 1 else {"median": res, "runs": runs}))
     else:
-        table = Table(title="netpass bench")
+        table = Table(title="netpass bench" + (f", median of {args.repeat} runs" if args.repeat > 1 else ""))
         table.add_column("metric")
         table.add_column("value", justify="right")
+        if args.repeat > 1:
+            table.add_column("runs", justify="right")
         for k, v in res.items():
-            table.add_row(k, str(v))
+            row = [k, str(v)]
+            if args.repeat > 1:
+                nums = [r[k] for r in runs if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+                row.append(f"{min(nums)} .. {max(nums)}" if len(nums) == len(runs) else "")
+            table.add_row(*row)
         out_console.print(table)
     return 0
 

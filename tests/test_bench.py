@@ -63,3 +63,13 @@ def test_weighted_percentile_of_nothing() -> None:
     from netpass.bench import _percentile
 
     assert _percentile([], 0.5) is None
+
+
+def test_medians_of_runs() -> None:
+    from netpass.bench import medians
+
+    runs = [{"fps": 3, "ratio": 0.5, "cpu": {"src": 1.0}, "compress": "auto", "cap": True, "d": {}},
+            {"fps": 1, "ratio": 0.7, "cpu": {"src": 3.0}, "compress": "auto", "cap": False, "d": {}},
+            {"fps": 2, "ratio": 0.6, "cpu": {"src": 2.0}, "compress": "auto", "cap": True, "d": {}}]
+    assert medians(runs) == {"fps": 2, "ratio": 0.6, "cpu": {"src": 2.0}, "compress": "auto",
+                             "cap": [True, False, True], "d": {}}

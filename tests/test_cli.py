@@ -21,6 +21,8 @@ from .conftest import ROOT, run_cli
     (["demo", "--pause-ms", "-5"], "--pause-ms must be zero or more"),
     (["demo", "--mode", "turbo"], "invalid choice"),
     (["nosuch"], "invalid choice"),
+    (["bench", "--repeat", "0"], "--repeat must be positive"),
+    (["bench", "--size", "-1"], "--size must be positive"),
 ])
 def test_bad_arguments(args: list[str], needle: str) -> None:
     res = run_cli(*args)
