@@ -6,6 +6,7 @@ with the same knobs, which must fail it: that is what gives the test teeth.
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Any
 
@@ -34,8 +35,10 @@ def run(image: Any, mode: str, expect_ok: bool = True, **kw: Any) -> dict[str, A
     return res
 
 
-def summary(res: dict[str, Any]) -> dict[str, Any]:
-    """What to look at when a lab assertion fails (pytest cuts long dicts)."""
+def summary(res: dict[str, Any]) -> str:
+    """What to look at when a lab assertion fails, as a string: pytest shows
+    an assertion's message whole only when it is one (a dict is cut at 240
+    characters, which hid all of this in a CI failure)."""
     rep = res.get("report") or {}
     keys = ("sent", "lost", "reordered", "duplicates", "guest_in_echos", "guest_icmp_out_errors",
             "first_lost_id", "last_lost_id", "src_stop_ms", "dst_resume_ms", "dst_guest_fault", "dst_leftovers",
@@ -46,8 +49,10 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
                                               "frames_lost_inside_qemu_recovered", "held_rx", "held_tx",
                                               "hold_ms", "replay_delay_ms", "tap_ring_overflow",
                                               "frames_overflow_recovered", "drain_start_ms",
-                                              "dest_ring_overflow", "frames_after_resume")}
-    return out
+                                              "dest_ring_overflow", "frames_after_resume",
+                                              "reordered_estimate", "stop_to_resume_ms",
+                                              "vm_replay_read_fps", "batches")}
+    return json.dumps(out, default=str)
 
 
 def assert_all_reached_the_guest(res: dict[str, Any]) -> None:

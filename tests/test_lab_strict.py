@@ -22,7 +22,7 @@ STRICT = ("--strict-ordering",)
 def assert_strict(res: dict[str, Any]) -> None:
     assert_zero_loss(res)
     rep = res["report"]
-    assert res["reordered"] == 0, (summary(res), {k: rep.get(k) for k in (
+    assert res["reordered"] == 0, summary(res) + str({k: rep.get(k) for k in (
         "hold_tx_ms", "hold_timeout", "reordered_estimate", "stop_to_resume_ms", "frames_after_resume")})
     assert rep["strict_ordering"] is True and rep["hold_timeout"] is False, rep
     assert rep["held_tx"] > 0 and rep["held_rx"] > 0, rep  # it did hold both ways
