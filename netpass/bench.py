@@ -40,6 +40,7 @@ from .packet import Shadow, TxRing, send_frames
 
 PORT = 7412
 VM_MAC = bytes.fromhex("525400123456")
+VM_MAC_TEXT = ":".join(f"{b:02x}" for b in VM_MAC)
 SRC_IP, DST_IP = "198.18.200.1", "198.18.200.2"
 HDR = wire.VNET_HDR_LEN
 DST_QLEN = 4096  # the destination tap's ring (a busy VM's tap; libvirt's default is 1000)
@@ -160,7 +161,7 @@ async def session_capture(frames: list[bytes]) -> float:
         opts = MigrateOptions(qmp="-", uri="-", dest_agent="-", dest_qmp="-", token=b"-", max_cache_bytes=1 << 40)
         sess = SourceSession(opts)
         sess.ch = _NoLink()  # type: ignore[assignment]
-        sn = SourceNic(index=0, nic=Nic(mac=":".join(f"{b:02x}" for b in VM_MAC), tap=tap), fds=[fd],
+        sn = SourceNic(index=0, nic=Nic(mac=VM_MAC_TEXT, tap=tap), fds=[fd],
                        hdr_size=HDR, shadow=shadow, mac_bytes=VM_MAC)
         sn.expect = 0  # as at the stop: every frame read is aligned from the shadow's first
         sess.nics.append(sn)
@@ -254,12 +255,12 @@ def _percentile(weighted: list[tuple[int, int]], q: float) -> float | None:
     total = sum(n for _, n in weighted)
     if not total:
         return None
-    rank, seen = int(total * q), 0
+    rank, seen = min(int(total * q), total - 1), 0
     for value, n in sorted(weighted):
         seen += n
         if seen > rank:
-            return value / 1000
-    return sorted(weighted)[-1][0] / 1000
+            break
+    return value / 1000
 
 
 class _TimedRing:
@@ -321,7 +322,7 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
         ring = _TimedRing(TxRing(tap, vnet_hdr=True, queue_len=DST_QLEN))
         cfg = AgentConfig(listen=f"{DST_IP}:{PORT}", token=token, qmp_root=Path("/nonexistent"))
         sess = DestSession(cfg, ch, "bench")
-        dn = DestNic(nic=Nic(mac=":".join(f"{b:02x}" for b in VM_MAC), tap=tap),
+        dn = DestNic(nic=Nic(mac=VM_MAC_TEXT, tap=tap),
                      ring=ring, fds=[fd], orig_qlen=DST_QLEN, mac_bytes=VM_MAC,  # type: ignore[arg-type]
                      shadow=Shadow(tap, keep=100_000))
         dn.mark_tx = dn.tx0 = links.tx_packets(tap)
@@ -336,7 +337,7 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
                     cpu0 = _cpu()
                 if mtype != BATCH:
                     break
-                batch = wire.decode(payload, nic_count=1)
+                batch = wire.decode(payload, nic_count=len(sess.nics))
                 if not len(batch):
                     continue
                 # The source stamps each batch once: its frames share the stamp.
@@ -501,7 +502,7 @@ def _cache_fill(cap_mib: int, size: int) -> dict[str, Any]:
     cfg = AgentConfig(listen="127.0.0.1:1", token=b"x" * 32, qmp_root=Path("/nonexistent"),
                       max_cache_bytes=cap_mib << 20)
     sess = DestSession(cfg, None, "bench")  # type: ignore[arg-type]
-    sess.nics.append(DestNic(nic=Nic(mac="52:54:00:12:34:56", tap="none"), ring=PausedVm(),  # type: ignore[arg-type]
+    sess.nics.append(DestNic(nic=Nic(mac=VM_MAC_TEXT, tap="none"), ring=PausedVm(),  # type: ignore[arg-type]
                              fds=[], orig_qlen=1000, mac_bytes=VM_MAC))
     sess._room = lambda dn: 0  # type: ignore[method-assign]
     sess._pull_direct = lambda dn: None  # type: ignore[method-assign]

@@ -46,7 +46,7 @@ SO_ATTACH_FILTER = 26
 SKF_AD_PKTTYPE = 0xFFFFF000 + 4
 OUTGOING_ONLY = [  # (code, jt, jf, k)
     (0x20, 0, 0, SKF_AD_PKTTYPE),   # ld  [pkttype]
-    (0x15, 0, 1, 4),                # jeq #PACKET_OUTGOING, keep, drop
+    (0x15, 0, 1, PACKET_OUTGOING),  # jeq #PACKET_OUTGOING, keep, drop
     (0x06, 0, 0, 0xFFFFFFFF),       # keep: the whole frame
     (0x06, 0, 0, 0),                # drop
 ]

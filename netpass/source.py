@@ -284,8 +284,7 @@ class SourceSession:
         if sn.expect is not None:
             shadow = sn.shadow
             frames = shadow.frames
-            while frames and frames[0][0] < sn.expect:
-                frames.popleft()
+            _forget_before(frames, sn.expect)
             if len(frames) < k:
                 shadow.pull()
             if len(frames) < k or frames[0][0] != sn.expect or \
@@ -1088,11 +1087,16 @@ async def migrate(opts: MigrateOptions, progress: Progress | None = None) -> dic
         raise
 
 
+def _forget_before(frames: deque[tuple[int, bytes, bytes]], expect: int) -> None:
+    """Drop the shadow's entries older than index ``expect``: already read."""
+    while frames and frames[0][0] < expect:
+        frames.popleft()
+
+
 def _position(frames: deque[tuple[int, bytes, bytes]], expect: int, data: bytes) -> int | None:
     """Where ``data`` is among the shadow's entries from index ``expect`` on
     (older ones are dropped from the left first); None if not there."""
-    while frames and frames[0][0] < expect:
-        frames.popleft()
+    _forget_before(frames, expect)
     if frames and frames[0][2] == data:
         return 0  # the usual case: nothing dropped in between
     return next((k for k, entry in enumerate(itertools.islice(frames, ALIGN_SCAN)) if entry[2] == data),
