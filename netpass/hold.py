@@ -287,6 +287,11 @@ class Hold:
                     self.spec.limit)
         self._kick(self.spec.ifb_rx)
 
+    def release_rx_now(self) -> None:
+        """Let the rest of the held live frames go at once (a timeout)."""
+        if self.stats.rx_released_t is None:
+            self._open_rx()
+
     def rx_done(self) -> bool:
         """True once the held live frames are all in the tap (steering then stops)."""
         if self.stats.rx_released_t is not None:

@@ -359,6 +359,9 @@ class SourceSession:
             self.notes.append(f"QEMU lost {sn.lost_by_qemu} frame(s) of {sn.nic.mac} at the stop; "
                               f"the shadow identified {found}")
         items = items or []
+        for vnet, data in items:
+            log.info("session=%s %s: recovering a frame QEMU read at the stop: %s", self.sid, sn.nic.tap,
+                     data[:64].hex())
         for i, (vnet, data) in enumerate(items):
             sn.swallowed_recovered += 1
             self._capture(sn, vnet, data)

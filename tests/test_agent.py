@@ -350,3 +350,16 @@ def test_source_mac_split_across_two_records_is_still_replayed(tmp_path: Path) -
     ack = sess.accept(wire.encode(0, frames))
     assert ack == {"seq": 0, "accepted": 2, "dropped": 0, "skipped": []}
     assert inj.sent == [f.data for f in frames]
+
+
+def test_release_pace_follows_the_vm_and_the_ring() -> None:
+    from netpass.agent import RELEASE_FLOOR_FPS, RELEASE_SETTLE_S, next_release_pace
+
+    # A quarter-full ring: exactly what the VM reads.
+    assert next_release_pace(3000.0, 250, 1000) == 3000.0
+    # Emptier: a little more, at most a quarter ring per settle time.
+    assert next_release_pace(3000.0, 0, 1000) == 3000.0 + 250 / RELEASE_SETTLE_S
+    # Filling: less than the VM reads, so the ring drains back.
+    assert next_release_pace(3000.0, 900, 1000) < 3000.0
+    # A VM that reads nothing with a full ring: the floor, never zero.
+    assert next_release_pace(0.0, 1000, 1000) == RELEASE_FLOOR_FPS

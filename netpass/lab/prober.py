@@ -41,6 +41,7 @@ class ProbeStats:
     received: int = 0
     lost: int = 0
     duplicates: int = 0
+    first_duplicate_id: int | None = None
     reordered: int = 0
     gap_ms: float = 0.0
     max_burst_lost: int = 0
@@ -83,6 +84,8 @@ def analyse(send_ns: list[int], replies: list[tuple[int, int]], rate: float = 0.
             continue
         if pid in seen:
             st.duplicates += 1
+            if st.first_duplicate_id is None:
+                st.first_duplicate_id = pid
             continue
         seen.add(pid)
         if pid < highest:
