@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from . import tapfd
-from .errors import NetpassError
+from .errors import NetpassError, QMPError
 from .qmp import Monitor
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,32 @@ async def virtio_paths(mon: Monitor) -> dict[str, str]:
 
 async def rx_used(mon: Monitor, path: str, queues: int) -> int:
     """Buffers the device has handed to the guest on its RX queues (mod 2^16 each)."""
-    total = 0
+    return (await rx_state(mon, path, queues))[0]
+
+
+async def rx_state(mon: Monitor, path: str, queues: int) -> tuple[int, int]:
+    """The RX used index (summed over queues, each mod 2^16) and how many RX
+    queues had no buffer from the guest.
+
+    ``x-query-virtio-queue-element`` reads the rings' indexes from guest
+    memory (the status query's ``shadow-avail-idx`` is QEMU's cache, equal
+    to ``last-avail-idx`` whenever QEMU has caught up, buffers or not).  A
+    queue with a buffer holds no frame waiting inside QEMU: QEMU queues a
+    frame only after finding no buffer, and delivers it when the guest
+    signals a new one.  A queue without one may hold a frame.
+    """
+    total = starved = 0
     for q in range(queues):
-        st = await mon.execute("x-query-virtio-queue-status", {"path": path, "queue": 2 * q})
-        total += int(st["used-idx"])
-    return total
+        try:
+            el = await mon.execute("x-query-virtio-queue-element", {"path": path, "queue": 2 * q})
+            total += int(el["used"]["idx"])
+            if (int(el["avail"]["idx"]) - int(el["index"])) % 65536 == 0:
+                starved += 1
+        except (QMPError, KeyError, TypeError, ValueError):
+            st = await mon.execute("x-query-virtio-queue-status", {"path": path, "queue": 2 * q})
+            total += int(st["used-idx"])
+            starved += 1  # unknown: the frame may be there
+    return total, starved
 
 
 @dataclass(frozen=True)

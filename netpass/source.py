@@ -42,14 +42,13 @@ from . import links, pcap, procs, tapfd, wire
 from .channel import BATCH, CONTROL, AuthError, Channel, ChannelError, connect
 from .errors import KernelError, MigrationFailed, NetpassError, QMPError
 from .migration import progress_line
-from .nics import Nic, discover, rx_filter, rx_used, virtio_paths
+from .nics import Nic, discover, rx_filter, rx_state, rx_used, virtio_paths
 from .packet import Injector, Shadow
 from .qmp import Event, Monitor, peer_pid
 from .session import State, StateMachine
 
 log = logging.getLogger(__name__)
 
-SETTLE_BUSY_FRAMES = 64  # frames entering after the sacrificial one: traffic is heavy
 _SRC_MAC = operator.itemgetter(slice(6, 12))
 _ENTRY_DATA = operator.itemgetter(2)  # a shadow entry: (index, vnet, data)
 # Memory a cached frame takes besides its own bytes: the Frame tuple, its
@@ -58,6 +57,7 @@ _ENTRY_DATA = operator.itemgetter(2)  # a shadow entry: (index, vnet, data)
 # CPython 3.11 (RSS over 2,097,152 frames); counted against --max-cache-bytes,
 # so that the cap bounds memory, not only frame bytes (4.5x at 64 B without).
 CACHE_FRAME_OVERHEAD = 256
+MIN_SAMPLE_AGREEMENT = 0.75  # of the delivery samples, for the accounting to decide (qemu_losses)
 ALIGN_SCAN = 65_536  # shadow entries searched for a drained frame (the shadow keeps this many)
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -95,7 +95,9 @@ class SourceNic:
     hdr_size: int
     shadow: Any = None
     virtio_path: str | None = None
-    samples: list[tuple[int, int, int, float]] = field(default_factory=list)
+    # (tx_packets before, RX used index, RX queues without a known buffer,
+    #  tx_packets after, when): see SourceSession._sampler
+    samples: list[tuple[int, int, int, int, float]] = field(default_factory=list)
     lost_by_qemu: int = 0
     settle: dict[str, Any] = field(default_factory=dict)
     bridge: str | None = None
@@ -115,6 +117,7 @@ class SourceNic:
     shadow_dropped_at_stop: int = 0
     shadow_dropped_final: int = 0
     overflow_recovered: int = 0  # frames the tap's ring dropped, taken from the shadow
+    sacrifice_dropped: int = 0  # 1 when the ring dropped the sacrificial frame (tun counts it)
     ring_overflow: int | None = None  # frames the tap's ring dropped before netpass drained them
 
 
@@ -249,10 +252,12 @@ class SourceSession:
             data = buf[hdr:]
             if data == sn.sacrifice:
                 if sn.swallow_pending:
-                    # Nothing real was ahead of it: QEMU's reads end where we
-                    # queued the sacrificial frame.
-                    self._account(sn, sn.settle["inject_seen"])
-                sn.swallow_pending = False
+                    # Nothing real was ahead of it: QEMU's reads end just before it.
+                    sn.shadow.pull()
+                    self._account(sn, sn.shadow.index_of(data, sn.settle["inject_seen"]))
+                    sn.swallow_pending = False
+                if sn.expect is not None:
+                    self._align(sn, data)  # past it in the shadow; never captured
                 continue
             if sn.swallow_pending:
                 sn.shadow.pull()
@@ -337,13 +342,16 @@ class SourceSession:
                               "frames the ring drops from here on are not recovered "
                               "(tap_ring_overflow counts them)")
             return
-        skipped = [frames.popleft() for _ in range(j)]
+        skipped = [f for f in (frames.popleft() for _ in range(j)) if f[2] != sn.sacrifice]
+        if len(skipped) < j:
+            sn.sacrifice_dropped = 1  # a full ring dropped it: never captured, but tun counted it
         if skipped:
             # Only as many as tun counts as dropped since the stop: a frame
             # someone else read (QEMU, resumed after a cancel) is a gap too,
             # and must not be delivered twice.  Those are the oldest.
             try:
-                budget = links.tx_dropped(sn.nic.tap) - sn.dropped_at_stop - sn.overflow_recovered
+                budget = (links.tx_dropped(sn.nic.tap) - sn.dropped_at_stop - sn.overflow_recovered
+                          - sn.sacrifice_dropped)
             except NetpassError:
                 budget = 0
             for _idx, vnet, dropped in skipped[max(0, len(skipped) - max(0, budget)):]:
@@ -552,30 +560,42 @@ class SourceSession:
                 sn.drop_samples.append((now, links.tx_dropped(sn.nic.tap)))
                 del sn.drop_samples[:-64]
             for sn in nics:
+                # The shadow's socket buffer holds a few thousand frames: kept
+                # in the shadow instead, every sample stays usable (_account).
+                sn.shadow.pull()
                 before = links.tx_packets(sn.nic.tap)
                 try:
-                    used = await rx_used(self.mon, sn.virtio_path, len(sn.fds))  # type: ignore[arg-type]
+                    used, starved = await rx_state(self.mon, sn.virtio_path, len(sn.fds))  # type: ignore[arg-type]
                 except QMPError:
                     return
                 after = links.tx_packets(sn.nic.tap)
-                sn.samples.append((before, used, after, time.monotonic()))
+                sn.samples.append((before, used, starved, after, time.monotonic()))
                 del sn.samples[:-2048]
             await asyncio.sleep(self.o.sample_interval_ms / 1000)
 
     async def _settle(self, sn: SourceNic) -> None:
-        """Disarm QEMU's tap reader and find the frames it read but never delivered.
+        """Let QEMU's tap reader make its last read, then find the frames it
+        read but never delivered.
 
         After the stop, QEMU's tap backend reads one frame it cannot deliver
-        and keeps it; a frame it read in the moment the VM was stopping is
-        dropped when the stop purges its queues (DESIGN §2, and QEMU's
-        net_vm_change_state_handler).  A sacrificial frame disarms the reader
-        if it is still armed.  Then:
+        and keeps it; a frame it read in the moment the VM was stopping (or
+        one it held for want of a guest buffer) is dropped when the stop
+        purges its queues (DESIGN §2, and QEMU's net_vm_change_state_handler).
+        When that read happens is up to QEMU's main loop, which a loaded host
+        may not run for a while: netpass must not start draining the ring
+        before it, or QEMU takes a frame from the middle of the drain.  So:
 
-        * QEMU's reads since the reference come from tx_packets;
-        * which frames those were comes from the shadow: they end just before
-          the first frame still in the ring;
+        * a sacrificial frame goes into the ring through the tap's qdisc (the
+          shadow sees it in its place), so the ring is not empty;
+        * two QMP commands are answered: QEMU's main loop answers each in an
+          iteration that also dispatches the tap's reader, if armed, since
+          the ring is readable; after the second, QEMU's reads are over;
+        * QEMU's reads (tx_packets) are then final, and the frames they were
+          come from the shadow: they end just before the first frame still
+          in the ring (the sacrificial one, a real one before it, or, with
+          the ring empty, the one after the sacrificial frame);
         * how many of them the device handed to the guest comes from the RX
-          used index; the NIC's receive filter says which it would have taken.
+          used index; the NIC's receive filter says which it would take.
 
         The accepted frames read but not delivered are the ones lost inside
         QEMU, and the shadow holds their bytes.
@@ -590,53 +610,56 @@ class SourceSession:
         before = [d for t, d in sn.drop_samples if t < cutoff]
         sn.dropped_at_stop = before[-1] if before else sn.tx_dropped0
         sn.shadow_dropped_at_stop = sn.shadow.dropped
-        inj = Injector(sn.nic.tap)
+        inj = Injector(sn.nic.tap, bypass=False)
         try:
             if not inj.send(bytes(wire.VNET_HDR_LEN), sn.sacrifice):
-                self.notes.append(f"{sn.nic.tap}: the ring was full at the stop; the sacrificial "
+                self.notes.append(f"{sn.nic.tap}: the tap's queue was full at the stop; the sacrificial "
                                   "frame could not be queued")
         finally:
             inj.close()
         t_inj = time.monotonic()
-        deadline = t_inj + 0.05
-        # Under heavy traffic the ring does not empty: once frames keep
-        # coming, QEMU's armed reader has had its chance (it fires on the
-        # first frame after the stop) and waiting longer only lets the ring
-        # overflow (the shadow recovers what it drops, see _align).
-        while (tapfd.readable(sn.fds) and time.monotonic() < deadline
-               and sn.shadow.seen - inject_seen < SETTLE_BUSY_FRAMES):
-            await asyncio.sleep(0.0005)
-        taken = not tapfd.readable(sn.fds)
-        log.info("session=%s %s: waited %.1f ms for the sacrificial frame (%s), %d frames entered since",
-                 self.sid, sn.nic.tap, (time.monotonic() - t_inj) * 1000, "taken" if taken else "left",
-                 sn.shadow.seen - inject_seen)
-        sn.settle = {"inject_seen": inject_seen, "taken": taken, "tx": links.tx_packets(sn.nic.tap)}
+        sn.settle = {"inject_seen": inject_seen}
         if sn.virtio_path is not None:
             try:
-                sn.settle["used"] = await rx_used(self.mon, sn.virtio_path, len(sn.fds))
+                sn.settle["used"] = (await rx_state(self.mon, sn.virtio_path, len(sn.fds)))[0]
             except QMPError as exc:
                 log.warning("session=%s cannot read the RX used index: %s", self.sid, exc)
         sn.settle["filter"] = await rx_filter(self.mon, sn.nic.name)
-        if taken:
-            self._account(sn, inject_seen)
+        if sn.virtio_path is None or "used" not in sn.settle:
+            await self.mon.execute("query-status")  # the barrier's second command
+        sn.settle["tx"] = links.tx_packets(sn.nic.tap)
+        sn.shadow.pull()
+        sac = sn.shadow.index_of(sn.sacrifice, inject_seen)
+        empty = not tapfd.readable(sn.fds)
+        log.info("session=%s %s: QEMU's last read is over after %.1f ms; %d frames entered since the "
+                 "stop was seen; the ring is %s", self.sid, sn.nic.tap, (time.monotonic() - t_inj) * 1000,
+                 sn.shadow.seen - inject_seen, "empty" if empty else "not empty")
+        if empty:
+            # QEMU read everything, the sacrificial frame last.
+            self._account(sn, None if sac is None else sac + 1)
         else:
-            sn.swallow_pending = True
+            sn.swallow_pending = True  # the first frame drained tells (_take)
 
     def _account(self, sn: SourceNic, read_end: int | None) -> None:
         """Work out and recover the frames QEMU lost; ``read_end`` is the
         shadow index of the first frame QEMU did not read.
 
-        Reads are FIFO over the shadow, so the read numbered t (tx_packets)
-        is shadow frame t - c, and c is known now: QEMU's last read was the
-        frame before ``read_end``.  While the VM runs, every frame the NIC
-        accepts is delivered as it is read, so at each sample the used index
-        equals (accepted frames read so far) + C for one constant C.  Each
-        sample bounds C; together they pin it.  Then the accepted frames QEMU
-        read, less those delivered, are the ones lost inside QEMU.
+        Reads are FIFO over the shadow (the sacrificial frame is in it too),
+        so the read numbered t (tx_packets) is shadow frame t - c, and c is
+        known now: QEMU's last read was the frame before ``read_end``.
+        While the VM runs, the used index equals (accepted frames read so
+        far) + C - q for one constant C, where q is 1 while QEMU holds a
+        frame for want of a guest buffer, else 0.  Each sample bounds C;
+        together they pin it (see qemu_losses).  Then the accepted frames
+        QEMU read, less those delivered, are the ones lost inside QEMU.
         """
         sn.expect = read_end  # from here on only netpass reads the ring (see _align)
         st = sn.settle
-        taken = bool(st["taken"])
+        # QEMU's last read is the one it keeps: the sacrificial frame, or a
+        # real one before it (then the sacrificial frame is still queued).
+        last = sn.shadow.span(read_end - 1, read_end) if read_end else None
+        taken = bool(last) and last[0][1] == sn.sacrifice
+        st["taken"] = taken
         recovered: list[tuple[bytes, bytes]] | None = None
         why = ""
         flt = st.get("filter")
@@ -646,57 +669,50 @@ class SourceSession:
         elif read_end is None:
             why = "the first frame left in the ring is not in the shadow"
         else:
-            c = (st["tx"] - (1 if taken else 0)) - read_end
+            c = st["tx"] - read_end
             base = sn.shadow.frames[0][0] if sn.shadow.frames else read_end
             span = sn.shadow.span(base, read_end) or []
+            accepted = [f for f in span if f[1] != sn.sacrifice and flt.accepts(f[1])]
             acc = [0]
             for _vnet, data in span:
-                acc.append(acc[-1] + (1 if flt.accepts(data) else 0))
-            wrap = 1 << 16 if len(sn.fds) == 1 else None
-            lo, hi = -10**12, 10**12
-            used_samples = 0
+                acc.append(acc[-1] + (1 if data != sn.sacrifice and flt.accepts(data) else 0))
             # Samples answered after the VM began to stop are not valid: the STOP
             # event comes after the stop, by up to a few milliseconds here.
             cutoff = (self.stop_emitted or time.monotonic()) - 0.02
-            for tb, used, ta, at in sn.samples:
-                if at > cutoff:
-                    continue
+            bounds = []
+            for tb, used, starved, ta, at in sn.samples:
                 s_lo, s_hi = tb - c - base, ta - c - base
-                if s_lo < 0 or s_hi > len(span):
-                    continue  # outside what the shadow still holds
-                # C = used - acc(s) for some s in [s_lo, s_hi]
-                cands = (used - acc[s_hi], used - acc[s_lo])
-                lo, hi = max(lo, min(cands)), min(hi, max(cands))
-                used_samples += 1
-            if used_samples == 0 or lo > hi:
-                why = f"delivery accounting inconsistent ({used_samples} usable samples)"
-            elif lo != hi and wrap is None:
-                why = f"delivery accounting ambiguous by {hi - lo}"
+                if at <= cutoff and s_lo >= 0 and s_hi <= len(span):  # (else beyond the shadow)
+                    bounds.append((acc[s_lo], acc[s_hi], used, starved))
+            wrap = 1 << 16 if len(sn.fds) == 1 else None
+            found = qemu_losses(bounds, acc[-1], st["used"], wrap)
+            # QEMU loses at most two: one it held as the VM stopped, purged,
+            # and the one it read after and keeps: a real frame, unless it
+            # was the sacrificial one.
+            structural = {0, 1} if taken else {1, 2}
+            if found is None or found[3]:
+                log.info("session=%s %s: the delivery samples disagree; per sample, C within: %s",
+                         self.sid, sn.nic.tap, [(u - hi_, u - lo_ + q) for lo_, hi_, u, q in bounds])
+            if found is None:
+                why = f"delivery accounting inconsistent ({len(bounds)} usable samples)"
             else:
-                results = set()
-                for const in range(lo, hi + 1):
-                    delivered_total = st["used"] - const
-                    lost = acc[-1] - delivered_total
-                    if wrap is not None:
-                        lost = (lost + wrap // 2) % wrap - wrap // 2
-                    results.add(lost)
-                # QEMU loses at most two: one read as the VM stopped and purged,
-                # and one read after (kept), which exists exactly when the
-                # sacrificial frame was left in the ring.
-                structural = {0, 1} if taken else {1, 2}
-                log.info("session=%s %s: %d samples, offset in [%d, %d]: lost inside QEMU %s, "
-                         "possible %s; sacrificial frame %s", self.sid, sn.nic.tap, used_samples, lo, hi,
-                         sorted(results), sorted(structural), "taken" if taken else "left in the ring")
-                results &= structural
-                if len(results) == 1:
-                    lost = results.pop()
-                    accepted = [f for f in span if flt.accepts(f[1])]
-                    recovered = accepted[len(accepted) - lost:] if lost else []
+                results, lo, hi, odd = found
+                log.info("session=%s %s: %d samples (%d disagree), offset in [%d, %d]: lost inside QEMU %s, "
+                         "possible %s; QEMU kept %s", self.sid, sn.nic.tap, len(bounds), odd, lo, hi,
+                         sorted(results), sorted(structural),
+                         "the sacrificial frame" if taken else "a real frame")
+                if wrap is None and lo != hi:
+                    why = f"delivery accounting ambiguous by {hi - lo}"
                 else:
-                    why = f"delivery accounting gave {sorted(results)}"
+                    results &= structural
+                    if len(results) == 1:
+                        lost = results.pop()
+                        recovered = accepted[len(accepted) - lost:] if lost else []
+                    else:
+                        why = f"delivery accounting gave {sorted(results)}"
         if recovered is None:
-            # Without accounting: a sacrificial frame left in the ring means
-            # QEMU kept the last frame it read; a purged one goes unnoticed.
+            # Without accounting: QEMU's last read, unless it was the
+            # sacrificial frame, is the frame it kept; a purged one goes unnoticed.
             recovered = []
             if not taken and read_end is not None:
                 recovered = sn.shadow.span(read_end - 1, read_end) or []
@@ -1094,6 +1110,50 @@ def _forget_before(frames: deque[tuple[int, bytes, bytes]], expect: int) -> None
     """Drop the shadow's entries older than index ``expect``: already read."""
     while frames and frames[0][0] < expect:
         frames.popleft()
+
+
+def qemu_losses(bounds: list[tuple[int, int, int, int]], accepted: int, used_final: int,
+                wrap: int | None) -> tuple[set[int], int, int, int] | None:
+    """How many accepted frames QEMU read and never delivered, from samples.
+
+    Each sample, taken while the VM ran, is (accepted frames QEMU had read
+    at the sample's start, at its end, the RX used index between, RX queues
+    without a guest buffer).  While the VM runs, used = read + C - q, where
+    q (0 up to the starved queues) counts frames QEMU holds for want of a
+    guest buffer; so each sample bounds the constant C to
+    [used - read_end, used - read_start + starved].  With C pinned, the
+    frames read in all (``accepted``) less those delivered (``used_final``
+    - C) are the ones lost.  The used index is 16-bit per queue: with
+    ``wrap`` (one queue) the loss is taken modulo it.
+
+    A sample can mislead: a guest that posted buffers but has not yet told
+    QEMU (it tells once per batch) looks as if no frame could be held.  So
+    C is taken where the most samples agree, if at least
+    MIN_SAMPLE_AGREEMENT of them do.  Returns (the possible losses, C's
+    bounds, the samples that disagree), or None if there are no samples or
+    they agree too little.
+    """
+    if not bounds:
+        return None
+    edges: list[tuple[int, int]] = []
+    for read_start, read_end, used, starved in bounds:
+        edges += [(used - read_end, 1), (used - read_start + starved + 1, -1)]
+    edges.sort()
+    best, cover, lo, hi = 0, 0, 0, 0
+    for i, (at, step) in enumerate(edges):
+        cover += step
+        nxt = edges[i + 1][0] if i + 1 < len(edges) else at
+        if cover > best and nxt > at:
+            best, lo, hi = cover, at, nxt - 1
+    if best < MIN_SAMPLE_AGREEMENT * len(bounds):
+        return None
+    results = set()
+    for const in range(lo, min(hi, lo + 64) + 1):
+        lost = accepted - (used_final - const)
+        if wrap is not None:
+            lost = (lost + wrap // 2) % wrap - wrap // 2
+        results.add(lost)
+    return results, lo, hi, len(bounds) - best
 
 
 def _position(frames: deque[tuple[int, bytes, bytes]], expect: int, data: bytes) -> int | None:
