@@ -171,11 +171,7 @@ def check_strict_hold(ns: str) -> Check:
                 h = hold.Hold.install("doctor", "npd-t", Path(tmp), 1 << 20, 1000)
                 try:
                     h.close()
-                    h.release_tx()
-                    h.release_rx(1000)
-                    deadline = time.monotonic() + 2
-                    while not h.rx_done() and time.monotonic() < deadline:
-                        time.sleep(0.01)
+                    h.release_all(1000, 2)
                 finally:
                     h.remove(vm_running=False)
             finally:

@@ -287,6 +287,19 @@ class Hold:
                     self.spec.limit)
         self._kick(self.spec.ifb_rx)
 
+    def release_all(self, rate_fps: float, bound_s: float) -> bool:
+        """Release both directions, RX at a fixed ``rate_fps``, and wait up to
+        ``bound_s`` for the held frames to be in (a check's or a test's
+        release; the agent paces RX by what the VM reads).  True if they are."""
+        self.release_tx()
+        self.release_rx(rate_fps)
+        deadline = time.monotonic() + bound_s
+        while not self.rx_done():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
     def release_rx_now(self) -> None:
         """Let the rest of the held live frames go at once (a timeout)."""
         if self.stats.rx_released_t is None:

@@ -67,3 +67,20 @@ def test_counts_are_consistent(ids: list[int]) -> None:
     assert s.lost == 50 - len(set(ids))
     assert s.duplicates == len(ids) - len(set(ids))
     assert 0 <= s.reordered <= s.received
+
+
+def test_guest_counters_skip_a_line_still_being_written(tmp_path) -> None:
+    """The guest writes its counters line by line to the console; a read can
+    catch the newest one half written, or cut by a kernel message."""
+    from netpass.lab.scenario import guest_counters
+
+    def stat(in_echos: int) -> str:
+        icmp = ["Icmp:"] + [str(v) for v in [0] * 8 + [in_echos] + [0] * 5 + [in_echos, 3]]
+        return "NETPASS-STAT eth0: 1 2 3 | " + " ".join(icmp) + "\n"
+
+    console = tmp_path / "console"
+    console.write_text(stat(100) + stat(250) + "[ 9.1] some kernel message\n" + stat(300)[:40])
+    assert guest_counters([console]) == {"guest_in_echos": 250, "guest_icmp_out_msgs": 250,
+                                         "guest_icmp_out_errors": 3}
+    console.write_text(stat(100) + stat(250)[:30] + "[ 9.2] a message cuts in\n")
+    assert guest_counters([console])["guest_in_echos"] == 100

@@ -90,11 +90,7 @@ def _rig(mode: str, state: Path) -> dict[str, Any]:
         sender.start()
         try:
             if mode == "fixed":
-                h.release_tx()
-                h.release_rx(20_000)
-                deadline = time.monotonic() + 10
-                while not h.rx_done() and time.monotonic() < deadline:
-                    time.sleep(0.005)
+                h.release_all(20_000, 10)
             else:
                 cfg = AgentConfig(listen="127.0.0.1:1", token=b"x" * 32, qmp_root=Path("/nonexistent"))
                 sess = DestSession(cfg, None, "pace")  # type: ignore[arg-type]

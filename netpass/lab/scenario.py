@@ -466,7 +466,7 @@ def _await_fresh_counters(vms: list[Any], timeout: float = 4.0) -> None:
     """Wait until every live guest printed its counters after the probing ended."""
     def count(vm: Any) -> int:
         try:
-            return vm.console.read_text(errors="replace").count("NETPASS-STAT")
+            return _whole_lines(vm.console).count("NETPASS-STAT")
         except OSError:
             return 0
 
@@ -493,6 +493,14 @@ def guest_fault(console: Path) -> str | None:
     return None
 
 
+def _whole_lines(console: Path) -> str:
+    """A console's text up to its last newline: the guest may be writing the
+    next line as we read (seen: a line cut short made a run's counters
+    unreadable, failing a test with guest_in_echos null)."""
+    text = console.read_text(errors="replace")
+    return text[:text.rfind("\n") + 1]
+
+
 def guest_counters(consoles: list[Path]) -> dict[str, int | None]:
     """The guest's own ICMP counters, from the last NETPASS-STAT line it printed.
 
@@ -504,17 +512,19 @@ def guest_counters(consoles: list[Path]) -> dict[str, int | None]:
     best: dict[str, int] = {}
     for console in consoles:
         try:
-            lines = [ln for ln in console.read_text(errors="replace").splitlines() if "NETPASS-STAT" in ln]
+            lines = [ln for ln in _whole_lines(console).splitlines() if "NETPASS-STAT" in ln]
         except OSError:
             continue
-        if not lines:
-            continue
-        try:
-            icmp = lines[-1].split("Icmp:")[1].split()
-            values = {"guest_in_echos": int(icmp[8]), "guest_icmp_out_msgs": int(icmp[14]),
-                      "guest_icmp_out_errors": int(icmp[15])}
-        except (IndexError, ValueError):
-            continue
+        values: dict[str, int] = {}
+        for line in reversed(lines):
+            # The newest whole line: a kernel message can cut into one.
+            try:
+                icmp = line.split("Icmp:")[1].split()
+                values = {"guest_in_echos": int(icmp[8]), "guest_icmp_out_msgs": int(icmp[14]),
+                          "guest_icmp_out_errors": int(icmp[15])}
+                break
+            except (IndexError, ValueError):
+                continue
         for key, value in values.items():
             best[key] = max(best.get(key, 0), value)
     return {k: best.get(k) for k in ("guest_in_echos", "guest_icmp_out_msgs", "guest_icmp_out_errors")}
