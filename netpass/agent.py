@@ -368,8 +368,9 @@ class DestSession:
             step = (time.monotonic(), links.tx_packets(dn.nic.tap))
             read_fps: float | None = None  # the VM's reading, smoothed over steps
             while not await asyncio.to_thread(h.rx_done):
-                if time.monotonic() >= deadline or self._hold_expired():
-                    if not self.hold_timed_out and self._hold_expired():
+                expired = self._hold_expired()
+                if expired or time.monotonic() >= deadline:
+                    if expired and not self.hold_timed_out:
                         self.hold_timed_out = True
                         self.hold_notes.append(f"hold timeout of {self.hold_timeout_ms} ms reached while "
                                                "the VM read the held frames: released the rest at once")

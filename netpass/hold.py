@@ -287,18 +287,15 @@ class Hold:
                     self.spec.limit)
         self._kick(self.spec.ifb_rx)
 
-    def release_all(self, rate_fps: float, bound_s: float) -> bool:
+    def release_all(self, rate_fps: float, bound_s: float) -> None:
         """Release both directions, RX at a fixed ``rate_fps``, and wait up to
         ``bound_s`` for the held frames to be in (a check's or a test's
-        release; the agent paces RX by what the VM reads).  True if they are."""
+        release; the agent paces RX by what the VM reads)."""
         self.release_tx()
         self.release_rx(rate_fps)
         deadline = time.monotonic() + bound_s
-        while not self.rx_done():
-            if time.monotonic() >= deadline:
-                return False
+        while not self.rx_done() and time.monotonic() < deadline:
             time.sleep(0.005)
-        return True
 
     def release_rx_now(self) -> None:
         """Let the rest of the held live frames go at once (a timeout)."""

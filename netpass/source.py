@@ -672,10 +672,9 @@ class SourceSession:
             c = st["tx"] - read_end
             base = sn.shadow.frames[0][0] if sn.shadow.frames else read_end
             span = sn.shadow.span(base, read_end) or []
-            accepted = [f for f in span if f[1] != sn.sacrifice and flt.accepts(f[1])]
-            acc = [0]
-            for _vnet, data in span:
-                acc.append(acc[-1] + (1 if data != sn.sacrifice and flt.accepts(data) else 0))
+            takes = [data != sn.sacrifice and flt.accepts(data) for _vnet, data in span]
+            accepted = list(itertools.compress(span, takes))
+            acc = list(itertools.accumulate(takes, initial=0))
             # Samples answered after the VM began to stop are not valid: the STOP
             # event comes after the stop, by up to a few milliseconds here.
             cutoff = (self.stop_emitted or time.monotonic()) - 0.02
@@ -1139,21 +1138,24 @@ def qemu_losses(bounds: list[tuple[int, int, int, int]], accepted: int, used_fin
     for read_start, read_end, used, starved in bounds:
         edges += [(used - read_end, 1), (used - read_start + starved + 1, -1)]
     edges.sort()
-    best, cover, lo, hi = 0, 0, 0, 0
+    best, cover = 0, 0
+    regions: list[range] = []  # where the most samples agree (ties: all of them)
     for i, (at, step) in enumerate(edges):
         cover += step
         nxt = edges[i + 1][0] if i + 1 < len(edges) else at
-        if cover > best and nxt > at:
-            best, lo, hi = cover, at, nxt - 1
+        if nxt > at and cover >= best:
+            if cover > best:
+                best, regions = cover, []
+            regions.append(range(at, nxt))
     if best < MIN_SAMPLE_AGREEMENT * len(bounds):
         return None
     results = set()
-    for const in range(lo, min(hi, lo + 64) + 1):
+    for const in itertools.islice(itertools.chain.from_iterable(regions), 65):
         lost = accepted - (used_final - const)
         if wrap is not None:
             lost = (lost + wrap // 2) % wrap - wrap // 2
         results.add(lost)
-    return results, lo, hi, len(bounds) - best
+    return results, regions[0].start, regions[-1].stop - 1, len(bounds) - best
 
 
 def _position(frames: deque[tuple[int, bytes, bytes]], expect: int, data: bytes) -> int | None:

@@ -250,3 +250,12 @@ def test_delivery_accounting_outvotes_a_misleading_sample() -> None:
     good = [(10, 12, 511, 0), (20, 20, 520, 0), (30, 31, 530, 0), (40, 40, 540, 0)]
     assert qemu_losses(good + [(50, 50, 549, 0)], 64, 562, 1 << 16) == ({2}, 500, 500, 1)
     assert qemu_losses([good[1], good[3]] + [(50, 50, 549, 0)] * 2, 64, 562, 1 << 16) is None
+
+
+def test_delivery_accounting_keeps_every_tied_offset() -> None:
+    """Two offsets each agreed by 4 of 5 samples (with a gap between agreed
+    by 3): both stay possible, so the answer is not one of them by chance."""
+    from netpass.source import qemu_losses
+
+    bounds = [(8, 10, 20, 0)] * 3 + [(10, 10, 20, 0), (10, 10, 22, 0)]
+    assert qemu_losses(bounds, 30, 40, 1 << 16) == ({0, 2}, 10, 12, 1)
