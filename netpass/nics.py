@@ -131,6 +131,49 @@ async def rx_state(mon: Monitor, path: str, queues: int) -> tuple[int, int]:
     return total, starved
 
 
+async def _guest_read(mon: Monitor, addr: int, size: int) -> bytes:
+    """``size`` bytes of guest-physical memory, through HMP's ``xp``."""
+    text = await mon.execute("human-monitor-command", {"command-line": f"xp /{size}xb {addr:#x}"})
+    try:
+        data = bytes(int(tok, 16) for line in str(text).splitlines() if ":" in line
+                     for tok in line.split(":", 1)[1].split())
+    except ValueError as exc:
+        raise QMPError(f"unexpected xp output: {str(text)[:80]!r}") from exc
+    if len(data) != size:
+        raise QMPError(f"xp gave {len(data)} bytes of {size}")
+    return data
+
+
+async def last_rx_buffer(mon: Monitor, path: str, nbytes: int = 128) -> tuple[bytes, int] | None:
+    """The start of the buffer the device filled last on RX queue 0 (virtio-net
+    header, then the frame), read from guest memory, and how many bytes the
+    device wrote into it; None if the guest has already given that buffer's
+    descriptor back to the device for a new buffer, or nothing was delivered.
+
+    The used ring's last entry names the descriptor; the descriptor, the
+    buffer.  A guest that processed the entry may reuse the descriptor for a
+    fresh buffer (Linux reuses the one freed last first): then it is among
+    the available entries the device has not taken yet, and the buffer no
+    longer says anything.
+    """
+    st = await mon.execute("x-query-virtio-queue-status", {"path": path, "queue": 0})
+    num, used, last_avail = int(st["vring-num"]), int(st["used-idx"]), int(st["last-avail-idx"])
+    if not num or used == 0:
+        return None
+    elem = await _guest_read(mon, int(st["vring-used"]) + 4 + 8 * ((used - 1) % num), 8)
+    head, written = int.from_bytes(elem[:4], "little"), int.from_bytes(elem[4:], "little")
+    if head >= num:
+        return None
+    avail = await _guest_read(mon, int(st["vring-avail"]), 4 + 2 * num)
+    posted = (int.from_bytes(avail[2:4], "little") - last_avail) % 65536
+    for i in range(last_avail, last_avail + min(posted, num)):
+        if int.from_bytes(avail[4 + 2 * (i % num):6 + 2 * (i % num)], "little") == head:
+            return None  # posted again: a fresh buffer
+    desc = await _guest_read(mon, int(st["vring-desc"]) + 16 * head, 16)
+    addr = int.from_bytes(desc[:8], "little")
+    return await _guest_read(mon, addr, min(nbytes, written)), written
+
+
 @dataclass(frozen=True)
 class RxFilter:
     """What a virtio-net NIC accepts, from ``query-rx-filter`` (QEMU's receive_filter)."""

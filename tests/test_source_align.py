@@ -259,3 +259,36 @@ def test_delivery_accounting_keeps_every_tied_offset() -> None:
 
     bounds = [(8, 10, 20, 0)] * 3 + [(10, 10, 20, 0), (10, 10, 22, 0)]
     assert qemu_losses(bounds, 30, 40, 1 << 16) == ({0, 2}, 10, 12, 1)
+
+
+def test_the_guests_last_buffer_tells_how_many_were_lost() -> None:
+    """With n lost, the last frame delivered is the n+1-th accepted one from
+    the end; the buffer holds its start after a 10- or 12-byte header."""
+    from netpass.source import _holds
+
+    accepted = [(bytes(10), frame(n)) for n in range(5)]
+    last = (bytes(12) + frame(2)[:116], 12 + len(frame(2)))
+    assert [n for n in range(4) if _holds(last, accepted, n)] == [2]
+    # A reused buffer (zeros), or one of another length, says nothing.
+    assert not any(_holds((bytes(128), 12 + len(frame(2))), accepted, n) for n in range(4))
+    assert not any(_holds((last[0], last[1] + 4), accepted, n) for n in range(4))
+
+
+def test_guest_memory_is_read_through_xp() -> None:
+    import asyncio
+
+    from netpass.errors import QMPError
+    from netpass.nics import _guest_read
+
+    class Mon:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+        async def execute(self, cmd: str, args: dict[str, Any]) -> str:
+            assert cmd == "human-monitor-command" and args["command-line"] == "xp /4xb 0x1000"
+            return self.text
+
+    text = "0000000000001000: 0x21 0x00 0x00 0x7a\r\n"
+    assert asyncio.run(_guest_read(Mon(text), 0x1000, 4)) == bytes([0x21, 0, 0, 0x7a])  # type: ignore[arg-type]
+    with pytest.raises(QMPError):
+        asyncio.run(_guest_read(Mon("Cannot access memory\r\n"), 0x1000, 4))  # type: ignore[arg-type]
