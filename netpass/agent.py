@@ -8,11 +8,8 @@ happened.
 
 from __future__ import annotations
 
-import array
 import asyncio
-import itertools
 import logging
-import operator
 import os
 import ssl
 import time
@@ -22,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from . import hold as holdmod
 from . import links, tapfd, wire
@@ -92,16 +91,11 @@ class SessionError(NetpassError):
         self.code = code
 
 
-# A record's destination and source MACs, after its virtio-net header.
-_DST = operator.itemgetter(slice(wire.VNET_HDR_LEN, wire.VNET_HDR_LEN + 6))
-_SRC = operator.itemgetter(slice(wire.VNET_HDR_LEN + 6, wire.VNET_HDR_LEN + 12))
-
-
 class Pending:
     """Frames waiting for the VM, in order, stored compactly: each accepted
-    batch's records (virtio-net header + frame) joined into one buffer with
-    an array of offsets, so a cached frame costs its bytes and 4 more, not
-    a Python object each (a 1 GiB cap of 64-byte frames is 14 million)."""
+    batch's records (virtio-net header + frame) back to back in one buffer
+    with an array of offsets, so a cached frame costs its bytes and 4 more,
+    not a Python object each (a 1 GiB cap of 64-byte frames is 14 million)."""
 
     __slots__ = ("chunks", "frames")
 
@@ -114,26 +108,25 @@ class Pending:
 
     def add(self, records: Sequence[bytes | memoryview]) -> None:
         if records:
-            offs = array.array("I", itertools.accumulate(map(len, records), initial=0))
+            offs = np.zeros(len(records) + 1, np.uint32)
+            np.cumsum(np.fromiter(map(len, records), np.uint32, len(records)), out=offs[1:])
             self.chunks.append([memoryview(b"".join(records)), offs, 0])
             self.frames += len(records)
 
-    def add_span(self, body: memoryview, offsets: list[int]) -> None:
+    def add_span(self, body: memoryview, offsets: Sequence[int]) -> None:
         """Records already back to back in ``body`` (a received batch kept
         whole): ``body[offsets[i]:offsets[i + 1]]``, no copy."""
         if len(offsets) > 1:
-            self.chunks.append([body, array.array("I", offsets), 0])
+            self.chunks.append([body, np.asarray(offsets, np.uint32), 0])
             self.frames += len(offsets) - 1
 
-    def peek(self, n: int) -> list[memoryview]:
-        """Up to ``n`` of the oldest records (views into the buffer)."""
-        out: list[memoryview] = []
-        for body, offs, pos in self.chunks:
-            k = min(n - len(out), len(offs) - 1 - pos)
-            out += map(body.__getitem__, map(slice, offs[pos:pos + k], offs[pos + 1:pos + k + 1]))
-            if len(out) >= n:
-                break
-        return out
+    def replay(self, ring: TxRing, n: int) -> tuple[int, int]:
+        """Offer the tap up to ``n`` of the oldest records, from the oldest
+        chunk only; (how many were offered, how many the tap took).  The
+        caller pops what was taken."""
+        body, offs, pos = self.chunks[0]
+        k = min(n, len(offs) - 1 - pos)
+        return k, ring.send_span(body, offs, pos, pos + k)
 
     def pop(self, n: int) -> int:
         """Forget the ``n`` oldest records; their bytes."""
@@ -142,7 +135,7 @@ class Pending:
             chunk = self.chunks[0]
             body, offs, pos = chunk
             k = min(n, len(offs) - 1 - pos)
-            freed += offs[pos + k] - offs[pos]
+            freed += int(offs[pos + k]) - int(offs[pos])
             chunk[2] = pos + k
             n -= k
             self.frames -= k
@@ -180,6 +173,19 @@ class DestNic:
     direct_unicast: int = 0  # frames to the VM's own MAC among those counted in ``direct``
     tx0: int = 0  # QEMU's reads from the tap at arm time (none until the VM runs)
     first_read_t: float | None = None  # when QEMU was first seen reading after that
+    tx_counter: links.Counter | None = None  # the tap's tx_packets, kept open (polled often)
+    watch: tapfd.Watch | None = None  # whether its ring holds a frame
+
+    def read_tx(self) -> int:
+        """QEMU's reads from the tap so far (its tx_packets)."""
+        if self.tx_counter is None:
+            self.tx_counter = links.Counter(self.nic.tap, "tx_packets")
+        return self.tx_counter.read()
+
+    def ring_empty(self) -> bool:
+        if self.watch is None:
+            self.watch = tapfd.Watch(self.fds)
+        return not self.watch.readable()
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
@@ -365,7 +371,7 @@ class DestSession:
             await asyncio.to_thread(h.release_rx, rate)
             log.info("session=%s releasing %d held frame(s) toward the VM at %.0f/s",
                      self.sid, h.stats.held_rx, rate)
-            step = (time.monotonic(), links.tx_packets(dn.nic.tap))
+            step = (time.monotonic(), dn.read_tx())
             read_fps: float | None = None  # the VM's reading, smoothed over steps
             while not await asyncio.to_thread(h.rx_done):
                 expired = self._hold_expired()
@@ -380,7 +386,7 @@ class DestSession:
                 now = time.monotonic()
                 if now - step[0] < RELEASE_STEP_S:
                     continue
-                tx = links.tx_packets(dn.nic.tap)
+                tx = dn.read_tx()
                 fps = (tx - step[1]) / (now - step[0])
                 read_fps = fps if read_fps is None else (read_fps + fps) / 2
                 pace = next_release_pace(read_fps, self._ring_level(dn), ring)
@@ -416,11 +422,11 @@ class DestSession:
         everything entered so far is read: that is a mark to count from.
         """
         self._pull_direct(dn)
-        tx = links.tx_packets(dn.nic.tap)
+        tx = dn.read_tx()
         if dn.first_read_t is None and tx > dn.tx0:
             dn.first_read_t = time.monotonic()
         entered = dn.live_enqueued + dn.replayed
-        if not tapfd.readable(dn.fds):
+        if dn.ring_empty():
             dn.mark_enq, dn.mark_tx = entered, tx
         return max(0, entered - dn.mark_enq - (tx - dn.mark_tx))
 
@@ -438,9 +444,8 @@ class DestSession:
                 continue
             room = self._room(dn)
             while dn.pending and room > 0:
-                recs = dn.pending.peek(room)
                 try:
-                    taken = dn.ring.send(recs)
+                    asked, taken = dn.pending.replay(dn.ring, room)
                 except NetpassError as exc:
                     log.warning("session=%s replay failed on %s: %s", self.sid, dn.nic.tap, exc)
                     self.cache_bytes -= dn.pending.pop(1)
@@ -456,7 +461,7 @@ class DestSession:
                 dn.last_pos = dn.live_enqueued + dn.replayed
                 if taken:
                     self.unconsumed = True
-                if taken < len(recs):
+                if taken < asked:
                     break  # the ring is full after all: again once QEMU has read
 
     async def _feeder(self) -> None:
@@ -559,7 +564,7 @@ class DestSession:
         decoded for this session (``nic_count=len(self.nics)``)."""
         self._mark_stop()
         if self.metrics is not None:
-            self.metrics.batch(len(batch), batch.offsets[-1] - batch.offsets[0] - sum(batch.hdr_lens))
+            self.metrics.batch(len(batch), int(batch.offsets[-1] - batch.offsets[0]) - sum(batch.hdr_lens))
         if batch.seq != self.next_seq:
             raise SessionError("bad_batch", f"batch {batch.seq} out of sequence (expected {self.next_seq})")
         self.next_seq += 1
@@ -630,14 +635,14 @@ class DestSession:
         # same destination: group frames among them never match these.
         if dn.direct_unicast:
             return False
-        size = batch.offsets[-1] - batch.offsets[0]
+        size = int(batch.offsets[-1] - batch.offsets[0])
         if self.cache_bytes + size > self.cfg.max_cache_bytes:
             return False
-        mac = dn.mac_bytes
-        if b"".join(map(_DST, batch.records)) != mac * n:
+        if len(dn.mac_bytes) != 6:
             return False
-        # (a match across two records only sends the batch the slow way)
-        if b"".join(map(_SRC, batch.records)).find(mac) >= 0:
+        mac = np.frombuffer(dn.mac_bytes, np.uint8)
+        macs = batch.column(wire.VNET_HDR_LEN, 12)  # each frame's destination and source
+        if not (macs[:, :6] == mac).all() or (macs[:, 6:] == mac).all(axis=1).any():
             return False
         dn.pending.add_span(batch.body, batch.offsets)
         self.cache_bytes += size
@@ -778,6 +783,8 @@ class DestSession:
                     pass
                 dn.shadow.close()
             dn.ring.close()
+            if dn.tx_counter is not None:
+                dn.tx_counter.close()
             for fd in dn.fds:
                 os.close(fd)
         self.nics.clear()

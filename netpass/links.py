@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import functools
 import logging
 import threading
@@ -66,6 +67,30 @@ def tx_packets(ifname: str) -> int:
 def tx_dropped(ifname: str) -> int:
     """Frames a tap's full ring dropped, from sysfs."""
     return _stat(ifname, "tx_dropped")
+
+
+class Counter:
+    """One statistic of a device, read again and again from one open sysfs
+    file (``pread`` at offset 0 makes sysfs format it afresh): 1.4 us a
+    read here, against 18 us for opening the file each time."""
+
+    def __init__(self, ifname: str, name: str) -> None:
+        self.what = f"{name} of {ifname}"
+        try:
+            self.fd = os.open(f"/sys/class/net/{ifname}/statistics/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise KernelError(f"cannot read {self.what}: {exc.strerror}") from exc
+
+    def read(self) -> int:
+        try:
+            return int(os.pread(self.fd, 32, 0))
+        except OSError as exc:  # the device is gone (ENODEV)
+            raise KernelError(f"cannot read {self.what}: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _stat(ifname: str, name: str) -> int:

@@ -12,13 +12,16 @@ one ``send()`` hands all of them to the tap.
 
 from __future__ import annotations
 
-import array
 import errno
 import logging
 import mmap
 import socket
 import struct
 from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+from numpy.lib.stride_tricks import as_strided
 
 from .errors import KernelError
 
@@ -155,10 +158,16 @@ class TxRing:
             self.sock.setsockopt(SOL_PACKET, PACKET_TX_RING, req)
             self.sock.bind((ifname, 0))
             self.mm = mmap.mmap(self.sock.fileno(), slots * frame_size)
-            self._status = memoryview(self.mm).cast("I")  # word 0 of a slot: tp_status, 1: tp_len
-            # virtio_net_hdr.hdr_len, written through this view: little-endian
+            # The ring seen column-wise, one row per slot: a batch's slot
+            # headers and frames are written with a few array operations,
+            # not a Python step per frame.
+            u32 = np.frombuffer(self.mm, np.uint32).reshape(slots, frame_size // 4)
+            self._status = u32[:, 0]  # tp_status
+            self._len = u32[:, 1]  # tp_len
+            self._data = np.frombuffer(self.mm, np.uint8).reshape(slots, frame_size)[:, TP2_DATA:]
+            # virtio_net_hdr.hdr_len (bytes 2-3 of the record): little-endian
             # on the little-endian hosts QEMU/KVM runs on (virtio 1.0 is LE).
-            self._half = memoryview(self.mm).cast("H")
+            self._hdr_len = np.frombuffer(self.mm, "<u2").reshape(slots, frame_size // 2)[:, (TP2_DATA + 2) // 2]
         except OSError as exc:
             self.sock.close()
             raise KernelError(f"cannot set up an AF_PACKET TX ring on {ifname}: {exc}") from exc
@@ -171,66 +180,78 @@ class TxRing:
         than asked means the tap refused the next one (its ring is full, as
         ``ENOBUFS`` for a single send): nothing after it was queued either.
         """
-        end = len(records) if end is None else end
+        chunk = records[start:end]
+        if not chunk:
+            return 0
+        offs = np.zeros(len(chunk) + 1, np.int64)
+        np.cumsum(np.fromiter(map(len, chunk), np.int64, len(chunk)), out=offs[1:])
+        return self.send_span(memoryview(b"".join(chunk)), offs, 0, len(chunk))
+
+    def send_span(self, body: bytes | memoryview, offsets: npt.NDArray[np.int64], start: int, end: int) -> int:
+        """:meth:`send` for records lying back to back in ``body``: record
+        ``k`` is ``body[offsets[k]:offsets[k + 1]]``; queue those with
+        ``start <= k < end`` and return how many the tap took."""
+        src = np.frombuffer(body, np.uint8)
         done = start
         while done < end:
-            n = self._fill(records, done, end)
+            n = self._fill(src, offsets, done, end)
             if n:
                 taken = self._flush(n)
                 done += taken
                 if taken < n:
                     break
-            if done < end and len(records[done]) > self.max_record:
-                if not self._send_big(records[done]):
+            if done < end and offsets[done + 1] - offsets[done] > self.max_record:
+                if not self._send_big(memoryview(body)[offsets[done]:offsets[done + 1]]):
                     break
                 done += 1
             elif not n:
                 break  # no free slot: the kernel still holds them
         return done - start
 
-    def _fill(self, records: Sequence[bytes | memoryview], i: int, end: int) -> int:
+    def _fill(self, src: npt.NDArray[np.uint8], offsets: npt.NDArray[np.int64], i: int, end: int) -> int:
         """Copy records from ``i`` into free slots from the head; how many.
 
-        Slot headers are written column-wise through strided views of the
-        ring (all lengths, then all statuses), so Python touches each frame
-        once: its copy.
+        One fancy-indexing copy moves them all: every slot gets the same
+        number of bytes (the longest record's), read from where its record
+        starts; a slot's bytes past its record are never sent (``tp_len``).
+        Only records too near the end of ``src`` for that are copied one by one.
         """
-        q = self.frame_size // 4
-        n = min(end - i, self.slots - self.head)  # up to the end of the ring; the caller loops
-        chunk = records[i:i + n]
-        sizes = list(map(len, chunk))
-        if sizes and max(sizes) > self.max_record:
-            n = next(k for k, size in enumerate(sizes) if size > self.max_record)
-            chunk, sizes = chunk[:n], sizes[:n]
-        first = self.head * q
-        busy = self._status[first:first + n * q:q]
-        if any(busy):  # the kernel still holds some: fill up to the first
-            n = next(k for k, st in enumerate(busy) if st)
-            chunk, sizes = chunk[:n], sizes[:n]
+        h = self.head
+        n = min(end - i, self.slots - h)  # up to the end of the ring; the caller loops
+        starts = offsets[i:i + n]
+        sizes = offsets[i + 1:i + n + 1] - starts
+        big = sizes > self.max_record
+        if big.any():
+            n = int(big.argmax())
+        busy = self._status[h:h + n]
+        if busy.any():  # the kernel still holds some: fill up to the first
+            n = int(busy.astype(bool).argmax())
         if not n:
             return 0
-        mm, fs = self.mm, self.frame_size
-        base = self.head * fs + TP2_DATA
-        for off, rec in zip(range(base, base + n * fs, fs), chunk):
-            mm[off:off + len(rec)] = rec
+        starts, sizes = starts[:n], sizes[:n]
+        width = int(sizes.max())
+        fit = int(np.searchsorted(starts, len(src) - width, side="right"))
+        if fit:
+            windows = as_strided(src, shape=(len(src) - width + 1, width), strides=(1, 1), writeable=False)
+            self._data[h:h + fit, :width] = windows[starts[:fit]]
+        for k in range(fit, n):
+            s, size = int(starts[k]), int(sizes[k])
+            self._data[h + k, :size] = src[s:s + size]
         if self.vnet_hdr:
             # No GSO: claim the whole frame as header, so the kernel copies it
             # into the skb instead of referencing the slot's page (which tun
             # would then copy again, a page per frame).
-            h0 = (base + 2) // 2
-            old = self._half[h0:h0 + n * (fs // 2):fs // 2].tolist()
-            gso = self.mm[base + 1:base + 1 + n * fs:fs]
-            hdr = array.array("H", [size - 10 if not g else o for size, g, o in zip(sizes, gso, old)])
-            self._half[h0:h0 + n * (fs // 2):fs // 2] = hdr
-        self._status[first + 1:first + 1 + n * q:q] = array.array("I", sizes)
-        self._status[first:first + n * q:q] = array.array("I", [TP_STATUS_SEND_REQUEST]) * n
+            hdr_len = self._hdr_len[h:h + n]
+            no_gso = self._data[h:h + n, 1] == 0
+            hdr_len[no_gso] = sizes[no_gso] - 10
+        self._len[h:h + n] = sizes
+        self._status[h:h + n] = TP_STATUS_SEND_REQUEST  # last: this hands the slots over
         return n
 
     def _flush(self, n: int) -> int:
         """Have the kernel send the ``n`` slots from the head; how many it took.
 
-        ``_fill`` never wraps, so the ``n`` slots are contiguous: their
-        statuses and lengths are read back column-wise, like they were written.
+        ``_fill`` never wraps, so the ``n`` slots are contiguous.
         """
         try:
             sent = self.sock.send(b"", socket.MSG_DONTWAIT)
@@ -239,28 +260,26 @@ class TxRing:
                 self._unmark(0, n)
                 raise KernelError(f"replay into {self.ifname} failed: {exc}") from exc
             sent = None
-        q = self.frame_size // 4
-        first = self.head * q
-        statuses = self._status[first:first + n * q:q]
-        # Where the kernel stopped (the tap refused that one): still a send request.
-        taken = next((k for k, st in enumerate(statuses) if st & TP_STATUS_SEND_REQUEST), n)
+        h = self.head
+        # The kernel sends in order and stops where the tap refused one: that
+        # slot and the rest are still send requests.
+        left = self._status[h:h + n] & TP_STATUS_SEND_REQUEST
+        taken = n if not left[-1] else int(left.argmax())
         self._unmark(taken, n)
         if sent is not None:
             # The kernel counts the bytes after the virtio-net header.
             hdr = 10 if self.vnet_hdr else 0
-            expect = sum(self._status[first + 1:first + 1 + taken * q:q]) - hdr * taken
+            expect = int(self._len[h:h + taken].sum()) - hdr * taken
             if sent < expect:
                 log.warning("%s: the kernel refused %d bytes of frames as malformed", self.ifname,
                             expect - sent)
-        self.head = (self.head + taken) & (self.slots - 1)
+        self.head = (h + taken) & (self.slots - 1)
         return taken
 
     def _unmark(self, first: int, n: int) -> None:
         """Give back slots head+first .. head+n-1 that the kernel did not take."""
         if first < n:
-            q = self.frame_size // 4
-            base = (self.head + first) * q
-            self._status[base:base + (n - first) * q:q] = array.array("I", [0]) * (n - first)
+            self._status[self.head + first:self.head + n] = 0
 
     def _send_big(self, rec: bytes | memoryview) -> bool:
         if self._big is None:
@@ -270,8 +289,8 @@ class TxRing:
         return self._big.send(b"", rec)
 
     def close(self) -> None:
-        self._status.release()
-        self._half.release()
+        # The mmap cannot close while an array still views it.
+        del self._status, self._len, self._data, self._hdr_len
         self.mm.close()
         self.sock.close()
         if self._big is not None:

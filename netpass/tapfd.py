@@ -109,6 +109,21 @@ def readable(fds: list[int]) -> bool:
     return bool(poller.poll(0))
 
 
+class Watch:
+    """:func:`readable` for the same fds again and again, with one poll
+    object made once."""
+
+    def __init__(self, fds: list[int]) -> None:
+        import select
+
+        self._poller = select.poll()
+        for fd in fds:
+            self._poller.register(fd, select.POLLIN)
+
+    def readable(self) -> bool:
+        return bool(self._poller.poll(0))
+
+
 def drain(fd: int, limit: int, bufsize: int = 65_600) -> list[bytes]:
     """Up to ``limit`` frames from a non-blocking tap fd, in ring order; fewer
     once the ring is empty.  The tight loop is the whole cost of capture:

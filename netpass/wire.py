@@ -40,16 +40,20 @@ decompresses more than ``raw_len`` bytes.
 from __future__ import annotations
 
 import array
+import functools
 import itertools
 import operator
 import struct
 import sys
-import xxhash
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
+import numpy.typing as npt
+import xxhash
 import zstandard
+from numpy.lib.stride_tricks import as_strided
 
 from .errors import NetpassError
 
@@ -112,21 +116,43 @@ def _from_u32(raw: bytes | memoryview) -> array.array[int]:
 assert array.array("I").itemsize == 4
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Batch:
-    """A decoded batch, column-wise; ``records[i]`` is frame i with its
-    virtio-net header in front (``hdr_lens[i]`` bytes of it)."""
+    """A decoded batch, column-wise; record i (``records[i]``) is frame i
+    with its virtio-net header in front (``hdr_lens[i]`` bytes of it)."""
 
     seq: int
     nics: bytes
     hdr_lens: bytes
     ts_us: array.array[int]
-    records: list[memoryview]  # read-only views into ``body``
     body: memoryview  # the whole body: columns, then the records back to back
-    offsets: list[int]  # record i is body[offsets[i]:offsets[i + 1]]
+    offsets: npt.NDArray[np.int64]  # record i is body[offsets[i]:offsets[i + 1]]
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.nics)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Batch):
+            return NotImplemented
+        return (self.seq, self.nics, self.hdr_lens, self.ts_us, self.records) == \
+            (other.seq, other.nics, other.hdr_lens, other.ts_us, other.records)
+
+    @functools.cached_property
+    def records(self) -> list[memoryview]:
+        """Read-only views into ``body``, made when first asked for: the
+        usual batch goes to the VM whole and never needs them."""
+        ends = self.offsets.tolist()
+        return list(map(self.body.__getitem__, map(slice, ends, ends[1:])))
+
+    def column(self, at: int, width: int) -> npt.NDArray[np.uint8]:
+        """Bytes ``at`` to ``at + width`` of every record, one row each (a
+        copy); every record must be at least ``at + width`` bytes long."""
+        src = np.frombuffer(self.body, np.uint8)
+        starts = self.offsets[:-1] + at
+        if not len(starts):
+            return np.zeros((0, width), np.uint8)
+        windows = as_strided(src, shape=(len(src) - width + 1, width), strides=(1, 1), writeable=False)
+        return windows[starts]
 
     def data(self, i: int) -> bytes | memoryview:
         """Frame i without its virtio-net header."""
@@ -243,7 +269,7 @@ def decode(blob: bytes | bytearray | memoryview, nic_count: int = 256,
     if _check(raw) != crc:
         raise WireError("body checksum mismatch: the batch is corrupt")
     ts = _from_u32(raw[:4 * count])
-    lens = _from_u32(raw[4 * count:8 * count])
+    lens = np.frombuffer(raw, "<u4", count, 4 * count).astype(np.int64)
     nics = bytes(raw[8 * count:9 * count])
     hdrs = bytes(raw[9 * count:10 * count])
     if count:
@@ -253,19 +279,21 @@ def decode(blob: bytes | bytearray | memoryview, nic_count: int = 256,
         if hdrs.strip(b"\x00\x0a"):
             i = next(k for k, h in enumerate(hdrs) if h not in (0, VNET_HDR_LEN))
             raise WireError(f"record {i}: virtio-net header length {hdrs[i]}")
-        if min(lens) < MIN_FRAME or max(lens) > MAX_FRAME:
-            i = next(k for k, n in enumerate(lens) if not MIN_FRAME <= n <= MAX_FRAME)
+        bad = (lens < MIN_FRAME) | (lens > MAX_FRAME)
+        if bad.any():
+            i = int(bad.argmax())
             raise WireError(f"record {i}: frame length {lens[i]}")
     start = COLUMNS * count
-    sizes = list(map(int.__add__, lens, hdrs))
-    total = start + sum(sizes)
+    ends = np.empty(count + 1, np.int64)
+    ends[0] = start
+    np.cumsum(lens + np.frombuffer(hdrs, np.uint8), out=ends[1:])
+    ends[1:] += start
+    total = int(ends[-1])
     if total > raw_len:
         raise WireError("the records run past the end of the body")
     if total < raw_len:
         raise WireError(f"{raw_len - total} bytes of garbage after the last record")
-    ends = list(itertools.accumulate(sizes, initial=start))
-    records = list(map(raw.__getitem__, map(slice, ends, ends[1:])))
-    return Batch(seq=seq, nics=nics, hdr_lens=hdrs, ts_us=ts, records=records, body=raw, offsets=ends)
+    return Batch(seq=seq, nics=nics, hdr_lens=hdrs, ts_us=ts, body=raw, offsets=ends)
 
 
 def dst_mac(frame: bytes) -> bytes:
