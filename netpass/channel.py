@@ -224,6 +224,10 @@ class Wire(asyncio.BufferedProtocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def ready(self) -> bool:
+        """Whether a whole message is waiting (``read`` then returns at once)."""
+        return bool(self._queue)
+
     async def read(self) -> tuple[int, bytearray]:
         """The next whole message: its type and the rest (payload and MAC)."""
         while not self._queue:
@@ -428,7 +432,10 @@ class Channel:
 
     async def recv(self, timeout: float | None = None) -> tuple[int, bytes | memoryview]:
         try:
-            mtype, body = await asyncio.wait_for(self.reader.read(), timeout)
+            if self.reader.ready():  # no timer and no task for a message already here
+                mtype, body = await self.reader.read()
+            else:
+                mtype, body = await asyncio.wait_for(self.reader.read(), timeout)
         except _Oversized as exc:
             raise ChannelError(f"{self.peer} sent a message of {exc.size} bytes: refused") from exc
         except _Closed as exc:
