@@ -250,7 +250,7 @@ class DestSession:
                                        f"(it has {', '.join(found) or 'none'})")
                 fds = [tapfd.pidfd_getfd(pidfd, fd) for fd in nic.qemu_fds]
                 info = links.info(None, nic.tap)
-                dn = DestNic(nic=nic, ring=TxRing(nic.tap, queue_len=info.txqueuelen), fds=fds,
+                dn = DestNic(nic=nic, ring=TxRing(nic.tap), fds=fds,
                              orig_qlen=info.txqueuelen,
                              mac_bytes=bytes.fromhex(nic.mac.replace(":", "")),
                              shadow=Shadow(nic.tap, keep=100_000))  # emptied on every pull

@@ -150,7 +150,7 @@ async def session_capture(frames: list[bytes]) -> float:
         links.set_txqueuelen(None, tap, len(frames) + 1024)
         links.set_up(None, tap)
         shadow = Shadow(tap, keep=ALIGN_SCAN)
-        ring = TxRing(tap, queue_len=len(frames), bypass=False)
+        ring = TxRing(tap, bypass=False)
         recs = [bytes(HDR) + f for f in frames]
         sent = 0
         while sent < len(recs):
@@ -330,7 +330,7 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
     async def handle(reader: Wire, writer: Any) -> None:
         ch = Channel(reader, writer, peer="bench")
         await server_handshake(ch, token)
-        ring = _TimedRing(TxRing(tap, vnet_hdr=True, queue_len=DST_QLEN))
+        ring = _TimedRing(TxRing(tap, vnet_hdr=True))
         cfg = AgentConfig(listen=f"{DST_IP}:{PORT}", token=token, qmp_root=Path("/nonexistent"))
         sess = DestSession(cfg, ch, "bench")
         dn = DestNic(nic=Nic(mac=VM_MAC_TEXT, tap=tap),

@@ -50,7 +50,7 @@ def read_all(fd: int) -> list[bytes]:
 
 
 def test_order_content_and_a_full_ring(tap: int) -> None:
-    ring = TxRing("tap0", queue_len=100)
+    ring = TxRing("tap0")
     assert ring.slots == 1024
     recs = [record(i, size=60 + i % 900) for i in range(5000)]
     got: list[bytes] = []
@@ -74,7 +74,7 @@ def test_big_frames_in_order(tap: int) -> None:
     import subprocess
 
     subprocess.run(["ip", "link", "set", "tap0", "mtu", "9000"], check=True)  # (in the test's namespace)
-    ring = TxRing("tap0", queue_len=100)
+    ring = TxRing("tap0")
     small = record(1)
     big = record(2, size=4000)  # larger than a slot: the plain socket, after the ring
     tail = record(3)
@@ -85,7 +85,7 @@ def test_big_frames_in_order(tap: int) -> None:
 
 
 def test_refusal_leaves_nothing_half_queued(tap: int) -> None:
-    ring = TxRing("tap0", queue_len=100)
+    ring = TxRing("tap0")
     recs = [record(i) for i in range(300)]
     first = ring.send(recs)
     assert 0 < first < 300  # the tap took what its ring holds, then refused
@@ -105,13 +105,13 @@ def test_shadow_copies_only_what_goes_toward_the_tap(tap: int) -> None:
     shadow = Shadow("tap0")
     try:
         links.add_bridge(None, "npbr0")  # another device of the namespace, up: its own traffic
-        ring = TxRing("tap0", queue_len=100, bypass=False)  # the transmit path, as a bridge's
+        ring = TxRing("tap0", bypass=False)  # the transmit path, as a bridge's
         recs = [record(i, size=60 + i) for i in range(50)]
         assert ring.send(recs) == 50
         ring.close()
         for i in range(5):  # the VM's own transmissions
             os.write(tap, record(1000 + i)[:10] + PEER + VM + b"\x88\xb5" + bytes(50))
-        other = TxRing("npbr0", queue_len=100, bypass=False)
+        other = TxRing("npbr0", bypass=False)
         assert other.send([record(2000 + i) for i in range(5)]) == 5
         other.close()
         assert shadow.pull() == 50

@@ -94,7 +94,7 @@ def _rig(mode: str, state: Path) -> dict[str, Any]:
             else:
                 cfg = AgentConfig(listen="127.0.0.1:1", token=b"x" * 32, qmp_root=Path("/nonexistent"))
                 sess = DestSession(cfg, None, "pace")  # type: ignore[arg-type]
-                dn = DestNic(nic=Nic(mac=VM.hex(":"), tap="tap0"), ring=TxRing("tap0", queue_len=RING),
+                dn = DestNic(nic=Nic(mac=VM.hex(":"), tap="tap0"), ring=TxRing("tap0"),
                              fds=[fd], orig_qlen=RING, mac_bytes=VM, shadow=Shadow("tap0", keep=100_000))
                 dn.mark_tx = dn.tx0 = links.tx_packets("tap0")
                 dn.hold = h

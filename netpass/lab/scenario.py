@@ -271,7 +271,7 @@ async def _burst(lab: Lab, opts: ScenarioOptions, res: MigrationResult) -> None:
     dst = bytes.fromhex(GUEST_MAC.replace(":", ""))
     src = bytes.fromhex(PEER_MAC.replace(":", ""))
     with netns.entered(lab.ns("peer")):
-        ring = TxRing("eth0", queue_len=1000)
+        ring = TxRing("eth0")
     try:
         total, chunk = opts.burst_frames, 500
         steps = max(1, -(-total // chunk))
