@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from . import heap, links, tapfd, wire
 from . import hold as holdmod
-from . import links, tapfd, wire
 from .channel import (BATCH, CONTROL, ERROR, AuthError, Channel, ChannelError, Wire, parse_hostport,
                       serve, server_handshake)
 from .errors import NetpassError, QMPError, UsageError
@@ -879,6 +879,7 @@ class Agent:
         self.metrics = AgentMetrics()
 
     async def start(self) -> None:
+        heap.keep_freed()  # batches come and go hundreds of times a second (see heap.py)
         for line in await asyncio.to_thread(holdmod.recover, self.cfg.holds_dir):
             log.warning("startup: %s", line)
         if self.cfg.metrics_listen:
@@ -930,6 +931,8 @@ class Agent:
                 await sess.run(msg)
             finally:
                 self.sessions.pop(sid, None)
+                if not self.sessions:
+                    heap.give_back()  # an idle agent keeps no finished session's cache
                 self.metrics.active.dec()
                 self.metrics.session_ended(sess.final_report or sess.report())
                 log.info("session=%s closed state=%s", sid, sess.sm.state.value)

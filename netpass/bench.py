@@ -306,9 +306,11 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
     """The destination: the agent's own DestSession accepts each batch and
     its feeder replays the cache into the tap, as during a migration; a
     forked sink reads the tap as the VM's QEMU would."""
+    from . import heap
     from .agent import AgentConfig, DestNic, DestSession
     from .nics import Nic
 
+    heap.keep_freed()  # as the agent does (Agent.start)
     tap = "npb-dst"
     fd = tapfd.open_tap(tap, vnet_hdr=True)  # the sink's, as a QEMU's; the agent polls it too
     links.set_txqueuelen(None, tap, DST_QLEN)
