@@ -41,7 +41,8 @@ def summary(res: dict[str, Any]) -> str:
     characters, which hid all of this in a CI failure)."""
     rep = res.get("report") or {}
     keys = ("sent", "lost", "reordered", "duplicates", "guest_in_echos", "guest_icmp_out_errors",
-            "first_lost_id", "last_lost_id", "first_duplicate_id", "src_stop_ms", "dst_resume_ms", "dst_guest_fault", "dst_leftovers",
+            "first_lost_id", "last_lost_id", "first_duplicate_id", "first_reordered_id", "first_reordered_rx_ms",
+            "src_stop_ms", "dst_resume_ms", "dst_guest_fault", "dst_leftovers",
             "burst_sent")
     out = {k: res.get(k) for k in keys}
     out["report"] = {k: rep.get(k) for k in ("exit_code", "error", "frames_captured", "frames_replayed",

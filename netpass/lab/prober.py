@@ -43,6 +43,8 @@ class ProbeStats:
     duplicates: int = 0
     first_duplicate_id: int | None = None
     reordered: int = 0
+    first_reordered_id: int | None = None  # the first reply that came after a later one
+    first_reordered_rx_ms: float | None = None  # when it came, from the first probe's send
     gap_ms: float = 0.0
     max_burst_lost: int = 0
     first_lost_id: int | None = None
@@ -90,6 +92,9 @@ def analyse(send_ns: list[int], replies: list[tuple[int, int]], rate: float = 0.
         seen.add(pid)
         if pid < highest:
             st.reordered += 1
+            if st.first_reordered_id is None:
+                st.first_reordered_id = pid
+                st.first_reordered_rx_ms = round((rx - st.start_ns) / 1e6, 1)
         highest = max(highest, pid)
         latencies.append((rx - send_ns[pid]) / 1e6)
         if prev_rx is not None:
