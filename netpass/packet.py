@@ -21,7 +21,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
-from numpy.lib.stride_tricks import as_strided
 
 from .errors import KernelError
 
@@ -234,7 +233,8 @@ class TxRing:
         width = int(sizes.max())
         fit = int(np.searchsorted(starts, len(src) - width, side="right"))
         if fit:
-            windows = as_strided(src, shape=(len(src) - width + 1, width), strides=(1, 1), writeable=False)
+            # Every window of ``width`` bytes in src, without a copy.
+            windows = np.ndarray((len(src) - width + 1, width), np.uint8, src, 0, (1, 1))
             self._data[h:h + fit, :width] = windows[starts[:fit]]
         for k in range(fit, n):
             s, size = int(starts[k]), int(sizes[k])
