@@ -53,7 +53,16 @@ def summary(res: dict[str, Any]) -> str:
                                               "dest_ring_overflow", "frames_after_resume",
                                               "reordered_estimate", "stop_to_resume_ms",
                                               "vm_replay_read_fps", "batches")}
+    # The source's account of the stop: which frames QEMU read and never
+    # delivered (a loss or a duplicate of one is decided there).
+    log_text = (rep.get("logs") or {}).get("migrate", "")
+    out["accounting"] = [line.split(": ", 1)[-1][:300] for line in log_text.splitlines()
+                         if any(w in line for w in ACCOUNTING_WORDS)][-12:]
     return json.dumps(out, default=str)
+
+
+ACCOUNTING_WORDS = ("lost inside QEMU", "recovering a frame", "last read is over", "per sample",
+                    "RX buffer", "samples")
 
 
 def assert_all_reached_the_guest(res: dict[str, Any]) -> None:
