@@ -291,8 +291,10 @@ class TxRing:
         return self._big.send(b"", rec)
 
     def close(self) -> None:
-        # The mmap cannot close while an array still views it.
-        del self._status, self._len, self._data, self._hdr_len
+        # The mmap cannot close while an array still views it (and a second
+        # close finds them gone already).
+        for view in ("_status", "_len", "_data", "_hdr_len"):
+            self.__dict__.pop(view, None)
         self.mm.close()
         self.sock.close()
         if self._big is not None:
