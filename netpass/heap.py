@@ -17,7 +17,6 @@ Another C library than glibc: nothing is tuned (the functions say so).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger(__name__)
@@ -31,25 +30,24 @@ MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 256 << 20
 
 
-def _libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt
-        libc.malloc_trim
-    except (OSError, AttributeError):
+def _find_libc() -> ctypes.CDLL | None:
+    libc = ctypes.CDLL(None)  # the C library this process runs on
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim")):
         return None
     return libc
+
+
+_LIBC = _find_libc()
 
 
 def keep_freed() -> bool:
     """Have the heap keep freed blocks for reuse; False if it cannot
     (not glibc, or glibc refused a setting)."""
-    libc = _libc()
-    if libc is None:
+    if _LIBC is None:
         log.debug("not glibc: the heap is left as it is")
         return False
-    ok = bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and \
-        bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    ok = bool(_LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and \
+        bool(_LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     if not ok:
         log.debug("glibc refused a heap setting: the heap is left as it is")
     return ok
@@ -57,5 +55,4 @@ def keep_freed() -> bool:
 
 def give_back() -> bool:
     """Return the heap's free memory to the kernel; whether any was."""
-    libc = _libc()
-    return bool(libc.malloc_trim(0)) if libc is not None else False
+    return bool(_LIBC.malloc_trim(0)) if _LIBC is not None else False

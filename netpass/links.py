@@ -94,11 +94,11 @@ class Counter:
 
 
 def _stat(ifname: str, name: str) -> int:
+    counter = Counter(ifname, name)
     try:
-        with open(f"/sys/class/net/{ifname}/statistics/{name}") as fh:
-            return int(fh.read())
-    except OSError as exc:
-        raise KernelError(f"cannot read {name} of {ifname}: {exc.strerror}") from exc
+        return counter.read()
+    finally:
+        counter.close()
 
 
 @contextlib.contextmanager

@@ -101,12 +101,7 @@ def readable(fds: list[int]) -> bool:
     tun reports POLLIN exactly when its ring is not empty, so this looks at
     the ring without taking anything from it.
     """
-    import select
-
-    poller = select.poll()
-    for fd in fds:
-        poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
+    return Watch(fds).readable()
 
 
 class Watch:
