@@ -187,6 +187,19 @@ def add_address(ns: str | None, ifname: str, address: str, prefixlen: int) -> No
         ipr.addr("add", index=_index(ipr, ifname), address=address, prefixlen=prefixlen)
 
 
+def disable_ipv6(ifname: str) -> None:
+    """No IPv6 on a device of netpass's own (in this process's namespace):
+    the host would send its router solicitations and DAD probes through it,
+    which a parking tap would take for the VM's frames."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as fh:
+            fh.write("1")
+    except FileNotFoundError:
+        pass  # no IPv6 in this kernel
+    except OSError as exc:
+        raise KernelError(f"cannot turn IPv6 off on {ifname}: {exc.strerror}") from exc
+
+
 @loop_safe
 def set_txqueuelen(ns: str | None, ifname: str, qlen: int) -> None:
     with _ipr(ns) as ipr:

@@ -59,11 +59,14 @@ ETH_P_ALL = 0x0003
 class Injector:
     """Queue frames toward the reader of a tap (its VM)."""
 
-    def __init__(self, ifname: str, vnet_hdr: bool = True, bypass: bool = True) -> None:
+    def __init__(self, ifname: str, vnet_hdr: bool = True, bypass: bool = True, mark: int = 0) -> None:
         self.ifname = ifname
         self.vnet_hdr = vnet_hdr
         try:
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            if mark:
+                # An skb mark the device's egress rules can tell netpass's own frames by.
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
             if vnet_hdr:
                 self.sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
             if bypass:

@@ -99,8 +99,13 @@ class Monitor:
             raise QMPError(f"{self.name}: connection lost during {cmd}: {exc}") from exc
 
     async def next_event(self, timeout: float) -> Event | None:
-        """The next event, or ``None`` after ``timeout`` seconds."""
+        """The next event, or ``None`` after ``timeout`` seconds (0: only one
+        already received; ``asyncio.wait_for`` with 0 never returns one)."""
         assert self._listener is not None
+        if timeout <= 0:
+            if self._listener.empty():
+                return None
+            return Event.from_msg(await self._listener.get())
         try:
             msg = await asyncio.wait_for(self._listener.get(), timeout)
         except asyncio.TimeoutError:

@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 
 TUNSETIFF = 0x400454CA
 TUNGETIFF = 0x800454D2
+TUNSETOFFLOAD = 0x400454D0
+# What a tap may be handed without the kernel segmenting it first: checksum
+# offload, TSO for v4 and v6 and ECN (linux/if_tun.h TUN_F_*).
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
 TUNGETVNETHDRSZ = 0x800454D7
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
@@ -30,16 +34,27 @@ SYS_PIDFD_GETFD = 438
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def open_tap(name: str, vnet_hdr: bool = False) -> int:
-    """Create (or attach to) tap ``name`` in the caller's namespace; return the fd."""
+def open_tap(name: str, vnet_hdr: bool = False, multi_queue: bool = False) -> int:
+    """Create (or attach to) tap ``name`` in the caller's namespace; return the fd.
+    With ``multi_queue`` each call attaches one more queue."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+    flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0) | (IFF_MULTI_QUEUE if multi_queue else 0)
     try:
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
     except OSError as exc:
         os.close(fd)
         raise KernelError(f"cannot open tap {name}: {exc}") from exc
     return fd
+
+
+def accept_offloads(fd: int) -> None:
+    """Let the tap take checksum-offloaded and GSO frames as they are (what
+    QEMU asks for a virtio-net guest), so frames steered into it keep their
+    offload metadata in the virtio-net header instead of being segmented."""
+    try:
+        fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
+    except OSError as exc:
+        raise KernelError(f"cannot set a tap's offloads: {exc}") from exc
 
 
 def pidfd_open(pid: int) -> int:
@@ -88,6 +103,18 @@ def tap_fds_of(pid: int) -> list[TapFd]:
         if m:
             out.append(TapFd(pid=pid, fd=int(entry), ifname=m.group(1)))
     return sorted(out, key=lambda t: t.fd)
+
+
+def attached(fd: int) -> bool:
+    """Whether this queue of a multi-queue tap is attached (QEMU detaches the
+    queues its guest does not use; tun steers frames only to attached ones)."""
+    try:
+        fcntl.ioctl(fd, TUNGETIFF, bytes(struct.calcsize("16sH")))
+    except OSError as exc:
+        if exc.errno == 77:  # EBADFD: a detached queue
+            return False
+        raise KernelError(f"cannot ask a tap queue about itself: {exc}") from exc
+    return True
 
 
 def vnet_hdr_size(fd: int) -> int:

@@ -50,6 +50,11 @@ class ScenarioOptions:
     burst_ms: int = 250  # spread over this long, from the stop
 
 
+def _wall_to_mono(t: float | None) -> float | None:
+    """A wall-clock time (another process's, on this host) on our monotonic clock."""
+    return None if t is None else t - (time.time() - time.monotonic())
+
+
 def _prober_argv(lab: Lab, opts: ScenarioOptions, duration: float, timeline: Path | None,
                  rate: float | None = None, stop_on_stdin: bool = True) -> list[str]:
     argv = [sys.executable, "-m", "netpass.lab.prober", "--target", GUEST_IP,
@@ -152,6 +157,14 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
             stats["burst_sent"] = result.burst_sent
             stats["burst_end_ms"] = rel(result.burst_end_t)
         stats["dst_resume_ms"] = rel(result.dst_resume_t)
+        # The network's pause: from the last moment a frame could reach the
+        # VM on the source (netpass's park, or QEMU's stop if it came first)
+        # to the destination VM running, on QEMU's own clocks where it can.
+        parked = (report or {}).get("times_wall", {}).get("parked")
+        starts = [t for t in (result.src_stop_t, _wall_to_mono(parked)) if t is not None]
+        stats["pause_start_ms"] = rel(min(starts)) if starts else None
+        stats["network_pause_ms"] = (round((result.dst_resume_t - min(starts)) * 1000, 1)
+                                     if starts and result.dst_resume_t is not None else None)
         if report is not None:
             stats["report"] = report
         return stats
