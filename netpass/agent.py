@@ -56,6 +56,10 @@ class AgentConfig:
 
 HOLD_LIMIT_BYTES = 64 << 20  # per direction and NIC: what a hold queues at most
 MAX_HOLD_TIMEOUT_MS = 60_000
+# Without --strict-ordering the hold is flow control only: live frames wait in
+# it from the source's park while the VM does not run, and then go in at the
+# pace the VM reads, for at most this long after the resume.
+FLOW_HOLD_TIMEOUT_MS = 3000
 MIN_RELEASE_FPS = 2000
 # While held frames are released, the pace is decided again every
 # RELEASE_STEP_S: the VM's reading rate, corrected to bring the tap's ring
@@ -209,6 +213,7 @@ class DestSession:
         self.feeder: asyncio.Task[None] | None = None
         self.unconsumed = False
         self.strict = False
+        self.flow_release: asyncio.Task[None] | None = None  # without strict ordering: the paced release
         self.hold_timeout_ms = 0
         self.hold_closed = False
         self.hold_timed_out = False
@@ -264,6 +269,8 @@ class DestSession:
         strict = req.get("strict")
         if strict:
             await self._install_holds(strict)
+        else:
+            await self._install_flow_holds()
         loop = asyncio.get_running_loop()
         for dn in self.nics:
             loop.add_reader(dn.shadow.fileno(), self._pull_direct, dn)  # type: ignore[union-attr]
@@ -290,19 +297,42 @@ class DestSession:
             if dn.hold.mirror_fd is not None:
                 asyncio.get_running_loop().add_reader(dn.hold.mirror_fd, self._pull_mirror, dn)
 
+    async def _install_flow_holds(self) -> None:
+        """Flow control without strict ordering: the live frames toward the
+        VM wait in the kernel, not in the tap's ring, until the VM reads
+        them (a VM slow to read after its resume would have them dropped by
+        a full ring).  Not possible on this host: the session goes on
+        without it, and says so."""
+        self.hold_timeout_ms = FLOW_HOLD_TIMEOUT_MS
+        for dn in self.nics:
+            try:
+                dn.hold = await asyncio.to_thread(holdmod.Hold.install, self.sid, dn.nic.tap,
+                                                  self.cfg.holds_dir, HOLD_LIMIT_BYTES, FLOW_HOLD_TIMEOUT_MS,
+                                                  False)
+            except NetpassError as exc:
+                self.hold_notes.append(f"no flow control on {dn.nic.tap}: {exc}")
+                log.warning("session=%s no flow control on %s: %s", self.sid, dn.nic.tap, exc)
+                continue
+            dn.hold.start_guard()
+            if dn.hold.mirror_fd is not None:
+                asyncio.get_running_loop().add_reader(dn.hold.mirror_fd, self._pull_mirror, dn)
+
+    def _holding(self) -> bool:
+        return any(dn.hold is not None for dn in self.nics)
+
     async def close_holds(self) -> None:
-        """The source VM stopped: from now on the destination holds live RX and guest TX."""
-        if not self.strict or self.hold_closed:
+        """The source parked: from now on the destination holds live RX (and guest TX, strict)."""
+        if not self._holding() or self.hold_closed:
             return
         self.hold_closed = True
         for dn in self.nics:
-            assert dn.hold is not None
-            await asyncio.to_thread(dn.hold.close)
+            if dn.hold is not None:
+                await asyncio.to_thread(dn.hold.close)
         assert self.mon is not None
         if await self.mon.status() == "running":
             for dn in self.nics:
-                assert dn.hold is not None
-                dn.hold.stats.late = True
+                if dn.hold is not None:
+                    dn.hold.stats.late = True
             self.hold_notes.append("the destination VM was already running when the hold closed: "
                                    "frames before that were not held")
         log.info("session=%s hold closed on %s", self.sid, ", ".join(d.nic.tap for d in self.nics))
@@ -478,6 +508,10 @@ class DestSession:
                     log.warning("session=%s hold timeout: releasing", self.sid)
                     await self._release_rx(time.monotonic() + 5)
                 await self._release_tx_when_ready()
+            elif self.running and self.hold_closed and self.flow_release is None:
+                # Flow control: live frames go in at the pace the VM reads, from now on.
+                self.flow_release = asyncio.get_running_loop().create_task(
+                    self._release_rx(time.monotonic() + self.hold_timeout_ms / 1000 + 5))
             if any(dn.pending for dn in self.nics):
                 self.feed()
                 # A paused VM reads nothing (accept() and migrated() feed
@@ -501,10 +535,11 @@ class DestSession:
         """
         assert dn.shadow is not None
         dn.shadow.pull()
+        steered = dn.hold is not None and dn.hold.stats.rx_released_t is None and not dn.hold.removed
         while dn.shadow.frames:
             _idx, _vnet, data = dn.shadow.frames.popleft()
             dn.live_enqueued += 1
-            if dn.hold is None:  # with a hold, its mirror sees them first
+            if not steered:  # while the hold steers, its mirror sees the live frames first
                 self._count_direct(dn, data)
                 self._maybe_tell_direct(dn, data)
 
@@ -699,6 +734,16 @@ class DestSession:
                 await asyncio.sleep(0.001)
             await self._release_rx(deadline)
             await self._remove_holds()
+        elif self._holding():
+            if self.flow_release is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self.flow_release),
+                                           max(0.1, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    self.hold_notes.append("the VM had not read the held live frames by the end of the "
+                                           "session: the rest went in at once")
+            await self._release_rx(deadline)
+            await self._remove_holds()
         return self.report()
 
     def report(self) -> dict[str, Any]:
@@ -738,9 +783,9 @@ class DestSession:
             return None
 
     def _hold_report(self) -> dict[str, Any]:
-        if not self.strict:
-            return {"strict_ordering": False}
         holds = [dn.hold.stats for dn in self.nics if dn.hold is not None]
+        if not holds:
+            return {"strict_ordering": self.strict, "hold_notes": list(self.hold_notes)}
         released = [h.rx_released_t for h in holds if h.rx_released_t is not None]
         hold_ms = None
         if self.resume_t is not None and released:
@@ -752,7 +797,7 @@ class DestSession:
         notes = list(self.hold_notes)
         for h in holds:
             notes += h.notes
-        return {"strict_ordering": True, "held_tx": sum(h.held_tx for h in holds),
+        return {"strict_ordering": self.strict, "held_tx": sum(h.held_tx for h in holds),
                 "held_rx": sum(h.held_rx for h in holds), "hold_ms": hold_ms, "hold_tx_ms": tx_ms,
                 "hold_timeout": self.hold_timed_out,
                 "hold_dropped": sum(h.dropped_rx + h.dropped_tx for h in holds),
@@ -767,6 +812,12 @@ class DestSession:
 
     # -- lifecycle ----------------------------------------------------------------------
     async def cleanup(self) -> None:
+        if self.flow_release is not None and not self.flow_release.done():
+            self.flow_release.cancel()
+            try:
+                await self.flow_release
+            except (asyncio.CancelledError, NetpassError):
+                pass
         if self.feeder is not None:
             self.feeder.cancel()
             try:

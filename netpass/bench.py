@@ -129,27 +129,40 @@ class _NoLink:
         self.bytes_out += len(payload)
 
 
+class _FilledTap:
+    """A tap the host filled, read as ``netpass migrate`` reads its parking tap."""
+
+    name = "npb-ses"
+    parked = True
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read(self, limit: int = 256) -> list[bytes]:
+        return tapfd.drain(self.fd, limit)
+
+    def dropped(self) -> int:
+        return 0
+
+
 async def session_capture(frames: list[bytes]) -> float:
     """CPU microseconds per frame of ``netpass migrate``'s own capture path
-    after the stop, which the bench's drain loop leaves out: each tap read
-    checked and aligned with the shadow's copy (the overflow recovery), the
-    shadow read as it goes, the frame cached and batched
-    (``SourceSession._on_readable``, ``ship_pending``).  The tap is filled
-    through the host's transmit path, as a bridge fills a VM's, so the
-    shadow sees every frame; the first ``SESSION_FRAMES`` only, which the
-    shadow's socket buffer holds unread."""
+    after the park, which the bench's drain loop leaves out: each parking
+    tap read checked (none of the VM's own, none of netpass's), cached for
+    a give-back and batched (``SourceSession.capture_now``,
+    ``ship_pending``).  The tap is filled through the host's transmit path,
+    as the parking steering fills it."""
     from .nics import Nic
-    from .source import ALIGN_SCAN, MigrateOptions, SourceNic, SourceSession
+    from .source import MigrateOptions, SourceNic, SourceSession
 
     frames = frames[:SESSION_FRAMES]
-    tap = "npb-ses"
+    tap = _FilledTap.name
     fd = tapfd.open_tap(tap, vnet_hdr=True)
-    shadow = ring = None
+    ring = None
     try:
         os.set_blocking(fd, False)
         links.set_txqueuelen(None, tap, len(frames) + 1024)
         links.set_up(None, tap)
-        shadow = Shadow(tap, keep=ALIGN_SCAN)
         ring = TxRing(tap, bypass=False)
         recs = [bytes(HDR) + f for f in frames]
         sent = 0
@@ -162,22 +175,15 @@ async def session_capture(frames: list[bytes]) -> float:
         sess = SourceSession(opts)
         sess.ch = _NoLink()  # type: ignore[assignment]
         sn = SourceNic(index=0, nic=Nic(mac=VM_MAC_TEXT, tap=tap), fds=[fd],
-                       hdr_size=HDR, shadow=shadow, mac_bytes=VM_MAC)
-        sn.expect = 0  # as at the stop: every frame read is aligned from the shadow's first
+                       hdr_size=HDR, mac_bytes=VM_MAC, park=_FilledTap(fd), inject=None)
         sess.nics.append(sn)
         cpu0 = _cpu()
-        while True:
-            before = sn.captured
-            sess._on_readable(sn, fd, HDR)
-            await sess.ship_pending()
-            if sn.captured == before:
-                break
+        sess.capture_now()
+        await sess.ship_pending()
         cpu = _cpu() - cpu0
     finally:
         if ring is not None:
             ring.close()
-        if shadow is not None:
-            shadow.close()
         os.close(fd)
     if sn.captured != len(frames) or sess.notes:
         raise LabError(f"the capture path took {sn.captured} of {len(frames)} frames: {sess.notes}")

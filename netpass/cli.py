@@ -100,7 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
                            "one of each, side by side")
     demo.add_argument("--rate", type=_positive(float, "--rate"), default=2000.0,
                       help="probes per second from the peer (default 2000)")
-    demo.add_argument("--proto", choices=("icmp", "udp"), default="icmp")
+    demo.add_argument("--proto", choices=("icmp", "udp", "tcp"), default="icmp",
+                      help="icmp/udp: numbered probes at --rate; tcp: a bulk TCP flow into the guest "
+                           "at --tcp-rate-mbit (reports its longest stall and retransmissions)")
+    demo.add_argument("--size", type=_positive(int, "--size"), default=98, metavar="BYTES",
+                      help="probe frame size, 66-1514 (default 98)")
+    demo.add_argument("--tcp-rate-mbit", type=_positive(float, "--tcp-rate-mbit"), default=20.0)
+    demo.add_argument("--queues", type=_positive(int, "--queues"), default=1,
+                      help="NIC queues (and vCPUs) of the lab VM, 1-8")
+    demo.add_argument("--flood-pps", type=_non_negative_int("--flood-pps"), default=0, metavar="PPS",
+                      help="the peer also floods the VM with PPS frames/s that the guest drops, all along")
+    demo.add_argument("--max-bandwidth-mib", type=_positive(int, "--max-bandwidth-mib"), metavar="MIB",
+                      help="QEMU's max-bandwidth in MiB/s, both modes (a longer migration)")
+    demo.add_argument("--busy-core", action="store_true",
+                      help="keep one core busy with an unrelated process all along")
+    demo.add_argument("--stopper", choices=("netpass", "external"), default="netpass",
+                      help="external: the lab, as a management layer, stops the source VM itself "
+                           "mid-migration (netpass's fallback path)")
     demo.add_argument("--pause-ms", type=_non_negative_int("--pause-ms"), default=200,
                       help="extra switchover pause via pause-before-switchover (default 200)")
     demo.add_argument("--burst", type=_non_negative_int("--burst"), default=0, metavar="N",
@@ -201,6 +217,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.burst > 200_000:
         raise UsageError("--burst is at most 200000 frames")
+    if not 66 <= args.size <= 1514:
+        raise UsageError("--size is 66 to 1514 bytes")
+    if args.queues > 8:
+        raise UsageError("--queues is at most 8")
+    if args.flood_pps > 100_000:
+        raise UsageError("--flood-pps is at most 100000")
     sweep_stale()
     cache = args.cache or image.DEFAULT_CACHE
     with err_console.status("building the guest image") as status:
@@ -221,6 +243,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     rate=args.rate, proto=args.proto, switchover_pause_ms=args.pause_ms,
                     lan_lag_ms=args.lan_lag_ms, kill_source=args.kill_source,
                     timeline_path=timelines[mode], mode=mode, burst_frames=args.burst,
+                    frame_size=args.size, tcp_rate_mbit=args.tcp_rate_mbit, queues=args.queues,
+                    flood_pps=args.flood_pps, max_bandwidth_mib=args.max_bandwidth_mib,
+                    busy_core=args.busy_core, stopper=args.stopper,
                     migrate_args=("--strict-ordering",) if args.strict_ordering else ())
                 say(f"{mode}: starting")
                 runs[mode] = scenario.run_migration_scenario(img, opts, say)
@@ -246,20 +271,29 @@ def _print_runs(runs: dict[str, dict[str, Any]]) -> None:
     table.add_column("metric")
     for name in runs:
         table.add_column(name, justify="right")
-    rows = [("probes sent", "sent"), ("lost", "lost"), ("reordered", "reordered"),
-            ("duplicates", "duplicates"), ("largest gap (ms)", "gap_ms"),
-            ("QEMU downtime (ms)", "downtime_ms"), ("migration time (ms)", "total_time_ms"),
-            ("latency p50 (ms)", "latency_p50_ms"), ("latency p99 (ms)", "latency_p99_ms")]
+    tcp = any(r.get("proto") == "tcp" for r in runs.values())
+    rows = ([("longest stall (ms)", "stall_ms"), ("retransmissions", "retransmits"),
+             ("needless retransmissions (D-SACK)", "dsack_dups"), ("throughput (Mbit/s)", "mbit_per_s")]
+            if tcp else
+            [("probes sent", "sent"), ("lost", "lost"), ("reordered", "reordered"),
+             ("duplicates", "duplicates"), ("largest gap (ms)", "gap_ms")])
+    rows += [("QEMU downtime (ms)", "downtime_ms"), ("network pause (ms)", "network_pause_ms"),
+             ("migration time (ms)", "total_time_ms")]
+    if not tcp:
+        rows += [("latency p50 (ms)", "latency_p50_ms"), ("latency p99 (ms)", "latency_p99_ms")]
     for label, key in rows:
         table.add_row(label, *(str(r.get(key)) for r in runs.values()))
-    table.add_row("never reached the guest",
-                  *(str(r["sent"] - r["guest_in_echos"]) if r.get("guest_in_echos") is not None else "-"
-                    for r in runs.values()))
-    table.add_row("replies the guest failed to send",
-                  *(str(r.get("guest_icmp_out_errors", "-")) for r in runs.values()))
+    if not tcp:
+        table.add_row("never reached the guest",
+                      *(str(r["sent"] - r["guest_in_echos"]) if r.get("guest_in_echos") is not None else "-"
+                        for r in runs.values()))
+        table.add_row("replies the guest failed to send",
+                      *(str(r.get("guest_icmp_out_errors", "-")) for r in runs.values()))
     rep_rows = [("frames captured", "frames_captured"), ("frames replayed", "frames_replayed"),
-                ("lost inside QEMU, recovered", "frames_lost_inside_qemu_recovered"),
+                ("stop path", "stop_path"), ("what QEMU swallowed is", "swallowed_account"),
+                ("park to stop (ms)", "park_to_stop_ms"),
                 ("replay delay (ms)", "replay_delay_ms"),
+                ("destination ring overflow", "dest_ring_overflow"),
                 ("VM read the replay at (frames/s)", "vm_replay_read_fps")]
     for label, key in rep_rows:
         table.add_row(label, *(str(r.get("report", {}).get(key, "-")) for r in runs.values()))

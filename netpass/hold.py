@@ -111,7 +111,7 @@ class Hold:
         self.path = state_dir / f"{spec.session}-{spec.tap}.json"
         self.stats = HoldStats()
         self.removed = False
-        self._base_drops = {spec.ifb_rx: 0, spec.ifb_tx: 0}
+        self._base_drops = {i: 0 for i in (spec.ifb_rx, spec.ifb_tx) if i}
         self._guard: subprocess.Popen[bytes] | None = None
         self.mirror_fd: int | None = None
 
@@ -126,8 +126,11 @@ class Hold:
 
     # -- install ------------------------------------------------------------------------
     @classmethod
-    def install(cls, session: str, tap: str, state_dir: Path, limit: int, hold_timeout_ms: int) -> "Hold":
-        """Put the (open) hold path in place on ``tap``; nothing is held yet."""
+    def install(cls, session: str, tap: str, state_dir: Path, limit: int, hold_timeout_ms: int,
+                tx: bool = True) -> "Hold":
+        """Put the (open) hold path in place on ``tap``; nothing is held yet.
+        ``tx``: hold the VM's transmissions too (strict ordering); without
+        it only live frames toward the VM are held (flow control)."""
         info = links.info(None, tap)
         # Room for the largest frame and 64 bytes of tags; two primers empty it.
         burst = info.mtu + 14 + 64
@@ -140,7 +143,8 @@ class Hold:
                 raise UsageError(f"tap {tap} already has an {direction} filter with preference "
                                  f"{PREF}: another netpass hold is active on it")
         rnd = os.urandom(3).hex()
-        spec = HoldSpec(session=session, tap=tap, ifb_rx=f"{IFB_PREFIX}{rnd}r", ifb_tx=f"{IFB_PREFIX}{rnd}t",
+        spec = HoldSpec(session=session, tap=tap, ifb_rx=f"{IFB_PREFIX}{rnd}r",
+                        ifb_tx=f"{IFB_PREFIX}{rnd}t" if tx else "",
                         mirror=f"{MIRROR_PREFIX}{rnd}", burst=burst, limit=limit, owner_pid=os.getpid(),
                         netns=net_ns_id())
         hold = cls(spec, state_dir)
@@ -152,7 +156,7 @@ class Hold:
             hold.mirror_fd = tapfd.open_tap(spec.mirror)
             os.set_blocking(hold.mirror_fd, False)
             links.set_up(None, spec.mirror)
-            for ifb in (spec.ifb_rx, spec.ifb_tx):
+            for ifb in hold.ifbs:
                 links.add_ifb(None, ifb)
                 tc.tbf_open(None, ifb, HANDLE, limit, op="add")
             try:
@@ -166,15 +170,20 @@ class Hold:
             # QEMU's announcement is not the guest's: it goes out at once, so
             # the network learns the VM's new place at the usual time; what
             # then arrives here directly waits in the RX hold.
-            tc.pass_protocol(None, tap, "ingress", PASS_PREF, RARP)
-            tc.redirect_all(None, tap, spec.ifb_tx, "ingress", pref=PREF)
+            if spec.ifb_tx:
+                tc.pass_protocol(None, tap, "ingress", PASS_PREF, RARP)
+                tc.redirect_all(None, tap, spec.ifb_tx, "ingress", pref=PREF)
             tc.redirect_all(None, tap, spec.ifb_rx, "egress", pref=PREF, mirror=spec.mirror)
         except NetpassError:
             hold.remove()
             raise
         hold._save("open")
-        log.info("hold installed on %s via %s and %s", tap, spec.ifb_rx, spec.ifb_tx)
+        log.info("hold installed on %s via %s", tap, " and ".join(hold.ifbs))
         return hold
+
+    @property
+    def ifbs(self) -> list[str]:
+        return [i for i in (self.spec.ifb_rx, self.spec.ifb_tx) if i]
 
     # -- close --------------------------------------------------------------------------
     def _primers(self) -> list[bytes]:
@@ -209,8 +218,9 @@ class Hold:
         return 0.8 * tc.plug_leaks_after_s(self.spec.burst)
 
     def close(self) -> None:
-        """Hold from now on: live RX toward the VM and the VM's TX."""
-        self._plug(self.spec.ifb_tx)
+        """Hold from now on: live RX toward the VM (and the VM's TX, if held)."""
+        if self.spec.ifb_tx:
+            self._plug(self.spec.ifb_tx)
         self._plug(self.spec.ifb_rx)
         self.stats.closed_t = time.monotonic()
         self._save("closed")
@@ -250,6 +260,9 @@ class Hold:
     def release_tx(self) -> None:
         """Let the VM's held transmissions out, in order, and stop steering them."""
         if self.stats.tx_released_t is not None:
+            return
+        if not self.spec.ifb_tx:
+            self.stats.tx_released_t = time.monotonic()
             return
         self.stats.held_tx = self._backlog(self.spec.ifb_tx)[0]
         self.stats.dropped_tx = self._open(self.spec.ifb_tx, "ingress")
@@ -348,7 +361,7 @@ class Hold:
 
         tap_there = links.exists(None, spec.tap)
         for ifb, direction, paced in ((spec.ifb_tx, "ingress", False), (spec.ifb_rx, "egress", True)):
-            if not links.exists(None, ifb):
+            if not ifb or not links.exists(None, ifb):
                 continue
             if tap_there and PREF in tc.filter_prefs(None, spec.tap, direction):
                 # Held frames leave first, in order (RX paced), then the filter goes.
@@ -426,7 +439,7 @@ def recover(state_dir: Path) -> list[str]:
             log.warning("ignoring unreadable hold state %s: %s", path, exc)
             continue
         if spec.netns != me or procs.alive(spec.owner_pid):
-            known |= {spec.ifb_rx, spec.ifb_tx}
+            known |= {i for i in (spec.ifb_rx, spec.ifb_tx) if i}
             continue
         try:
             Hold(spec, state_dir).remove()

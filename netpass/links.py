@@ -93,6 +93,16 @@ class Counter:
             self.fd = -1
 
 
+def active_queues(ifname: str) -> int:
+    """The transmit queues a device uses now, from sysfs: for a multi-queue
+    tap, the queues attached (QEMU detaches those its guest does not use,
+    and tun spreads frames over the attached ones only)."""
+    try:
+        return max(1, sum(1 for q in os.listdir(f"/sys/class/net/{ifname}/queues") if q.startswith("tx-")))
+    except OSError as exc:
+        raise KernelError(f"cannot list the queues of {ifname}: {exc.strerror}") from exc
+
+
 def _stat(ifname: str, name: str) -> int:
     counter = Counter(ifname, name)
     try:

@@ -27,6 +27,9 @@ class MigrationOptions:
     timeout_s: float = 600.0
     resume_timeout_s: float = 60.0
     cancel_at_pre_switchover: bool = False
+    # A management layer stopping the VM itself, mid-migration, once the RAM
+    # left is at most this share of the total; it then resumes the destination.
+    stop_at_remaining: float | None = None
 
 
 @dataclass
@@ -102,6 +105,7 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
         await src.execute("migrate", {"uri": opts.uri})
         deadline = time.monotonic() + opts.timeout_s
         next_poll = 0.0
+        stopped_by_us = False
         while True:
             if time.monotonic() > deadline:
                 await src.execute("migrate_cancel")
@@ -130,6 +134,13 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
                     elif status in ("failed", "cancelled"):
                         info = await src.execute("query-migrate")
                         raise MigrationFailed(f"migration {status}: {info.get('error-desc', 'no reason given')}")
+            if opts.stop_at_remaining is not None and not stopped_by_us:
+                info = await src.execute("query-migrate")
+                ram = info.get("ram", {})
+                if info.get("status") == "active" and ram.get("total") and \
+                        ram.get("remaining", 0) <= opts.stop_at_remaining * ram["total"]:
+                    await src.execute("stop")
+                    stopped_by_us = True
             if progress is not None and time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + 0.5
                 progress(progress_line(await src.execute("query-migrate")))
@@ -140,6 +151,9 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
         res.ram = dict(info.get("ram", {}))
         if progress is not None:
             progress(progress_line(info))
+        if dst is not None and stopped_by_us:
+            # The VM was paused when it crossed: the destination comes up paused.
+            await _cont_when_paused(dst, opts.resume_timeout_s)
         if dst_task is not None:
             try:
                 await asyncio.wait_for(dst_resumed.wait(), opts.resume_timeout_s)
@@ -154,3 +168,15 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
                 await dst_task
             except (asyncio.CancelledError, QMPError):
                 pass
+
+
+async def _cont_when_paused(dst: Monitor, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = await dst.status()
+        if status == "paused":
+            await dst.execute("cont")
+            return
+        if status == "running":
+            return
+        await asyncio.sleep(0.002)

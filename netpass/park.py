@@ -54,7 +54,7 @@ class Park:
         links.set_up(None, name)
         steering.add(tap, name)
         park = cls(tap, name, fd, steering)
-        park._dropped0 = links.tx_dropped(name)
+        park._dropped0 = links.info(None, name).tx_dropped
         log.info("parking tap %s ready for %s", name, tap)
         return park
 
@@ -78,6 +78,6 @@ class Park:
     def dropped(self) -> int | None:
         """Frames the parking ring dropped (netpass did not read fast enough)."""
         try:
-            return links.tx_dropped(self.name) - self._dropped0
+            return links.info(None, self.name).tx_dropped - self._dropped0
         except KernelError:
             return None

@@ -54,6 +54,12 @@ def ipv4_candidate(vm_mac: bytes, tag: bytes, i: int) -> bytes:
     return (eth + hdr + udp + payload).ljust(60, b"\0")
 
 
+def second(frame: bytes) -> bytes:
+    """Another sacrificial frame for the same queue: the same flow (tun's hash
+    covers addresses and ports, not MACs), another source MAC."""
+    return frame[:11] + bytes([frame[11] ^ 0x80]) + frame[12:]
+
+
 def _checksum(data: bytes) -> int:
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:

@@ -104,12 +104,11 @@ class MigrateOptions:
 class SourceNic:
     index: int
     nic: Nic
-    fds: list[int]  # QEMU's tap queues, duplicated into this process
-    queues: list[int]  # those of them attached (a guest may use fewer queues than the tap has)
+    fds: list[int]  # QEMU's tap queues, duplicated into this process (detached ones read nothing)
     hdr_size: int
     mac_bytes: bytes
-    park: Park
-    inject: Injector  # netpass's own frames into the VM's ring, past the parking (made at arm: 7 ms)
+    park: Park  # (the bench reads a tap it filled instead)
+    inject: Injector | None  # netpass's own frames into the VM's ring, past the parking (made at arm: 7 ms)
     sacrificial: list[bytes] = field(default_factory=list)  # one per attached queue
     virtio_path: str | None = None
     bridge: str | None = None
@@ -124,6 +123,16 @@ class SourceNic:
     park_overflow: int | None = None
     qemu_took: int | None = None  # unforeseen stop: queues whose reader took a frame after the stop
     starved: int | None = None  # unforeseen stop: RX queues the guest had no buffer on
+    own_set: set[bytes] = field(default_factory=set)  # netpass's own frames (sacrificial, first and second)
+    own_seen: set[bytes] = field(default_factory=set)  # those netpass read back from the VM's ring
+
+    def __post_init__(self) -> None:
+        self.own_set.update(self.sacrificial)
+
+    @property
+    def own(self) -> Injector:
+        assert self.inject is not None, "this NIC cannot send netpass's own frames (a bench stand-in)"
+        return self.inject
 
 
 class SourceSession:
@@ -158,6 +167,7 @@ class SourceSession:
         self.qemu_params: dict[str, Any] = {}
         self.parked_t: float | None = None
         self.verified_t: float | None = None  # QEMU read every sacrificial frame
+        self.qmp_rtt_s = 0.002  # a QMP command's round trip, learned
         self.stop_t: float | None = None  # QEMU stopped the VM (its own clock, on ours)
         self.stop_seen_t: float | None = None
         self.unforeseen = False  # the VM stopped before netpass parked
@@ -249,10 +259,11 @@ class SourceSession:
         inject = Injector(nic.tap, bypass=True, mark=nft.OWN_MARK)
         self.undo.callback(inject.close)
         mac_bytes = bytes.fromhex(nic.mac.replace(":", ""))
-        queues = [fd for fd in fds if tapfd.attached(fd)] if len(fds) > 1 else fds
-        sn = SourceNic(index=i, nic=nic, fds=fds, queues=queues, hdr_size=tapfd.vnet_hdr_size(fds[0]),
-                       mac_bytes=mac_bytes, park=park, inject=inject, virtio_path=virtio_path, tx_dropped0=info.tx_dropped,
-                       sacrificial=sacrifice.per_queue(mac_bytes, self.sid.encode(), len(queues)))
+        queues = links.active_queues(nic.tap) if len(fds) > 1 else 1
+        sn = SourceNic(index=i, nic=nic, fds=fds, hdr_size=tapfd.vnet_hdr_size(fds[0]),
+                       mac_bytes=mac_bytes, park=park, inject=inject, virtio_path=virtio_path,
+                       tx_dropped0=info.tx_dropped,
+                       sacrificial=sacrifice.per_queue(mac_bytes, self.sid.encode(), queues))
         if info.master:
             sn.bridge = links.name_of(None, info.master)
         self.nics.append(sn)
@@ -281,8 +292,9 @@ class SourceSession:
             return
         for buf in bufs:
             data = buf[hdr:]
-            if data in sn.sacrificial:
-                continue  # our own, back from the VM ring after an unforeseen stop
+            if data in sn.own_set:
+                sn.own_seen.add(data)  # our own, back from the VM's ring (see _account_stop)
+                continue
             self._capture(sn, buf[:wire.VNET_HDR_LEN] if hdr else b"", data)
 
     def _take_round(self, sn: SourceNic, bufs: list[bytes], hdr: int) -> bool:
@@ -295,7 +307,7 @@ class SourceSession:
         total = sum(sizes)
         cost = total + CACHE_FRAME_OVERHEAD * len(datas)
         if min(sizes) < wire.MIN_FRAME or self.cache_bytes + cost > self.o.max_cache_bytes or \
-                sn.mac_bytes in map(_SRC_MAC, datas) or any(map(sn.sacrificial.__contains__, datas)):
+                sn.mac_bytes in map(_SRC_MAC, datas) or any(map(sn.own_set.__contains__, datas)):
             return False
         now = time.monotonic()
         ts = int((now - self.t0) * 1e6)
@@ -342,7 +354,7 @@ class SourceSession:
                     break
                 self._take(sn, bufs, wire.VNET_HDR_LEN)
             if self.drain_readers:
-                for fd in sn.queues:
+                for fd in sn.fds:
                     self._on_vm_ring(sn, fd)
 
     # -- ship -----------------------------------------------------------------------------
@@ -532,28 +544,39 @@ class SourceSession:
             self.phases.reach(Phase.COMPLETED)
 
     async def _engage(self) -> None:
-        """Park every frame bound for the VM, send the sacrificial frames,
-        let QEMU finish: just before the window in which it will."""
+        """Park every frame bound for the VM, send the sacrificial frames, wait
+        until QEMU has read them, and only then let QEMU finish: all of it
+        just before the window in which it will.  Should QEMU not read them
+        in time for that window, the bandwidth comes back anyway at the last
+        moment, and the account of the stop says it was not verified."""
+        assert self.endgame is not None and self.mon is not None
         t = time.monotonic()
         await self._park_all()
-        t_park = time.monotonic()
         for sn in self.nics:
             for s in sn.sacrificial:
-                if not sn.inject.send(bytes(wire.VNET_HDR_LEN), s):
+                if not sn.own.send(bytes(wire.VNET_HDR_LEN), s):
                     self.notes.append(f"{sn.nic.tap}: the VM's ring was full: a sacrificial "
                                       "frame could not be queued")
-        assert self.mon is not None  # (a failure here fails the migration: the frames go back)
         t_sac = time.monotonic()
+        give_up = (self.endgame.planned_start or t) - self.qmp_rtt_s  # the restore must land before it
+        watch = tapfd.Watch([fd for sn in self.nics for fd in sn.fds])
+        while watch.readable() and time.monotonic() < give_up:
+            await asyncio.sleep(0.0002)
+        t_ver = time.monotonic()
+        if not watch.readable():
+            self.verified_t = t_ver
+        # (a failure here fails the migration: the parked frames go back)
         await self.mon.execute("migrate-set-parameters",
                                {"max-bandwidth": int(self.qemu_params.get("max-bandwidth", 0))})
-        took = time.monotonic() - t
-        assert self.endgame is not None
-        self.endgame.engaged(took)
-        log.info("session=%s parked and QEMU let go in %.1f ms (park %.1f, sacrificial %.1f, QMP %.1f; "
-                 "aimed %.1f ms before its window)", self.sid, took * 1000, (t_park - t) * 1000,
-                 (t_sac - t_park) * 1000, (t + took - t_sac) * 1000,
-                 ((self.endgame.planned_start or t) - t) * 1000)
-        asyncio.get_running_loop().create_task(self._verify()).add_done_callback(_log_failure)
+        t_end = time.monotonic()
+        self.qmp_rtt_s = 0.7 * self.qmp_rtt_s + 0.3 * (t_end - t_ver)
+        self.endgame.engaged(t_end - t)
+        log.info("session=%s parked, verified %s and QEMU let go in %.1f ms (sacrificial frames read in "
+                 "%.1f, QMP %.1f; aimed %.1f ms before the window)", self.sid,
+                 "" if self.verified_t else "NOT", (t_end - t) * 1000, (t_ver - t_sac) * 1000,
+                 (t_end - t_ver) * 1000, ((self.endgame.planned_start or t) - t) * 1000)
+        if self.verified_t is None:
+            asyncio.get_running_loop().create_task(self._verify()).add_done_callback(_log_failure)
         await self._after_park()
 
     async def _park_all(self) -> None:
@@ -563,8 +586,9 @@ class SourceSession:
             sn.park.park()
         self.parked_t = time.monotonic()
         self.phases.reach(Phase.PARKED)
-        if self.o.strict_ordering and self.ch is not None:
-            # The destination starts holding its VM's traffic.
+        if self.ch is not None:
+            # The destination starts holding what the network sends its VM
+            # (and, with strict ordering, what its VM sends).
             await self.ch.send_json(CONTROL, {"op": "stopped"})
 
     async def _after_park(self) -> None:
@@ -591,7 +615,7 @@ class SourceSession:
         """Wait until QEMU has read every sacrificial frame: its readers were
         free, so no real frame is held inside QEMU, and its rings are empty."""
         deadline = time.monotonic() + VERIFY_BOUND_S
-        watch = tapfd.Watch([fd for sn in self.nics for fd in sn.queues])
+        watch = tapfd.Watch([fd for sn in self.nics for fd in sn.fds])
         while watch.readable():
             if time.monotonic() > deadline:
                 self.notes.append("QEMU did not read the sacrificial frames within "
@@ -618,12 +642,20 @@ class SourceSession:
             self._say(f"the VM stopped before netpass parked its frames ({why}): parked now; "
                       "draining what its ring holds")
             asyncio.get_running_loop().create_task(self._after_park()).add_done_callback(_log_failure)
+        elif not self.verified_before_stop():
+            # Parked, but QEMU had not read every sacrificial frame: what is
+            # still in its rings after the one frame a queue's reader takes
+            # at the stop is netpass's to carry.
+            self._drain_vm_rings()
         self.phases.reach(Phase.STOPPED, why)
+
+    def verified_before_stop(self) -> bool:
+        return self.verified_t is not None and self.stop_t is not None and self.verified_t <= self.stop_t
 
     def _drain_vm_rings(self) -> None:
         loop = asyncio.get_running_loop()
         for sn in self.nics:
-            for fd in sn.queues:
+            for fd in sn.fds:
                 self._on_vm_ring(sn, fd)
                 loop.add_reader(fd, self._on_vm_ring, sn, fd)
                 self.drain_readers.append(fd)
@@ -651,29 +683,48 @@ class SourceSession:
         raise MigrationFailed("lost the source QEMU's monitor before the migration ended"
                               + ("; QEMU exited" if gone else ""))
 
-    async def _account_unforeseen(self) -> None:
-        """After a stop netpass did not see coming: what did QEMU swallow?
+    async def _account_stop(self) -> None:
+        """After a stop QEMU made before it had read every sacrificial frame
+        (or before netpass parked at all): what did it swallow?
 
-        * A reader QEMU re-armed at the stop read one frame and holds it:
-          netpass sends one sacrificial frame into each queue; a free reader
-          takes it, a holding one leaves it in the ring (netpass reads it
-          back).  What it holds is a real frame, lost, counted exactly.
+        * After its stop, QEMU's reader of each queue reads one more frame, if
+          its ring holds one, and keeps it.  netpass sends a second
+          sacrificial frame into each queue: a reader still free takes it, a
+          holding one leaves it in the ring, where netpass reads it back.
+          What a holding reader took is the first sacrificial frame, unless
+          netpass read that one back too: then it took a real frame, lost,
+          and counted (``taken_by_qemu_at_its_stop``).
         * A frame QEMU held for want of a guest buffer at the stop was
           purged: possible only if the guest had no RX buffer then, which
           the RX queue's indexes tell once the VM is stopped (the one place
-          netpass issues x- QMP commands, and only the VM is stopped).
+          netpass issues x- QMP commands, and only with the VM stopped).
         """
+        for fd in self.drain_readers:  # QEMU alone reads the rings while it may take a frame
+            self._remove_reader(fd)
+        self.drain_readers.clear()
+        self.capture_now()
+        alive = self.src_pid is not None and procs.alive(self.src_pid)
         for sn in self.nics:
+            second = [sacrifice.second(f) for f in sn.sacrificial]
+            sn.own_set.update(second)
+            if not alive:
+                self.notes.append(f"{sn.nic.tap}: the source QEMU is gone: whether it took a frame at "
+                                  "its stop is unknown")
+                continue
             try:
-                before = links.tx_packets(sn.nic.tap)
-                sent = sum(1 for s in sn.sacrificial if sn.inject.send(bytes(wire.VNET_HDR_LEN), s))
+                before = links.info(None, sn.nic.tap).tx_packets
+                sent = [f for f in second if sn.own.send(bytes(wire.VNET_HDR_LEN), f)]
                 deadline = time.monotonic() + QEMU_TOOK_BOUND_S
-                while links.tx_packets(sn.nic.tap) - before < sent and time.monotonic() < deadline:
+                while links.info(None, sn.nic.tap).tx_packets - before < len(sent) and \
+                        time.monotonic() < deadline:
                     await asyncio.sleep(0.002)
-                took = links.tx_packets(sn.nic.tap) - before
-                sn.qemu_took = max(0, sent - took)
-                if sn.qemu_took:
-                    self._drop(sn, "taken_by_qemu_at_its_stop", sn.qemu_took)
+                for fd in sn.fds:
+                    self._on_vm_ring(sn, fd)  # what QEMU left: the seconds it could not take
+                holding = [q for q, f in enumerate(second) if f in sn.own_seen]
+                lost = [q for q in holding if self.unforeseen or sn.sacrificial[q] in sn.own_seen]
+                sn.qemu_took = len(lost)
+                if lost:
+                    self._drop(sn, "taken_by_qemu_at_its_stop", len(lost))
             except NetpassError as exc:
                 self.notes.append(f"{sn.nic.tap}: cannot tell what QEMU took at its stop: {exc}")
             if sn.virtio_path is not None and self.mon is not None:
@@ -681,7 +732,9 @@ class SourceSession:
                     _used, sn.starved = await rx_state(self.mon, sn.virtio_path, len(sn.sacrificial))
                 except QMPError as exc:
                     log.info("session=%s cannot read the RX queue after the stop: %s", self.sid, exc)
-        self.capture_now()
+            if sn.starved:
+                self.notes.append(f"{sn.nic.tap}: the guest had no RX buffer on {sn.starved} queue(s) at "
+                                  "the stop: a frame QEMU held for it then was purged, if one was")
 
     # -- after completion -----------------------------------------------------------------
     async def _linger(self) -> None:
@@ -761,13 +814,13 @@ class SourceSession:
     async def _give(self, frames: list[wire.Frame], start: int) -> int:
         """Frames from ``start`` on into their VM's ring, within its room:
         chunks of at most 64, each read by QEMU before the next."""
-        fds = {sn.index: sn.queues for sn in self.nics}
+        fds = {sn.index: sn.fds for sn in self.nics}
         i = start
         while i < len(frames):
             chunk_end = min(len(frames), i + 64)
             for f in frames[i:chunk_end]:
                 full_since = None
-                while not self.nics[f.nic].inject.send(f.vnet_hdr or bytes(wire.VNET_HDR_LEN), f.data):
+                while not self.nics[f.nic].own.send(f.vnet_hdr or bytes(wire.VNET_HDR_LEN), f.data):
                     full_since = full_since or time.monotonic()
                     if time.monotonic() - full_since > 2.0:
                         raise KernelError(f"tap {self.nics[f.nic].nic.tap} stayed full for 2 s: "
@@ -799,7 +852,6 @@ class SourceSession:
                 raise
             if self.netpass_active:
                 await self._switch_over()
-            return self.report()
         except BaseException as exc:
             error = exc
             if self.phases.phase not in (Phase.DONE, Phase.FAILED):
@@ -814,6 +866,7 @@ class SourceSession:
                 log.error("session=%s cleanup incomplete: %s", self.sid, exc)
             self._write_pcap()
             self.final_report = self.report(error)
+        return self.final_report
 
     async def _arm_or_not(self) -> None:
         try:
@@ -835,8 +888,8 @@ class SourceSession:
         """The source completed: everything parked goes across, the
         destination resumes, the late tail is caught, and the agent reports."""
         assert self.ch is not None
-        if self.unforeseen:
-            await self._account_unforeseen()
+        if self.unforeseen or not self.verified_before_stop():
+            await self._account_stop()
         # Everything captured so far goes before the 'migrated' notice.
         self.capture_now()
         await self.ship_pending()
@@ -898,17 +951,14 @@ class SourceSession:
         return "unforeseen" if self.unforeseen else "parked"
 
     def swallowed_account(self) -> str | None:
-        """How sure netpass is of what QEMU swallowed at its stop."""
-        path = self.stop_path()
-        if path is None:
+        """How sure netpass is of what QEMU swallowed at its stop: ``exact``
+        when QEMU had read every sacrificial frame before it stopped;
+        ``inferred`` when the second sacrificial frames and the RX queue's
+        state after the stop settled it; ``unknown`` when they could not."""
+        if self.stop_path() is None:
             return None
-        if path == "parked":
-            verified = self.verified_t is not None and self.stop_t is not None and self.verified_t <= self.stop_t
-            if verified:
-                return "exact"
-            # Parked, but the stop came before QEMU had read every sacrificial
-            # frame: a frame held for want of a guest buffer may have been purged.
-            return "inferred"
+        if not self.unforeseen and self.verified_before_stop():
+            return "exact"
         if all(sn.qemu_took is not None and sn.starved == 0 for sn in self.nics):
             return "inferred"
         return "unknown"
@@ -1009,9 +1059,8 @@ class SourceSession:
             **({"pcap": self.o.save_pcap, "pcap_frames": self.pcap_written}
                if self.o.save_pcap else {}),
             "strict_ordering": self.o.strict_ordering,
-            **({k: self.dest_report.get(k) for k in ("held_tx", "held_rx", "hold_ms", "hold_tx_ms",
-                                                      "hold_timeout", "hold_dropped", "hold_late")}
-               if self.o.strict_ordering else {}),
+            **{k: self.dest_report.get(k) for k in ("held_tx", "held_rx", "hold_ms", "hold_tx_ms",
+                                                     "hold_timeout", "hold_dropped", "hold_late")},
             "nics": per_nic,
             "notes": self.notes + list(self.dest_report.get("hold_notes", [])),
             "states": [s for _, s in self.phases.history],

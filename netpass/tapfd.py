@@ -105,18 +105,6 @@ def tap_fds_of(pid: int) -> list[TapFd]:
     return sorted(out, key=lambda t: t.fd)
 
 
-def attached(fd: int) -> bool:
-    """Whether this queue of a multi-queue tap is attached (QEMU detaches the
-    queues its guest does not use; tun steers frames only to attached ones)."""
-    try:
-        fcntl.ioctl(fd, TUNGETIFF, bytes(struct.calcsize("16sH")))
-    except OSError as exc:
-        if exc.errno == 77:  # EBADFD: a detached queue
-            return False
-        raise KernelError(f"cannot ask a tap queue about itself: {exc}") from exc
-    return True
-
-
 def vnet_hdr_size(fd: int) -> int:
     buf = fcntl.ioctl(fd, TUNGETVNETHDRSZ, struct.pack("i", 0))
     return int(struct.unpack("i", buf)[0])

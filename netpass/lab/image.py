@@ -62,6 +62,8 @@ ip link set eth0 txqueuelen 10000
 [ -n "$IP" ] && ip addr add "$IP" dev eth0
 # The lab's peer as a permanent neighbour: replies never wait on ARP.
 [ -n "$PEER" ] && ip neigh replace "${{PEER%,*}}" lladdr "${{PEER#*,}}" dev eth0 nud permanent
+# A TCP sink for the lab's bulk flow (tcpflow.py): one connection at a time.
+(while true; do nc -l -p 5001 > /dev/null; done) &
 echo "{READY_MARK} $(ip -o addr show dev eth0 | grep 'inet ')" > /dev/console
 # Counters for the lab to read back: what the guest's own stack saw.
 while true; do

@@ -28,7 +28,9 @@ from dataclasses import asdict, dataclass, field
 
 MAGIC = 0x6E7470726F626531  # "ntprobe1"
 PAYLOAD = struct.Struct("!QQQ")  # magic, probe id, send time (CLOCK_MONOTONIC ns)
-PAYLOAD_LEN = 56
+PAYLOAD_LEN = 56  # a 98-byte frame
+HEADERS = 14 + 20 + 8  # Ethernet, IPv4, ICMP echo (or UDP) header
+MAX_FRAME = 1514
 UDP_PORT = 9
 MAX_RATE = 100_000
 MAX_DURATION = 600.0
@@ -135,13 +137,13 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def _payload(pid: int, now_ns: int) -> bytes:
+def _payload(pid: int, now_ns: int, size: int = PAYLOAD_LEN) -> bytes:
     body = PAYLOAD.pack(MAGIC, pid, now_ns)
-    return body + b"\xa5" * (PAYLOAD_LEN - len(body))
+    return body + b"\xa5" * (size - len(body))
 
 
-def _echo_request(ident: int, pid: int, now_ns: int) -> bytes:
-    payload = _payload(pid, now_ns)
+def _echo_request(ident: int, pid: int, now_ns: int, size: int = PAYLOAD_LEN) -> bytes:
+    payload = _payload(pid, now_ns, size)
     head = struct.pack("!BBHHH", 8, 0, 0, ident, pid & 0xFFFF)
     csum = _checksum(head + payload)
     return struct.pack("!BBHHH", 8, 0, csum, ident, pid & 0xFFFF) + payload
@@ -156,11 +158,14 @@ def _find_probe_id(buf: bytes) -> int | None:
 
 
 def run(target: str, rate: float, duration: float, proto: str = "icmp",
-        stop_on_stdin: bool = False, grace: float = 1.0) -> ProbeStats:
+        stop_on_stdin: bool = False, grace: float = 1.0, frame_size: int = PAYLOAD_LEN + HEADERS) -> ProbeStats:
     if not 0 < rate <= MAX_RATE:
         raise ValueError(f"rate must be in (0, {MAX_RATE}]")
     if not 0 < duration <= MAX_DURATION:
         raise ValueError(f"duration must be in (0, {MAX_DURATION}]")
+    if not PAYLOAD.size + HEADERS <= frame_size <= MAX_FRAME:
+        raise ValueError(f"frame size must be in [{PAYLOAD.size + HEADERS}, {MAX_FRAME}]")
+    size = frame_size - HEADERS
     count = int(rate * duration)
     ident = os.getpid() & 0xFFFF
     rx_sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
@@ -192,7 +197,7 @@ def run(target: str, rate: float, duration: float, proto: str = "icmp",
                 continue
             while True:
                 try:
-                    buf = rx_sock.recv(2048, socket.MSG_DONTWAIT)
+                    buf = rx_sock.recv(4096, socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     break
                 now = time.monotonic_ns()
@@ -230,9 +235,9 @@ def run(target: str, rate: float, duration: float, proto: str = "icmp",
         now = time.monotonic_ns()
         try:
             if proto == "icmp":
-                tx_sock.sendto(_echo_request(ident, pid, now), (target, 0))
+                tx_sock.sendto(_echo_request(ident, pid, now, size), (target, 0))
             else:
-                tx_sock.sendto(_payload(pid, now), (target, UDP_PORT))
+                tx_sock.sendto(_payload(pid, now, size), (target, UDP_PORT))
         except OSError:
             pass  # counted as lost: the probe had its id and time
         send_ns.append(now)
@@ -267,10 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=2000.0)
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--proto", choices=("icmp", "udp"), default="icmp")
+    ap.add_argument("--size", type=int, default=PAYLOAD_LEN + HEADERS, help="frame size in bytes")
     ap.add_argument("--stop-on-stdin", action="store_true")
     ap.add_argument("--timeline", help="write the per-probe timeline here as JSON")
     args = ap.parse_args(argv)
-    stats = run(args.target, args.rate, args.duration, args.proto, args.stop_on_stdin)
+    stats = run(args.target, args.rate, args.duration, args.proto, args.stop_on_stdin, frame_size=args.size)
     if args.timeline:
         with open(args.timeline, "w") as fh:
             json.dump(stats.timeline, fh)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import logging
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from ..migration import MigrationOptions, MigrationResult, migrate
 from ..qmp import Monitor
 from .image import GuestImage
 from .topology import GUEST_IP, GUEST_MAC, MIG_DST, PEER_MAC, Lab
+from .vm import _die_with
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,26 @@ class ScenarioOptions:
     agent_argv: tuple[str, ...] | None = None  # run this agent instead (the Ansible test's)
     burst_frames: int = 0  # sent to the VM by the peer while the source is stopped: a backlog
     burst_ms: int = 250  # spread over this long, from the stop
+    queues: int = 1  # the VM's NIC queues (and vCPUs)
+    frame_size: int = 98  # the probes' frame size, bytes
+    tcp_rate_mbit: float = 20.0  # proto "tcp": the bulk flow's pace
+    flood_pps: int = 0  # frames per second to the VM from the peer, all along (the guest drops them)
+    max_bandwidth_mib: int | None = None  # QEMU's max-bandwidth, MiB/s (both modes): a longer migration
+    busy_core: bool = False  # one core kept busy by an unrelated process, all along
+    # "external": the lab, as a management layer, stops the source VM itself
+    # mid-migration (at a third of the RAM left) and resumes the destination.
+    stopper: str = "netpass"
+
+    @property
+    def stop_at_remaining(self) -> float | None:
+        return STOP_AT_REMAINING if self.stopper == "external" else None
+
+
+STOP_AT_REMAINING = 1 / 3
+BUSY_PROGRAM = ("import sys, time\n"
+                "end = time.monotonic() + float(sys.argv[1])\n"
+                "while time.monotonic() < end:\n"
+                "    pass\n")
 
 
 def _wall_to_mono(t: float | None) -> float | None:
@@ -57,8 +79,14 @@ def _wall_to_mono(t: float | None) -> float | None:
 
 def _prober_argv(lab: Lab, opts: ScenarioOptions, duration: float, timeline: Path | None,
                  rate: float | None = None, stop_on_stdin: bool = True) -> list[str]:
+    if opts.proto == "tcp" and rate is None:
+        return netns.exec_argv(lab.ns("peer"), [
+            sys.executable, "-m", "netpass.lab.tcpflow", "--target", GUEST_IP,
+            "--rate-mbit", str(opts.tcp_rate_mbit), "--duration", str(duration), "--stop-on-stdin"])
+    proto = "icmp" if opts.proto == "tcp" else opts.proto
     argv = [sys.executable, "-m", "netpass.lab.prober", "--target", GUEST_IP,
-            "--rate", str(rate or opts.rate), "--duration", str(duration), "--proto", opts.proto]
+            "--rate", str(rate or opts.rate), "--duration", str(duration), "--proto", proto,
+            "--size", str(opts.frame_size if rate is None else 98)]
     if stop_on_stdin:
         argv.append("--stop-on-stdin")
     if timeline is not None:
@@ -81,9 +109,10 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
                            lab_hook: Callable[[Lab], Any] | None = None) -> dict[str, Any]:
     """Build a lab, migrate once under probe traffic, tear it all down."""
     with Lab(image) as lab:
-        say(f"lab {lab.run_id}: booting the guest under TCG")
+        say(f"lab {lab.run_id}: booting the guest under TCG" +
+            (f" ({opts.queues} queues)" if opts.queues > 1 else ""))
         t0 = time.monotonic()
-        lab.start_vms()
+        lab.start_vms(queues=opts.queues)
         assert lab.src_vm is not None and lab.dst_vm is not None
 
         async def cont() -> None:
@@ -104,6 +133,15 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
             # The LAN keeps delivering to the source until we let it learn.
             links.pin_mac(lab.ns("lan"), "p-src", GUEST_MAC)
         timeline = opts.timeline_path
+        busy = flood = None
+        if opts.busy_core:
+            busy = subprocess.Popen([sys.executable, "-c", BUSY_PROGRAM, str(opts.max_duration_s)],
+                                    stdin=subprocess.DEVNULL, preexec_fn=_die_with(os.getpid()))
+        if opts.flood_pps:
+            flood = subprocess.Popen(netns.exec_argv(lab.ns("peer"), [
+                sys.executable, "-m", "netpass.lab.flood", "--ifname", "eth0", "--dst-mac", GUEST_MAC,
+                "--src-mac", PEER_MAC, "--pps", str(opts.flood_pps), "--duration", str(opts.max_duration_s),
+                "--stop-on-stdin"]), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         prober = subprocess.Popen(_prober_argv(lab, opts, opts.max_duration_s, timeline),
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE)
@@ -128,6 +166,10 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
             where = asyncio.run(_where(lab))
         finally:
             out, err = prober.communicate(timeout=60)
+            flood_out = flood.communicate(timeout=60)[0] if flood is not None else b""
+            if busy is not None:
+                busy.terminate()
+                busy.wait()
         if prober.returncode != 0:
             raise LabError(f"prober failed: {err.decode()[-500:]}")
         dst_exit = lab.dst_vm.proc.poll() if lab.dst_vm.proc else None
@@ -135,6 +177,12 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
         guest = guest_counters([lab.src_vm.console, lab.dst_vm.console])
         dst_fault = guest_fault(lab.dst_vm.console)
         stats: dict[str, Any] = json.loads(out)
+        stats["proto"] = opts.proto
+        if flood is not None:
+            stats.update(json.loads(flood_out))
+        stats["queues"] = opts.queues
+        stats["busy_core"] = opts.busy_core
+        stats["stopper"] = opts.stopper
         stats["downtime_ms"] = result.downtime_ms
         stats["total_time_ms"] = result.total_time_ms
         stats["switchover_pause_ms"] = opts.switchover_pause_ms
@@ -174,7 +222,9 @@ async def _drive(lab: Lab, opts: ScenarioOptions, say: Say) -> MigrationResult: 
     assert lab.src_vm is not None and lab.dst_vm is not None
     mopts = MigrationOptions(uri=lab.migration_uri, switchover_pause_ms=opts.switchover_pause_ms,
                              downtime_limit_ms=opts.downtime_limit_ms,
-                             cancel_at_pre_switchover=opts.on_pre_switchover == "cancel")
+                             max_bandwidth=opts.max_bandwidth_mib << 20 if opts.max_bandwidth_mib else None,
+                             cancel_at_pre_switchover=opts.on_pre_switchover == "cancel",
+                             stop_at_remaining=opts.stop_at_remaining)
     burst = MigrationResult()  # what the burst did, if any
     burst_task: asyncio.Task[None] | None = None
 
@@ -266,8 +316,53 @@ async def _on_src_event(ev: Any, lab: Lab, opts: ScenarioOptions, res: Migration
             say(f"lab: pre-switchover action refused: {exc}")
     elif status == "completed":
         res.completed_t = ev.emitted
-        if opts.kill_source:
-            lab.src_vm.kill()
+        if opts.kill_source and lab.src_vm.proc is not None and lab.src_vm.alive():
+            lab.src_vm.proc.kill()  # at once, as libvirt does (SIGKILL)
+
+
+class _Manager:
+    """The rest of the management layer the lab plays on the watch sockets:
+    kill the source the moment ``query-migrate`` (polled every few ms) says
+    completed; or, as an external stopper, stop the source VM mid-migration
+    and resume the destination, which then comes up paused."""
+
+    def __init__(self, lab: Lab, opts: ScenarioOptions, res: MigrationResult, sw: Monitor, dw: Monitor,
+                 say: Say) -> None:
+        self.lab, self.opts, self.res, self.sw, self.dw, self.say = lab, opts, res, sw, dw, say
+        self.active = opts.kill_source or opts.stopper == "external"
+        self.stopped = self.resumed = False
+        self.completed = False
+
+    async def step(self) -> None:
+        if not self.active or self.completed:
+            return
+        try:
+            info = await self.sw.execute("query-migrate")
+        except QMPError:
+            return
+        ram = info.get("ram", {})
+        frac = self.opts.stop_at_remaining
+        if frac is not None and not self.stopped and info.get("status") == "active" and ram.get("total") \
+                and ram.get("remaining", 0) <= frac * ram["total"]:
+            self.say("lab: the management layer stops the source VM")
+            await self.sw.execute("stop")
+            self.stopped = True
+        if info.get("status") == "completed":
+            self.completed = True
+            if self.opts.kill_source and self.lab.src_vm is not None and self.lab.src_vm.alive():
+                assert self.lab.src_vm.proc is not None
+                self.lab.src_vm.proc.kill()  # SIGKILL, at once
+
+    async def resume_destination(self) -> None:
+        if not self.stopped or self.resumed:
+            return
+        try:
+            status = await self.dw.status()
+        except QMPError:
+            return
+        if status == "paused":
+            await self.dw.execute("cont")
+            self.resumed = True
 
 
 BURST_ETHERTYPE = b"\x88\xb5"  # IEEE 802 local experimental: the guest drops it on arrival
@@ -346,6 +441,9 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[Mig
             if opts.switchover_pause_ms > 0 or opts.on_pre_switchover != "continue":
                 await sw.execute("migrate-set-capabilities", {"capabilities": [
                     {"capability": "pause-before-switchover", "state": True}]})
+            if opts.max_bandwidth_mib:
+                await sw.execute("migrate-set-parameters", {"max-bandwidth": opts.max_bandwidth_mib << 20})
+            manager = _Manager(lab, opts, res, sw, dw, say)
             migrate_proc = await asyncio.create_subprocess_exec(
                 *_cli(lab, "src", "-v", "migrate", "--qmp", lab.src_vm.qmp, "--uri", lab.migration_uri,
                       "--dest-agent", opts.agent_addr or f"{MIG_DST}:{AGENT_PORT}",
@@ -359,9 +457,12 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[Mig
             src_watch = True
             while not communicate.done() or not lan.done:
                 if src_watch:
-                    await _on_src_event(await sw.next_event(0.01), lab, opts, res, sw, agent, say)
+                    await _on_src_event(await sw.next_event(0.003 if manager.active else 0.01),
+                                        lab, opts, res, sw, agent, say)
+                    await manager.step()
                     # Once the source QEMU is killed its watch socket is gone too.
                     src_watch = lab.src_vm.alive()
+                await manager.resume_destination()
                 ev = await dw.next_event(0.001 if src_watch else 0.01)
                 if ev is not None and ev.name == "RESUME" and res.dst_resume_t is None:
                     res.dst_resume_t = ev.emitted

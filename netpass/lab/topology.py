@@ -96,16 +96,16 @@ class Lab:
         links.add_address(dst, "mig0", MIG_DST, 30)
         log.info("lab %s built", self.run_id)
 
-    def start_vms(self, boot_timeout: float = 180.0) -> float:
+    def start_vms(self, boot_timeout: float = 180.0, queues: int = 1) -> float:
         """Start the source guest and the waiting destination; return boot seconds."""
         self.src_vm = VM("src", self.ns("src"), self.rundir, self.image, GUEST_MAC,
-                         f"{GUEST_IP}/{LAN_PREFIX}", peer=f"{PEER_IP},{PEER_MAC}")
+                         f"{GUEST_IP}/{LAN_PREFIX}", peer=f"{PEER_IP},{PEER_MAC}", queues=queues)
         self.src_vm.start()
         links.wait_for(self.ns("src"), "tap0", 10)
         links.enslave(self.ns("src"), "tap0", "br0")
         self.dst_vm = VM("dst", self.ns("dst"), self.rundir, self.image, GUEST_MAC,
                          f"{GUEST_IP}/{LAN_PREFIX}", incoming=f"tcp:{MIG_DST}:{MIG_PORT}",
-                         peer=f"{PEER_IP},{PEER_MAC}")
+                         peer=f"{PEER_IP},{PEER_MAC}", queues=queues)
         self.dst_vm.start()
         links.wait_for(self.ns("dst"), "tap0", 10)
         links.enslave(self.ns("dst"), "tap0", "br0")

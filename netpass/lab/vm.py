@@ -49,6 +49,7 @@ class VM:
     memory_mib: int = 256
     incoming: str | None = None
     peer: str | None = None
+    queues: int = 1  # tap queues and virtio-net queue pairs (and vCPUs, so the guest uses them all)
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -70,14 +71,16 @@ class VM:
     def argv(self) -> list[str]:
         argv = [
             QEMU, "-name", self.name, "-machine", "pc,accel=tcg", "-cpu", "qemu64",
-            "-m", str(self.memory_mib), "-smp", "1", "-nodefaults", "-no-user-config",
+            "-m", str(self.memory_mib), "-smp", str(self.queues), "-nodefaults", "-no-user-config",
             "-display", "none", "-no-reboot",
             "-serial", f"file:{self.console}",
             "-kernel", str(self.image.kernel), "-initrd", str(self.image.initrd),
             "-append", f"console=ttyS0 panic=-1 quiet netpass.ip={self.ip_cidr}"
                        + (f" netpass.peer={self.peer}" if self.peer else ""),
-            "-netdev", f"tap,id=n0,ifname={self.tap},script=no,downscript=no,vhost=off",
-            "-device", f"virtio-net-pci,netdev=n0,mac={self.mac},romfile=",
+            "-netdev", f"tap,id=n0,ifname={self.tap},script=no,downscript=no,vhost=off"
+                       + (f",queues={self.queues}" if self.queues > 1 else ""),
+            "-device", f"virtio-net-pci,netdev=n0,mac={self.mac},romfile="
+                       + (f",mq=on,vectors={2 * self.queues + 2}" if self.queues > 1 else ""),
             "-qmp", f"unix:{self.qmp},server=on,wait=off",
             "-qmp", f"unix:{self.watch_qmp},server=on,wait=off",
         ]
