@@ -334,6 +334,47 @@ def _attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]]
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(prog))  # type: ignore[call-overload]
 
 
+# Classic BPF: like OUTGOING_ONLY, but keep only one byte of each frame.
+OUTGOING_COUNT = [(0x20, 0, 0, SKF_AD_PKTTYPE), (0x15, 0, 1, PACKET_OUTGOING), (0x06, 0, 0, 1), (0x06, 0, 0, 0)]
+
+
+class Tally:
+    """How many frames the host has queued toward a tap, counted in the
+    kernel: no frame is read.
+
+    An AF_PACKET socket whose filter keeps one byte of each outgoing frame,
+    with the smallest receive buffer: almost every copy is dropped at once,
+    and ``PACKET_STATISTICS`` counts received and dropped alike
+    (``tp_packets`` includes ``tp_drops``), resetting on each read.  The
+    destination counts the live frames entering its tap this way while its
+    hold's mirror has their content: reading each frame twice in Python cost
+    the agent a third of a core under a 30,000 frames/s flood, CPU the
+    destination VM needed.
+    """
+
+    def __init__(self, ifname: str) -> None:
+        self.ifname = ifname
+        self.total = 0
+        try:
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            _attach_filter(self.sock, OUTGOING_COUNT)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
+            self.sock.bind((ifname, ETH_P_ALL))
+            self.sock.setblocking(False)
+        except OSError as exc:
+            raise KernelError(f"cannot open a counting socket on {ifname}: {exc}") from exc
+
+    def count(self) -> int:
+        """Frames queued toward the tap since the last call."""
+        packets, _drops = PACKET_STATS.unpack(self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS,
+                                                                   PACKET_STATS.size))
+        self.total += packets
+        return int(packets)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class Shadow:
     """A copy of every frame the host queues toward a tap, in ring order.
 

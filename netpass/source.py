@@ -497,9 +497,13 @@ class SourceSession:
                 ev = await self.mon.next_event(0)
             if self.completed:
                 return
+            asked = time.monotonic()
             info = await self.mon.execute("query-migrate")
             now = time.monotonic()
             status = str(info.get("status"))
+            if self.endgame is not None:
+                self.endgame.qmp_answered(now - asked)
+                self.qmp_rtt_s = max(self.qmp_rtt_s, 0.5 * self.qmp_rtt_s + 0.5 * (now - asked))
             if self.endgame is not None:
                 ram = info.get("ram", {})
                 step = self.endgame.feed(Sample(now, status, ram.get("remaining"), ram.get("transferred")))

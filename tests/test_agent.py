@@ -356,10 +356,10 @@ def test_source_mac_split_across_two_records_is_still_replayed(tmp_path: Path) -
 def test_release_pace_follows_the_vm_and_the_ring() -> None:
     from netpass.agent import RELEASE_FLOOR_FPS, RELEASE_SETTLE_S, next_release_pace
 
-    # A quarter-full ring: exactly what the VM reads.
-    assert next_release_pace(3000.0, 250, 1000) == 3000.0
-    # Emptier: a little more, at most a quarter ring per settle time.
-    assert next_release_pace(3000.0, 0, 1000) == 3000.0 + 250 / RELEASE_SETTLE_S
+    # A half-full ring: exactly what the VM reads.
+    assert next_release_pace(3000.0, 500, 1000) == 3000.0
+    # Emptier: more, at most half a ring per settle time.
+    assert next_release_pace(3000.0, 0, 1000) == 3000.0 + 500 / RELEASE_SETTLE_S
     # Filling: less than the VM reads, so the ring drains back.
     assert next_release_pace(3000.0, 900, 1000) < 3000.0
     # A VM that reads nothing with a full ring: the floor, never zero.

@@ -133,7 +133,9 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
             # The LAN keeps delivering to the source until we let it learn.
             links.pin_mac(lab.ns("lan"), "p-src", GUEST_MAC)
         timeline = opts.timeline_path
-        busy = flood = None
+        busy = flood = agent = None
+        if opts.mode == "netpass":
+            agent = start_agent(lab, opts)
         if opts.busy_core:
             busy = subprocess.Popen([sys.executable, "-c", BUSY_PROGRAM, str(opts.max_duration_s)],
                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with(os.getpid()))
@@ -150,7 +152,8 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
             time.sleep(opts.warmup_s)
             say("migrating" + (" with netpass" if opts.mode == "netpass" else ""))
             if opts.mode == "netpass":
-                result, report = asyncio.run(_drive_netpass(lab, opts, say))
+                assert agent is not None
+                result, report = asyncio.run(_drive_netpass(lab, opts, say, agent))
             else:
                 result, report = asyncio.run(_drive(lab, opts, say)), None
             if opts.on_pre_switchover == "cancel":
@@ -167,6 +170,8 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
         finally:
             out, err = prober.communicate(timeout=60)
             flood_out = flood.communicate(timeout=60)[0] if flood is not None else b""
+            if agent is not None:
+                stop_agent(agent)
             if busy is not None:
                 busy.terminate()
                 busy.wait()
@@ -258,17 +263,6 @@ def _cli(lab: Lab, role: str, *args: str) -> list[str]:
     return netns.exec_argv(lab.ns(role), [sys.executable, "-m", "netpass.cli", *args])
 
 
-async def _wait_for_line(path: Path, needle: str, proc: asyncio.subprocess.Process, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and needle in path.read_text(errors="replace"):
-            return
-        if proc.returncode is not None:
-            raise LabError(f"the agent exited: {path.read_text(errors='replace')[-800:]}")
-        await asyncio.sleep(0.05)
-    raise LabError(f"the agent did not start within {timeout:.0f} s")
-
-
 class _LateLan:
     """The LAN keeps delivering to the source until ``lag_ms`` after the resume."""
 
@@ -288,7 +282,7 @@ class _LateLan:
 
 
 async def _on_src_event(ev: Any, lab: Lab, opts: ScenarioOptions, res: MigrationResult,
-                        sw: Monitor, agent: asyncio.subprocess.Process, say: Say) -> None:
+                        sw: Monitor, agent: subprocess.Popen[bytes], say: Say) -> None:
     """Play the management layer on the source's watch socket."""
     if ev is None:
         return
@@ -300,7 +294,7 @@ async def _on_src_event(ev: Any, lab: Lab, opts: ScenarioOptions, res: Migration
         if opts.burst_frames:
             task = asyncio.get_running_loop().create_task(_burst(lab, opts, res))
             task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
-        if opts.kill_agent_at_stop and agent.returncode is None:
+        if opts.kill_agent_at_stop and agent.poll() is None:
             await asyncio.sleep(0.05)  # let some frames cross first
             say("lab: killing the destination agent")
             agent.kill()
@@ -403,37 +397,63 @@ async def _burst(lab: Lab, opts: ScenarioOptions, res: MigrationResult) -> None:
         ring.close()
 
 
-async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[MigrationResult, dict[str, Any]]:
+def start_agent(lab: Lab, opts: ScenarioOptions) -> subprocess.Popen[bytes]:
+    """'netpass agent' on the destination host, as a daemon runs there:
+    started before the traffic (its start-up is not the migration's)."""
+    import secrets
+
+    token = lab.rundir / "token"
+    token.write_text(secrets.token_hex(32))
+    os.chmod(token, 0o600)
+    agent_log = lab.rundir / "agent.log"
+    agent_cmd = (netns.exec_argv(lab.ns("dst"), list(opts.agent_argv)) if opts.agent_argv else
+                 _cli(lab, "dst", "-v", "agent", "--listen", f"{MIG_DST}:{AGENT_PORT}",
+                      "--token-file", str(token), "--qmp-root", str(lab.rundir),
+                      "--state-dir", str(lab.rundir / "state"),
+                      *(("--metrics-listen", f"{MIG_DST}:{METRICS_PORT}") if opts.metrics else ())))
+    with open(agent_log, "wb") as alog:
+        agent = subprocess.Popen(agent_cmd, stdin=subprocess.DEVNULL, stdout=alog, stderr=alog)
+    deadline = time.monotonic() + 30
+    while "agent listening" not in agent_log.read_text(errors="replace"):
+        if agent.poll() is not None:
+            raise LabError(f"the agent exited: {agent_log.read_text(errors='replace')[-800:]}")
+        if time.monotonic() > deadline:
+            agent.kill()
+            agent.wait()
+            raise LabError("the agent did not start within 30 s")
+        time.sleep(0.05)
+    return agent
+
+
+def stop_agent(agent: subprocess.Popen[bytes]) -> None:
+    if agent.poll() is None:
+        agent.terminate()
+        try:
+            agent.wait(10)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+
+
+async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say,
+                         agent: subprocess.Popen[bytes]) -> tuple[MigrationResult, dict[str, Any]]:
     """Run 'netpass agent' on the destination host and 'netpass migrate' on the
     source host, while the lab plays the management layer on the watch sockets."""
     import os
     import secrets
 
     assert lab.src_vm is not None and lab.dst_vm is not None
-    token = lab.rundir / "token"
-    token.write_text(secrets.token_hex(32))
-    os.chmod(token, 0o600)
+    token, agent_log = lab.rundir / "token", lab.rundir / "agent.log"
     client_token = token
     if opts.token_override is not None:
         client_token = lab.rundir / "client-token"
         client_token.write_bytes(opts.token_override)
         os.chmod(client_token, 0o600)
-    agent_log = lab.rundir / "agent.log"
     report_path = lab.rundir / "report.json"
     res = MigrationResult()
     metrics_url = f"http://{MIG_DST}:{METRICS_PORT}/metrics"
-    with open(agent_log, "wb") as alog:
-        agent_cmd = (netns.exec_argv(lab.ns("dst"), list(opts.agent_argv)) if opts.agent_argv else
-                     _cli(lab, "dst", "-v", "agent", "--listen", f"{MIG_DST}:{AGENT_PORT}",
-                          "--token-file", str(token), "--qmp-root", str(lab.rundir),
-                          "--state-dir", str(lab.rundir / "state"),
-                          *(("--metrics-listen", f"{MIG_DST}:{METRICS_PORT}") if opts.metrics else ())))
-        agent = await asyncio.create_subprocess_exec(
-            *agent_cmd,
-            stdin=asyncio.subprocess.DEVNULL, stdout=alog, stderr=alog)
     migrate_proc = None
     try:
-        await _wait_for_line(agent_log, "agent listening", agent, 30)
         if opts.metrics:
             res.metrics_before = await _curl(lab, metrics_url)
         async with Monitor(lab.src_vm.watch_qmp, "src-watch") as sw, \
@@ -467,11 +487,11 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[Mig
                 if ev is not None and ev.name == "RESUME" and res.dst_resume_t is None:
                     res.dst_resume_t = ev.emitted
                 if (opts.kill_agent_after_resume_ms is not None and res.dst_resume_t is not None
-                        and agent.returncode is None and time.monotonic() >=
+                        and agent.poll() is None and time.monotonic() >=
                         res.dst_resume_t + opts.kill_agent_after_resume_ms / 1000):
                     say("lab: killing the destination agent after the resume")
                     agent.kill()
-                    await agent.wait()
+                    await asyncio.to_thread(agent.wait)
                 lan.step(res.dst_resume_t, communicate.done())
             out, err = await communicate
             if opts.metrics:
@@ -493,13 +513,7 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say) -> tuple[Mig
         if migrate_proc is not None and migrate_proc.returncode is None:
             migrate_proc.kill()
             await migrate_proc.wait()
-        if agent.returncode is None:
-            agent.terminate()
-            try:
-                await asyncio.wait_for(agent.wait(), 10)
-            except asyncio.TimeoutError:
-                agent.kill()
-                await agent.wait()
+        await asyncio.to_thread(stop_agent, agent)
     res.dst_leftovers = await asyncio.to_thread(dst_leftovers, lab)
     keep = os.environ.get("NETPASS_LAB_KEEP_LOGS")
     if keep:
