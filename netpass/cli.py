@@ -199,7 +199,22 @@ def build_parser() -> argparse.ArgumentParser:
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     lab_sub.add_parser("image", help="build the guest image now")
     lab_sub.add_parser("cleanup", help="remove what dead lab runs left behind")
+    mx = lab_sub.add_parser("matrix", help="the results matrix: every scenario, plain and netpass, N runs")
+    mx.add_argument("--runs", type=_positive(int, "--runs"), default=5,
+                    help="runs per scenario (the key ones run twice as many; default 5)")
+    mx.add_argument("--scenario", action="append", metavar="NAME",
+                    help="only these (repeatable): " + ", ".join(s.name for s in _scenarios()))
+    mx.add_argument("--modes", default="plain,netpass,strict",
+                    help="comma-separated, of plain, netpass, strict (default all three)")
+    mx.add_argument("--busy-core", action="store_true", help="every run with a busy core")
+    mx.add_argument("--json", action="store_true", help="print JSON (with every run) instead of Markdown")
     return ap
+
+
+def _scenarios() -> list[Any]:
+    from .lab.matrix import SCENARIOS
+
+    return SCENARIOS
 
 
 def _require_root(what: str) -> None:
@@ -444,6 +459,21 @@ def cmd_lab(args: argparse.Namespace) -> int:
     if args.lab_command == "image":
         img = image.build(progress=lambda m: err_console.log(m))
         print(img.kernel.parent)
+    elif args.lab_command == "matrix":
+        from .lab import matrix
+
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        bad = [m for m in modes if m not in matrix.MODES] + \
+              [n for n in args.scenario or [] if n not in {s.name for s in matrix.SCENARIOS}]
+        if bad or not modes:
+            raise UsageError(f"unknown mode or scenario: {', '.join(bad) or '(none given)'}")
+        sweep_stale()
+        img = image.build(progress=lambda m: err_console.log(m))
+        with err_console.status("matrix") as status:
+            result = matrix.run(img, args.runs, args.scenario, modes,
+                                {"busy_core": True} if args.busy_core else {},
+                                lambda m: status.update(m))
+        print(json.dumps(result) if args.json else matrix.markdown(result))
     else:
         removed = sweep_stale()
         print(f"removed {len(removed)} stale lab namespaces" + (": " + ", ".join(removed) if removed else ""))

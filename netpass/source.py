@@ -217,7 +217,6 @@ class SourceSession:
         if mig.get("status") in ACTIVE:
             raise MigrationFailed("a migration of this VM is already in progress")
         found = await discover(self.mon, pid)
-        paths = await virtio_paths(self.mon)
         await self.ch.send_json(CONTROL, {"op": "open", "session": self.sid, "dest_qmp": self.o.dest_qmp,
                                           "macs": [n.mac for n in found], "resume": self.was_running,
                                           **({"strict": {"hold_timeout_ms": self.o.hold_timeout_ms}}
@@ -230,7 +229,7 @@ class SourceSession:
         pidfd = tapfd.pidfd_open(pid)
         try:
             for i, nic in enumerate(found):
-                await self._arm_nic(i, nic, pidfd, paths.get(nic.mac))
+                await self._arm_nic(i, nic, pidfd)
         finally:
             os.close(pidfd)
         loop = asyncio.get_running_loop()
@@ -246,7 +245,7 @@ class SourceSession:
         await self.mon.connect()
         self.undo.push_async_callback(self.mon.close)
 
-    async def _arm_nic(self, i: int, nic: Nic, pidfd: int, virtio_path: str | None) -> None:
+    async def _arm_nic(self, i: int, nic: Nic, pidfd: int) -> None:
         fds: list[int] = []
         for fd in nic.qemu_fds:
             fds.append(tapfd.pidfd_getfd(pidfd, fd))
@@ -261,7 +260,7 @@ class SourceSession:
         mac_bytes = bytes.fromhex(nic.mac.replace(":", ""))
         queues = links.active_queues(nic.tap) if len(fds) > 1 else 1
         sn = SourceNic(index=i, nic=nic, fds=fds, hdr_size=tapfd.vnet_hdr_size(fds[0]),
-                       mac_bytes=mac_bytes, park=park, inject=inject, virtio_path=virtio_path,
+                       mac_bytes=mac_bytes, park=park, inject=inject,
                        tx_dropped0=info.tx_dropped,
                        sacrificial=sacrifice.per_queue(mac_bytes, self.sid.encode(), queues))
         if info.master:
@@ -708,7 +707,14 @@ class SourceSession:
         self.drain_readers.clear()
         self.capture_now()
         alive = self.src_pid is not None and procs.alive(self.src_pid)
+        paths: dict[str, str] = {}
+        if alive and self.mon is not None:
+            try:  # (x- commands: only now, with the VM stopped)
+                paths = await virtio_paths(self.mon)
+            except QMPError as exc:
+                log.info("session=%s cannot list the virtio devices after the stop: %s", self.sid, exc)
         for sn in self.nics:
+            sn.virtio_path = paths.get(sn.nic.mac)
             second = [sacrifice.second(f) for f in sn.sacrificial]
             sn.own_set.update(second)
             if not alive:

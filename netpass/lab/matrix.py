@@ -1,0 +1,133 @@
+"""The results matrix: every scenario of docs/results.md, run against plain
+QEMU and netpass (with and without strict ordering), alternating, N times.
+
+``netpass lab matrix`` prints it as JSON or as the Markdown table the docs
+carry.  Each run is a whole lab migration (about 20 s under TCG).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .image import GuestImage
+from .scenario import ScenarioOptions, run_migration_scenario
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    what: str
+    knobs: dict[str, Any]
+    key: bool = False  # the key scenarios run twice as often
+
+
+SCENARIOS = [
+    Scenario("pause-2k", "200 ms pause, 2,000 pps", dict(rate=2000, switchover_pause_ms=200)),
+    Scenario("pause-4k", "200 ms pause, 4,000 pps", dict(rate=4000, switchover_pause_ms=200)),
+    Scenario("fast-kill", "kill at completion, no pause", dict(rate=2000, switchover_pause_ms=0,
+                                                               kill_source=True), key=True),
+    Scenario("late-lan-kill", "LAN 300 ms late, kill at completion",
+             dict(rate=2000, switchover_pause_ms=100, lan_lag_ms=300, kill_source=True)),
+    Scenario("queues-2", "2 queues", dict(rate=2000, switchover_pause_ms=200, queues=2), key=True),
+    Scenario("queues-4", "4 queues", dict(rate=2000, switchover_pause_ms=200, queues=4)),
+    Scenario("big-frames", "1442-byte frames", dict(rate=2000, switchover_pause_ms=200, frame_size=1442)),
+    Scenario("tcp", "TCP flow, 20 Mbit/s", dict(proto="tcp", tcp_rate_mbit=20.0, switchover_pause_ms=200)),
+    Scenario("flood", "flood 10,000/s, 40 MiB/s migration",
+             dict(rate=2000, switchover_pause_ms=200, flood_pps=10_000, max_bandwidth_mib=40)),
+    Scenario("busy-core", "a busy core", dict(rate=2000, switchover_pause_ms=200, busy_core=True), key=True),
+]
+
+MODES = {"plain": ("baseline", ()), "netpass": ("netpass", ()),
+         "strict": ("netpass", ("--strict-ordering",))}
+
+
+@dataclass
+class Cell:
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, res: dict[str, Any]) -> None:
+        rep = res.get("report") or {}
+        self.runs.append({
+            "lost": res.get("lost"), "unreached": (res["sent"] - res["guest_in_echos"]
+                                                   if res.get("sent") is not None and
+                                                   res.get("guest_in_echos") is not None else None),
+            "reordered": res.get("reordered"), "duplicates": res.get("duplicates"),
+            "downtime_ms": res.get("downtime_ms"), "network_pause_ms": res.get("network_pause_ms"),
+            "stall_ms": res.get("stall_ms"), "retransmits": res.get("retransmits"),
+            "exit_code": rep.get("exit_code"), "swallowed_account": rep.get("swallowed_account"),
+            "dropped": rep.get("frames_dropped"), "dest_ring_overflow": rep.get("dest_ring_overflow"),
+            "fault": res.get("dst_guest_fault")})
+
+    def summary(self) -> dict[str, Any]:
+        def med(key: str) -> float | None:
+            vals = [r[key] for r in self.runs if r.get(key) is not None]
+            return round(statistics.median(vals), 1) if vals else None
+
+        def total(key: str) -> int | None:
+            vals = [r[key] for r in self.runs if r.get(key) is not None]
+            return sum(vals) if vals else None
+
+        return {"runs": len(self.runs), "lost_total": total("lost"), "lost_max":
+                max((r["lost"] for r in self.runs if r.get("lost") is not None), default=None),
+                "lost_median": med("lost"), "reordered_total": total("reordered"),
+                "duplicates_total": total("duplicates"), "downtime_ms_median": med("downtime_ms"),
+                "network_pause_ms_median": med("network_pause_ms"), "stall_ms_median": med("stall_ms"),
+                "retransmits_max": max((r["retransmits"] for r in self.runs
+                                        if r.get("retransmits") is not None), default=None),
+                "accounts": sorted({str(r["swallowed_account"]) for r in self.runs
+                                    if r.get("swallowed_account")}),
+                "dest_ring_overflow_total": total("dest_ring_overflow"),
+                "guest_faults": sum(1 for r in self.runs if r.get("fault"))}
+
+
+def run(image: GuestImage, runs: int, names: list[str] | None, modes: list[str], extra: dict[str, Any],
+        say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """Run the matrix; returns {scenario: {mode: cell summary, "what": ...}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for sc in SCENARIOS:
+        if names and sc.name not in names:
+            continue
+        cells = {m: Cell() for m in modes}
+        n = runs * 2 if sc.key else runs
+        for i in range(n):
+            for m in modes:  # alternating, within each run
+                mode, args = MODES[m]
+                say(f"{sc.name} run {i + 1}/{n}: {m}")
+                res = run_migration_scenario(image, ScenarioOptions(mode=mode, migrate_args=args,
+                                                                    **{**sc.knobs, **extra}), say)
+                cells[m].add(res)
+        out[sc.name] = {"what": sc.what, **{m: c.summary() for m, c in cells.items()},
+                        "raw": {m: c.runs for m, c in cells.items()}}
+    return out
+
+
+def markdown(result: dict[str, dict[str, Any]]) -> str:
+    """The matrix as docs/results.md carries it."""
+    lines = ["| scenario | runs | plain lost (median) | netpass lost | netpass reordered | "
+             "strict lost | strict reordered | duplicates | QEMU downtime ms, plain / netpass "
+             "(median) | network pause ms, plain / netpass | TCP stall ms, plain / netpass | "
+             "TCP retrans. max, plain / netpass | account |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in result.items():
+        p, n, s = row.get("plain", {}), row.get("netpass", {}), row.get("strict", {})
+        tcp = name == "tcp"
+
+        def g(cell: dict[str, Any], key: str) -> str:
+            v = cell.get(key)
+            return "-" if v is None else str(v)
+
+        lines.append(" | ".join([
+            f"| {row['what']}", g(n, "runs"),
+            "-" if tcp else g(p, "lost_median"),
+            "-" if tcp else f"**{g(n, 'lost_total')}**", "-" if tcp else g(n, "reordered_total"),
+            "-" if tcp else f"**{g(s, 'lost_total')}**", "-" if tcp else g(s, "reordered_total"),
+            "-" if tcp else str((n.get("duplicates_total") or 0) + (s.get("duplicates_total") or 0)),
+            f"{g(p, 'downtime_ms_median')} / {g(n, 'downtime_ms_median')}",
+            f"{g(p, 'network_pause_ms_median')} / {g(n, 'network_pause_ms_median')}",
+            f"{g(p, 'stall_ms_median')} / {g(n, 'stall_ms_median')}" if tcp else "-",
+            f"{g(p, 'retransmits_max')} / {g(n, 'retransmits_max')}" if tcp else "-",
+            ", ".join(sorted(set(n.get("accounts", []) + s.get("accounts", [])))) + " |"]))
+    return "\n".join(lines) + "\n"
