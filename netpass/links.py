@@ -282,7 +282,7 @@ def pin_mac(ns: str | None, port: str, mac: str) -> None:
     """Pin ``mac`` to bridge port ``port`` with a sticky static FDB entry.
 
     A plain static entry still roams when the MAC is seen elsewhere; a
-    sticky one does not (DESIGN §2).
+    sticky one does not (seen in the lab).
     """
     with _ipr(ns) as ipr:
         idx = _index(ipr, port)

@@ -381,7 +381,7 @@ class Shadow:
     AF_PACKET sees a frame in the transmit path just before tun queues it in
     its ring, so the shadow holds the ring's frames in ring order, each with
     its running index.  netpass keeps the last ``keep`` of them to find the
-    frames QEMU read at the stop and never delivered (DESIGN §2).
+    frames the network delivers to the destination tap itself.
     """
 
     def __init__(self, ifname: str, keep: int = 16384) -> None:

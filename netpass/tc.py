@@ -7,7 +7,7 @@ The strict-ordering hold (``hold.py``) uses a token bucket as a plug: a
 ``tbf`` whose rate is a few bytes per second holds every frame in its FIFO
 once its bucket is empty, and ``tbf_open`` (a ``change``, which refills the
 bucket) lets them through in order.  Kernels with ``sch_plug`` could use it
-instead; the CI kernel has none (DESIGN §3).
+instead; the CI kernel has none (``netpass doctor`` says).
 """
 
 from __future__ import annotations
