@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import ssl
 import time
 import uuid
@@ -36,6 +37,10 @@ from .session import State, StateMachine
 log = logging.getLogger(__name__)
 
 DEFAULT_AGENT_CACHE = 256 << 20
+MAX_UNAUTHENTICATED = 64
+MAX_UNAUTHENTICATED_PER_ADDRESS = 8
+# A session id names the hold's state files: hex only, never a path.
+SESSION_ID = re.compile(r"[0-9a-f]{1,64}")
 
 
 @dataclass
@@ -995,6 +1000,8 @@ class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.sessions: dict[str, DestSession] = {}
+        self.unauthenticated = 0
+        self.unauthenticated_from: dict[str, int] = {}
         self.server: asyncio.AbstractServer | None = None
         self.metrics = AgentMetrics()
 
@@ -1023,17 +1030,34 @@ class Agent:
 
     async def _handle(self, reader: Wire, writer: Any) -> None:
         peer = writer.get_extra_info("peername")
+        addr = str(peer[0]) if peer else "?"
         ch = Channel(reader, writer, peer=f"{peer[0]}:{peer[1]}" if peer else "?")
+        # Unauthenticated connections are capped, in all and per address (as
+        # OpenSSH's MaxStartups): a flood of them costs a few KiB each, for
+        # one handshake deadline at most, and cannot crowd a real one out
+        # of another address.
+        if self.unauthenticated >= MAX_UNAUTHENTICATED or \
+                self.unauthenticated_from.get(addr, 0) >= MAX_UNAUTHENTICATED_PER_ADDRESS:
+            log.warning("refused %s: too many connections waiting to authenticate", ch.peer)
+            await ch.close()
+            return
+        self.unauthenticated += 1
+        self.unauthenticated_from[addr] = self.unauthenticated_from.get(addr, 0) + 1
         try:
             await server_handshake(ch, self.cfg.token)
         except AuthError as exc:
             log.error("refused %s: %s", ch.peer, exc)
             await ch.close()
             return
-        except ChannelError as exc:
+        except Exception as exc:  # noqa: BLE001 - anything a stranger sends ends its connection
             log.error("handshake with %s failed: %s", ch.peer, exc)
             await ch.close()
             return
+        finally:
+            self.unauthenticated -= 1
+            left = self.unauthenticated_from.pop(addr, 1) - 1
+            if left:
+                self.unauthenticated_from[addr] = left
         try:
             mtype, payload = await ch.recv(timeout=60)
             msg = _control(payload, mtype)
@@ -1042,7 +1066,11 @@ class Agent:
                 return
             if msg.get("op") != "open":
                 raise SessionError("bad_request", "expected an 'open' request")
-            sid = str(msg.get("session") or uuid.uuid4().hex[:12])[:64]
+            sid = msg.get("session")
+            if sid is None:
+                sid = uuid.uuid4().hex[:12]
+            if not isinstance(sid, str) or not SESSION_ID.fullmatch(sid):
+                raise SessionError("bad_request", "a session id is 1 to 64 lowercase hex digits")
             sess = DestSession(self.cfg, ch, sid, self.metrics)
             self.sessions[sid] = sess
             self.metrics.active.inc()

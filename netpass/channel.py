@@ -58,6 +58,11 @@ HELLO, CHALLENGE, AUTH, AUTH_OK, ERROR, CONTROL, BATCH = range(1, 8)
 PREFIX = struct.Struct("!IB")
 MAC_LEN = 16
 MAX_MESSAGE = 32 << 20
+# Until a peer has authenticated, a message is at most this big (a HELLO or
+# an AUTH is under 200 bytes) and at most this much may wait unread: a peer
+# without the token costs the agent a few KiB.
+PREAUTH_MESSAGE = 1024
+PREAUTH_QUEUE = 4096
 HANDSHAKE_TIMEOUT = 10.0
 MIN_TOKEN = 16
 SIOCOUTQNSD = 0x894B  # bytes in a TCP socket's queue not yet sent
@@ -142,7 +147,9 @@ class Wire(asyncio.BufferedProtocol):
     HIGH = 16 << 20  # bytes of unread messages before reading pauses
     LOW = 4 << 20
 
-    def __init__(self, on_connect: Callable[[Wire, _Writer], None] | None = None) -> None:
+    def __init__(self, on_connect: Callable[[Wire, _Writer], None] | None = None,
+                 max_message: int = MAX_MESSAGE, high: int = HIGH) -> None:
+        self.max_message, self.high = max_message, high
         self.transport: asyncio.BaseTransport | None = None
         self._head = bytearray(PREFIX.size)
         self._body: bytearray | None = None
@@ -174,7 +181,7 @@ class Wire(asyncio.BufferedProtocol):
             return
         if self._body is None:
             size, self._mtype = PREFIX.unpack(self._head)
-            if not 1 <= size <= MAX_MESSAGE:
+            if not 1 <= size <= self.max_message:
                 self._fail(_Oversized(size))
                 assert self.transport is not None
                 self.transport.close()
@@ -188,7 +195,7 @@ class Wire(asyncio.BufferedProtocol):
         self._body = None
         self._target, self._pos = memoryview(self._head), 0
         self._wake()
-        if self._queued > self.HIGH and not self._reading_paused:
+        if self._queued > self.high and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()  # type: ignore[attr-defined]
 
@@ -224,6 +231,13 @@ class Wire(asyncio.BufferedProtocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def trust(self) -> None:
+        """The peer authenticated: full-size messages from now on."""
+        self.max_message, self.high = MAX_MESSAGE, self.HIGH
+        if self._reading_paused and self._error is None:
+            self._reading_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
     def ready(self) -> bool:
         """Whether a whole message is waiting (``read`` then returns at once)."""
         return bool(self._queue)
@@ -237,7 +251,7 @@ class Wire(asyncio.BufferedProtocol):
             await self._waiter
         mtype, body = self._queue.popleft()
         self._queued -= len(body)
-        if self._reading_paused and self._queued < self.LOW and self._error is None:
+        if self._reading_paused and self._queued < min(self.LOW, self.high // 2) and self._error is None:
             self._reading_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
         return mtype, body
@@ -288,7 +302,8 @@ async def serve(handler: Callable[[Wire, _Writer], Awaitable[None]], host: str, 
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    return await loop.create_server(lambda: Wire(connected), host, port, ssl=ssl_ctx)
+    return await loop.create_server(lambda: Wire(connected, PREAUTH_MESSAGE, PREAUTH_QUEUE), host, port,
+                                    ssl=ssl_ctx)
 
 
 @dataclass
@@ -485,7 +500,7 @@ class Channel:
 def _json(payload: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ChannelError("malformed control message") from exc
     if not isinstance(obj, dict):
         raise ChannelError("control message is not an object")
@@ -527,7 +542,16 @@ async def client_handshake(ch: Channel, token: bytes) -> None:
     ch.recv_key = AESGCM(_derive(token, b"s2c", nc, ns))
 
 
-async def server_handshake(ch: Channel, token: bytes) -> None:
+async def server_handshake(ch: Channel, token: bytes, timeout: float = HANDSHAKE_TIMEOUT) -> None:
+    """The agent's side; one deadline covers all of it."""
+    try:
+        await asyncio.wait_for(_server_handshake(ch, token), timeout)
+    except asyncio.TimeoutError as exc:
+        raise ChannelError(f"{ch.peer} did not complete the handshake within {timeout:.0f} s") from exc
+    ch.reader.trust()
+
+
+async def _server_handshake(ch: Channel, token: bytes) -> None:
     hello = await ch.recv_json(HELLO, HANDSHAKE_TIMEOUT)
     if hello.get("proto") != PROTO:
         await ch.send_json(ERROR, {"code": "proto", "message": f"protocol {hello.get('proto')} "

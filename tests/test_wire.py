@@ -93,6 +93,60 @@ def test_decompression_bomb_is_bounded() -> None:
         wire.decode(blob)
 
 
+BOMB_PROGRAM = """
+import resource, struct, sys, zstandard
+from netpass import wire
+declared, real = int(sys.argv[1]), sys.argv[2] == "real"
+if real:
+    # A body that truly decompresses to ``declared`` zero bytes: ~32 KB a GiB,
+    # made in chunks so that this process never holds it.
+    cobj = zstandard.ZstdCompressor(write_content_size=True).compressobj(size=declared)
+    chunk, f = bytes(1 << 20), bytearray()
+    for _ in range(declared >> 20):
+        f += cobj.compress(chunk)
+    f += cobj.flush()
+else:
+    # A small body whose frame header declares ``declared`` bytes.
+    f = bytearray(zstandard.ZstdCompressor(write_content_size=True).compress(bytes(64)))
+    desc = f[4]
+    single = (desc >> 5) & 1
+    off = 5 + (0 if single else 1) + [0, 1, 2, 4][desc & 3]
+    width = {0: 1 if single else 0, 1: 2, 2: 4, 3: 8}[desc >> 6]
+    f = f[:4] + bytes([(3 << 6) | (desc & 0x3F)]) + f[5:off] + struct.pack("<Q", declared) + f[off + width:]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+blob = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.FLAG_ZSTD, 0, 0, 1, 4096, len(f), 0) + bytes(f)
+try:
+    wire.decode(blob)
+    outcome = "decoded"
+except wire.WireError:
+    outcome = "WireError"
+except MemoryError:
+    outcome = "MemoryError"
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(outcome, (after - before) // 1024, len(f))
+"""
+
+
+@pytest.mark.parametrize("declared,real", [(1 << 30, "real"), (1 << 45, "header")])
+def test_a_decompression_bomb_costs_no_memory(declared: int, real: str) -> None:
+    """A 32 KB zstd body that decompresses to 1 GiB, and a tiny one whose
+    frame header declares 2^45 bytes: each refused with a WireError before
+    anything of that size is allocated (peak RSS measured in a fresh
+    process; python-zstandard's one-shot decompress ignores its output
+    bound when the header declares a size: it took 1 GiB for the first and
+    raised MemoryError for the second)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", BOMB_PROGRAM, str(declared), real], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    outcome, grew_mib, size = out.stdout.split()
+    assert int(size) < 64 << 10
+    assert outcome == "WireError"
+    assert int(grew_mib) < 16, f"peak RSS grew {grew_mib} MiB"
+
+
 def test_nic_index_checked_against_session() -> None:
     blob = wire.encode(0, [Frame(5, b"", bytes(60))])
     with pytest.raises(WireError, match="NIC index 5"):
