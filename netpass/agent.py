@@ -247,10 +247,8 @@ class DestSession:
         return real
 
     async def arm(self, req: dict[str, Any]) -> dict[str, Any]:
-        qmp_path = self._check_qmp_path(str(req.get("dest_qmp", "")))
-        macs = [str(m).lower() for m in req.get("macs", [])]
-        if not macs or len(macs) > 64:
-            raise SessionError("bad_request", "the session must name 1 to 64 NIC MACs")
+        dest_qmp, macs, vm = check_open(req)
+        qmp_path = self._check_qmp_path(dest_qmp)
         pid = peer_pid(qmp_path)
         self.mon = Monitor(qmp_path, f"dst-{self.sid}")
         await self.mon.connect()
@@ -258,6 +256,7 @@ class DestSession:
         if status != "inmigrate":
             raise SessionError("dest_state", f"destination VM is '{status}', not waiting for an "
                                "incoming migration (-incoming)")
+        await self._check_vm(vm)
         found = {n.mac: n for n in await discover(self.mon, pid)}
         pidfd = tapfd.pidfd_open(pid)
         try:
@@ -294,6 +293,21 @@ class DestSession:
         self.sm.to(State.ARMED)
         return {"nics": [{"mac": d.nic.mac, "tap": d.nic.tap, "ring": d.orig_qlen} for d in self.nics],
                 "strict": self.strict}
+
+    async def _check_vm(self, vm: dict[str, str]) -> None:
+        """The session is tied to one VM: the destination QEMU must be the
+        source VM's incoming twin (the same UUID, and name when it has one)."""
+        assert self.mon is not None
+        if "uuid" in vm:
+            uuid_here = str((await self.mon.execute("query-uuid")).get("UUID", "")).lower()
+            if uuid_here != vm["uuid"]:
+                raise SessionError("vm", f"the QEMU at the destination socket is VM {uuid_here}, not "
+                                   f"{vm['uuid']}: refusing to replay another VM's frames into it")
+        if vm.get("name"):
+            name_here = str((await self.mon.execute("query-name")).get("name", ""))
+            if name_here and name_here != vm["name"]:
+                raise SessionError("vm", f"the QEMU at the destination socket is named {name_here!r}, "
+                                   f"not {vm['name']!r}")
 
     # -- strict ordering ----------------------------------------------------------------
     async def _install_holds(self, strict: Any) -> None:
@@ -980,6 +994,40 @@ class DestSession:
         finally:
             self.final_report = self.report()  # before cleanup forgets the NICs
             await self.cleanup()
+
+
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def check_open(req: dict[str, Any]) -> tuple[str, list[str], dict[str, str]]:
+    """An 'open' request's fields, checked: (dest_qmp, macs, vm).  Anything
+    malformed is refused with a SessionError that says which field."""
+    dest_qmp = req.get("dest_qmp")
+    if not isinstance(dest_qmp, str) or not dest_qmp or "\0" in dest_qmp or len(dest_qmp) > 4096:
+        raise SessionError("bad_request", "dest_qmp must be a path (a non-empty string without NUL)")
+    macs = req.get("macs")
+    if not isinstance(macs, list) or not 1 <= len(macs) <= 64 or \
+            not all(isinstance(m, str) and _MAC.fullmatch(m.lower()) for m in macs):
+        raise SessionError("bad_request", "macs must be a list of 1 to 64 MAC addresses")
+    vm = req.get("vm", {})
+    if not isinstance(vm, dict) or not all(isinstance(v, str) for v in vm.values()):
+        raise SessionError("bad_request", "vm must be an object of strings")
+    out: dict[str, str] = {}
+    if vm.get("uuid"):
+        if not _UUID.fullmatch(vm["uuid"].lower()):
+            raise SessionError("bad_request", "vm.uuid must be a UUID")
+        out["uuid"] = vm["uuid"].lower()
+    if vm.get("name"):
+        if len(vm["name"]) > 256 or "\0" in vm["name"]:
+            raise SessionError("bad_request", "vm.name must be a short string")
+        out["name"] = vm["name"]
+    for key in ("resume",):
+        if key in req and not isinstance(req[key], bool):
+            raise SessionError("bad_request", f"{key} must be true or false")
+    if "strict" in req and not isinstance(req["strict"], (dict, bool)):
+        raise SessionError("bad_request", "strict must be an object")
+    return dest_qmp, [m.lower() for m in macs], out
 
 
 def _control(payload: bytes, mtype: int) -> dict[str, Any]:

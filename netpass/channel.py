@@ -548,7 +548,6 @@ async def server_handshake(ch: Channel, token: bytes, timeout: float = HANDSHAKE
         await asyncio.wait_for(_server_handshake(ch, token), timeout)
     except asyncio.TimeoutError as exc:
         raise ChannelError(f"{ch.peer} did not complete the handshake within {timeout:.0f} s") from exc
-    ch.reader.trust()
 
 
 async def _server_handshake(ch: Channel, token: bytes) -> None:
@@ -568,6 +567,7 @@ async def _server_handshake(ch: Channel, token: bytes) -> None:
     if not hmac.compare_digest(proof_c, _derive(token, b"client", nc, ns)):
         await ch.send_json(ERROR, {"code": "auth", "message": "wrong token"})
         raise AuthError(f"client {ch.peer} failed authentication (wrong token)")
+    ch.reader.trust()  # before AUTH_OK: the client's first batch may follow it at once
     await ch.send_json(AUTH_OK, {})
     ch.send_key = AESGCM(_derive(token, b"s2c", nc, ns))
     ch.recv_key = AESGCM(_derive(token, b"c2s", nc, ns))

@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
@@ -377,13 +378,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         raise UsageError("--hold-timeout-ms is at most 60000")
     report: dict[str, Any] | None = None
     with err_console.status("arming") as status:
+        last_line = [0.0]
+
         def progress(kind: str, data: dict[str, Any]) -> None:
             if kind == "migration":
-                status.update(
-                    f"{data['status']}: {data['transferred_mib']} MiB sent, "
-                    f"{data['remaining_mib']} MiB left of {data['total_mib']}, pass {data['pass']}, "
-                    f"dirty {data['dirty_pages_rate']} pages/s, expected downtime "
-                    f"{data['expected_downtime_ms']} ms")
+                line = (f"{data['status']}: {data['transferred_mib']} MiB sent, "
+                        f"{data['remaining_mib']} MiB left of {data['total_mib']}, pass {data['pass']}, "
+                        f"dirty {data['dirty_pages_rate']} pages/s, expected downtime "
+                        f"{data['expected_downtime_ms']} ms")
+                status.update(line)
+                # Not a terminal (a log, a pipe): one line a second, not a spinner.
+                if not err_console.is_terminal and time.monotonic() - last_line[0] >= 1.0:
+                    last_line[0] = time.monotonic()
+                    err_console.log(line)
             else:
                 err_console.log(data.get("message", ""))
         try:
@@ -470,9 +477,10 @@ def cmd_lab(args: argparse.Namespace) -> int:
         sweep_stale()
         img = image.build(progress=lambda m: err_console.log(m))
         with err_console.status("matrix") as status:
+            # A spinner on a terminal; one line per step otherwise (a log, CI).
+            say = status.update if err_console.is_terminal else err_console.log
             result = matrix.run(img, args.runs, args.scenario, modes,
-                                {"busy_core": True} if args.busy_core else {},
-                                lambda m: status.update(m))
+                                {"busy_core": True} if args.busy_core else {}, say)
         print(json.dumps(result) if args.json else matrix.markdown(result))
     else:
         removed = sweep_stale()

@@ -426,9 +426,12 @@ class Hold:
     # -- guard --------------------------------------------------------------------------
     def start_guard(self) -> None:
         """A separate process that undoes the hold if this agent dies."""
+        # Isolated (-I: no working directory, no PYTHON* variables, no user
+        # site on the path) and from /: a netpass/ planted in the agent's
+        # working directory ran as root otherwise.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "netpass.hold", "guard", str(self.path), str(os.getpid())],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+            [sys.executable, "-I", "-m", "netpass.hold", "guard", str(self.path), str(os.getpid())],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True, cwd="/")
         self.spec.guard_pid = proc.pid
         self._save()
         self._guard = proc

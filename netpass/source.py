@@ -217,8 +217,13 @@ class SourceSession:
         if mig.get("status") in ACTIVE:
             raise MigrationFailed("a migration of this VM is already in progress")
         found = await discover(self.mon, pid)
+        vm = {"uuid": str((await self.mon.execute("query-uuid")).get("UUID", "")).lower(),
+              "name": str((await self.mon.execute("query-name")).get("name", ""))}
+        if vm["uuid"] == "00000000-0000-0000-0000-000000000000":
+            vm.pop("uuid")  # QEMU started without -uuid: every such VM has this one
         await self.ch.send_json(CONTROL, {"op": "open", "session": self.sid, "dest_qmp": self.o.dest_qmp,
                                           "macs": [n.mac for n in found], "resume": self.was_running,
+                                          "vm": {k: v for k, v in vm.items() if v},
                                           **({"strict": {"hold_timeout_ms": self.o.hold_timeout_ms}}
                                              if self.o.strict_ordering else {})})
         armed = await self.ch.recv_json(CONTROL, timeout=60)

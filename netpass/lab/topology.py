@@ -17,6 +17,7 @@ import secrets
 import shutil
 import signal
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -98,14 +99,16 @@ class Lab:
 
     def start_vms(self, boot_timeout: float = 180.0, queues: int = 1) -> float:
         """Start the source guest and the waiting destination; return boot seconds."""
+        guest_uuid = str(uuid.uuid4())
         self.src_vm = VM("src", self.ns("src"), self.rundir, self.image, GUEST_MAC,
-                         f"{GUEST_IP}/{LAN_PREFIX}", peer=f"{PEER_IP},{PEER_MAC}", queues=queues)
+                         f"{GUEST_IP}/{LAN_PREFIX}", peer=f"{PEER_IP},{PEER_MAC}", queues=queues,
+                         uuid=guest_uuid)
         self.src_vm.start()
         links.wait_for(self.ns("src"), "tap0", 10)
         links.enslave(self.ns("src"), "tap0", "br0")
         self.dst_vm = VM("dst", self.ns("dst"), self.rundir, self.image, GUEST_MAC,
                          f"{GUEST_IP}/{LAN_PREFIX}", incoming=f"tcp:{MIG_DST}:{MIG_PORT}",
-                         peer=f"{PEER_IP},{PEER_MAC}", queues=queues)
+                         peer=f"{PEER_IP},{PEER_MAC}", queues=queues, uuid=guest_uuid)
         self.dst_vm.start()
         links.wait_for(self.ns("dst"), "tap0", 10)
         links.enslave(self.ns("dst"), "tap0", "br0")

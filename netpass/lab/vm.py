@@ -50,6 +50,8 @@ class VM:
     incoming: str | None = None
     peer: str | None = None
     queues: int = 1  # tap queues and virtio-net queue pairs (and vCPUs, so the guest uses them all)
+    guest_name: str = "netpass-lab-guest"  # QEMU's -name: the same guest on both hosts
+    uuid: str | None = None  # QEMU's -uuid: likewise
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -70,7 +72,8 @@ class VM:
 
     def argv(self) -> list[str]:
         argv = [
-            QEMU, "-name", self.name, "-machine", "pc,accel=tcg", "-cpu", "qemu64",
+            QEMU, "-name", self.guest_name, *(("-uuid", self.uuid) if self.uuid else ()),
+            "-machine", "pc,accel=tcg", "-cpu", "qemu64",
             "-m", str(self.memory_mib), "-smp", str(self.queues), "-nodefaults", "-no-user-config",
             "-display", "none", "-no-reboot",
             "-serial", f"file:{self.console}",
