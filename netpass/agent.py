@@ -16,7 +16,8 @@ import ssl
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from . import heap, links, tapfd, wire
 from . import hold as holdmod
 from .channel import (BATCH, CONTROL, ERROR, AuthError, Channel, ChannelError, Wire, parse_hostport,
                       serve, server_handshake)
-from .errors import NetpassError, QMPError, UsageError
+from .errors import KernelError, NetpassError, QMPError, UsageError
 from .metrics import AgentMetrics
 from .nics import Nic, discover
 from .packet import Shadow, Tally, TxRing
@@ -77,6 +78,17 @@ MIN_RELEASE_FPS = 2000
 # RELEASE_SETTLE_S: the agent's loop may stall that long without the pace
 # overrunning the ring (a loaded host stalls it tens of milliseconds).
 RELEASE_STEP_S = 0.02
+# A source that still sends batches this long after its VM resumed here is
+# refused: its linger is bounded by 60 s (--linger-max-ms).
+LATE_BATCH_BOUND_S = 90.0
+# The source gone before it said the migration completed: how long the agent
+# waits to see whether its VM runs here anyway (the migration completed, and
+# what the agent holds is the only copy: it goes in) or not (it is dropped:
+# the source gives back its own copies when the VM stays there).
+SOURCE_LOST_WAIT_S = 30.0
+# The arm's steps, in order; a test makes the session fail right after each
+# (DestSession.fail_after) and checks that nothing is left.
+ARM_STEPS = ("monitor", "checked", "fds", "ring", "tally", "holds", "shadow")
 RELEASE_SETTLE_S = 0.1
 RELEASE_FLOOR_FPS = 200
 
@@ -235,6 +247,28 @@ class DestSession:
         self.final_report: dict[str, Any] | None = None
         self.direct_told = False
         self.cpu0 = time.process_time()  # this agent process's CPU (user + system)
+        # Every change the session makes is undone from here, in reverse
+        # order, each step on its own: one that fails does not stop the rest.
+        self.undo = AsyncExitStack()
+        self.cleanup_errors: list[str] = []
+        self.fail_after: str | None = None  # tests: fail the arm right after this step
+        self.source_lost: str | None = None
+
+    def _step(self, name: str) -> None:
+        if self.fail_after == name:
+            raise KernelError(f"failure injected after the arm step '{name}'")
+
+    def _on_exit(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        """Undo ``fn(*args)`` at cleanup, guarded: an error is logged and noted."""
+        async def guarded() -> None:
+            try:
+                res = fn(*args)
+                if isinstance(res, Awaitable):
+                    await res
+            except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - the rest still runs
+                self.cleanup_errors.append(f"{what}: {exc}")
+                log.error("session=%s cleanup: %s failed: %s", self.sid, what, exc)
+        self.undo.push_async_callback(guarded)
 
     # -- arming -------------------------------------------------------------------------
     def _check_qmp_path(self, path: str) -> str:
@@ -251,26 +285,40 @@ class DestSession:
         qmp_path = self._check_qmp_path(dest_qmp)
         pid = peer_pid(qmp_path)
         self.mon = Monitor(qmp_path, f"dst-{self.sid}")
+        self._on_exit("closing the QMP connection", self.mon.close)
         await self.mon.connect()
+        self._step("monitor")
         status = await self.mon.status()
         if status != "inmigrate":
             raise SessionError("dest_state", f"destination VM is '{status}', not waiting for an "
                                "incoming migration (-incoming)")
         await self._check_vm(vm)
+        self._step("checked")
         found = {n.mac: n for n in await discover(self.mon, pid)}
+        for mac in macs:
+            if mac not in found:
+                raise SessionError("nic", f"the destination VM has no NIC with MAC {mac} "
+                                   f"(it has {', '.join(found) or 'none'})")
         pidfd = tapfd.pidfd_open(pid)
         try:
             for mac in macs:
-                nic = found.get(mac)
-                if nic is None:
-                    raise SessionError("nic", f"the destination VM has no NIC with MAC {mac} "
-                                       f"(it has {', '.join(found) or 'none'})")
-                fds = [tapfd.pidfd_getfd(pidfd, fd) for fd in nic.qemu_fds]
+                nic = found[mac]
+                fds: list[int] = []
+                for qfd in nic.qemu_fds:  # each fd owned from the moment it is ours
+                    fd = tapfd.pidfd_getfd(pidfd, qfd)
+                    self._on_exit(f"closing {nic.tap}'s fd", os.close, fd)
+                    fds.append(fd)
+                self._step("fds")
                 info = links.info(None, nic.tap)
-                dn = DestNic(nic=nic, ring=TxRing(nic.tap), fds=fds,
-                             orig_qlen=info.txqueuelen,
-                             mac_bytes=bytes.fromhex(nic.mac.replace(":", "")),
-                             tally=Tally(nic.tap))
+                ring = TxRing(nic.tap)
+                self._on_exit(f"closing {nic.tap}'s TX ring", ring.close)
+                self._step("ring")
+                tally = Tally(nic.tap)
+                self._on_exit(f"closing {nic.tap}'s tally", tally.close)
+                self._step("tally")
+                dn = DestNic(nic=nic, ring=ring, fds=fds, orig_qlen=info.txqueuelen,
+                             mac_bytes=bytes.fromhex(nic.mac.replace(":", "")), tally=tally)
+                self._on_exit(f"closing {nic.tap}'s counter", self._close_counter, dn)
                 self.nics.append(dn)
                 # The ring is used at its size: changing txqueuelen on a live
                 # tap drops frames; what does not fit is fed as the VM reads.
@@ -279,17 +327,23 @@ class DestSession:
         finally:
             os.close(pidfd)
         strict = req.get("strict")
+        # (Registered before they exist: a hold half installed is undone too.)
+        self._on_exit("removing the holds", self._remove_holds)
         if strict:
             await self._install_holds(strict)
         else:
             await self._install_flow_holds()
+        self._step("holds")
         loop = asyncio.get_running_loop()
         for dn in self.nics:
             if dn.hold is None:
                 # No hold mirrors the live frames: read them to know which the
                 # network delivered here itself.
-                dn.shadow = Shadow(dn.nic.tap, keep=100_000)  # emptied on every pull
-                loop.add_reader(dn.shadow.fileno(), self._pull_direct, dn)
+                shadow = Shadow(dn.nic.tap, keep=100_000)  # emptied on every pull
+                self._on_exit(f"closing {dn.nic.tap}'s shadow", self._close_shadow, shadow)
+                dn.shadow = shadow
+                loop.add_reader(shadow.fileno(), self._pull_direct, dn)
+        self._step("shadow")
         self.sm.to(State.ARMED)
         return {"nics": [{"mac": d.nic.mac, "tap": d.nic.tap, "ring": d.orig_qlen} for d in self.nics],
                 "strict": self.strict}
@@ -586,7 +640,7 @@ class DestSession:
                 await self._release_tx_when_ready()
             elif self.running and self.hold_closed and self.flow_release is None:
                 # Flow control: live frames go in at the pace the VM reads, from now on.
-                self.flow_release = asyncio.get_running_loop().create_task(self._flow_control())
+                self.flow_release = self._task(self._flow_control(), "paced release")
             if any(dn.pending for dn in self.nics):
                 self.feed()
                 # A paused VM reads nothing (accept() and migrated() feed
@@ -897,48 +951,108 @@ class DestSession:
         return self.report()
 
     # -- lifecycle ----------------------------------------------------------------------
+    @staticmethod
+    def _close_counter(dn: DestNic) -> None:
+        if dn.tx_counter is not None:
+            dn.tx_counter.close()
+            dn.tx_counter = None
+
+    @staticmethod
+    def _close_shadow(shadow: Shadow) -> None:
+        try:
+            asyncio.get_running_loop().remove_reader(shadow.fileno())
+        except (RuntimeError, ValueError):
+            pass
+        shadow.close()
+
+    @staticmethod
+    async def _stop_task(task: asyncio.Task[Any]) -> None:
+        if not task.done():
+            task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - a dead task's error was handled
+            pass
+
+    def _task(self, coro: Awaitable[None], what: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._on_exit(f"stopping the {what}", self._stop_task, task)
+        return task
+
     async def cleanup(self) -> None:
-        if self.flow_release is not None and not self.flow_release.done():
-            self.flow_release.cancel()
-            try:
-                await self.flow_release
-            except (asyncio.CancelledError, NetpassError):
-                pass
-        if self.feeder is not None:
-            self.feeder.cancel()
-            try:
-                await self.feeder
-            except asyncio.CancelledError:
-                pass
-        if any(dn.hold is not None and not dn.hold.removed for dn in self.nics):
-            await self._remove_holds()
-        for dn in self.nics:
-            if dn.shadow is not None:
-                try:
-                    asyncio.get_running_loop().remove_reader(dn.shadow.fileno())
-                except (RuntimeError, ValueError):
-                    pass
-                dn.shadow.close()
-            if dn.tally is not None:
-                dn.tally.close()
-            dn.ring.close()
-            if dn.tx_counter is not None:
-                dn.tx_counter.close()
-            for fd in dn.fds:
-                os.close(fd)
+        """Undo everything, newest first; never raises (errors are logged
+        and noted in ``cleanup_errors``)."""
+        await self.undo.aclose()
         self.nics.clear()
-        if self.mon is not None:
-            await self.mon.close()
+
+    async def _next(self) -> tuple[int, bytes | memoryview]:
+        """The source's next message; or the feeder's failure, if it dies first."""
+        if self.feeder is None or self.ch.reader.ready():
+            return await self.ch.recv(timeout=600)
+        recv = asyncio.ensure_future(self.ch.recv(timeout=600))
+        await asyncio.wait({recv, self.feeder}, return_when=asyncio.FIRST_COMPLETED)
+        if recv.done():
+            return recv.result()
+        recv.cancel()
+        try:
+            await recv
+        except (asyncio.CancelledError, ChannelError):
+            pass
+        exc = None if self.feeder.cancelled() else self.feeder.exception()
+        raise SessionError("replay", f"the replay into the destination VM failed: {exc}")
+
+    async def _on_source_lost(self, exc: ChannelError) -> None:
+        """The source went silent or away mid-session.  Frames the agent
+        holds are the only copy once the migration completed: if the VM
+        runs here (now, or within SOURCE_LOST_WAIT_S), they go in, and the
+        session ends as if the source had said 'end'; if not, they are
+        dropped (the source gives its own copies back to its VM)."""
+        self.source_lost = str(exc)
+        if self.running:
+            status = "running"
+        else:
+            try:
+                status = (await self.migrated({"wait_running_s": SOURCE_LOST_WAIT_S}))["status"]
+            except (QMPError, NetpassError) as qexc:
+                status = f"unknown ({qexc})"
+        if status != "running":
+            log.error("session=%s the source is lost (%s) and the VM here is %s: dropping what the "
+                      "session holds", self.sid, exc, status)
+            self.abort()
+            self.sm.fail(f"source lost: {exc}")
+            return
+        log.warning("session=%s the source is lost (%s); the VM runs here: delivering what the "
+                    "session holds", self.sid, exc)
+        if self.sm.state is not State.REPLAYING:
+            self._to_replaying()
+        await self.finish(10)
+        self.sm.to(State.DONE)
+
+    def _to_replaying(self) -> None:
+        if self.sm.state is State.ARMED:
+            self.sm.to(State.CAPTURING)
+            self.sm.to(State.SHIPPING)
+        self.sm.to(State.REPLAYING)
 
     async def run(self, first: dict[str, Any]) -> None:
         ch = self.ch
         try:
             armed = await self.arm(first)
             await ch.send_json(CONTROL, {"op": "armed", "session": self.sid, **armed})
-            self.feeder = asyncio.create_task(self._feeder())
+            self.feeder = self._task(self._feeder(), "feeder")
             while True:
-                mtype, payload = await ch.recv(timeout=600)
+                try:
+                    mtype, payload = await self._next()
+                except ChannelError as exc:
+                    if isinstance(exc, AuthError):
+                        raise
+                    await self._on_source_lost(exc)
+                    return
                 if mtype == BATCH:
+                    if self.resume_t is not None and \
+                            time.monotonic() > self.resume_t + LATE_BATCH_BOUND_S:
+                        raise SessionError("late", f"a batch {LATE_BATCH_BOUND_S:.0f} s after the VM "
+                                           "resumed: the session is over")
                     if self.sm.state is State.ARMED:
                         self.sm.to(State.CAPTURING)
                         self.sm.to(State.SHIPPING)
@@ -984,7 +1098,7 @@ class DestSession:
                 await ch.send_json(ERROR, {"code": exc.code, "message": str(exc), "report": self.abort()})
             except ChannelError:
                 pass
-        except (ChannelError, QMPError, NetpassError, OSError) as exc:
+        except (ChannelError, QMPError, NetpassError, OSError, ValueError, TypeError) as exc:
             log.error("session=%s failed: %s", self.sid, exc)
             self.sm.fail(str(exc))
             try:
@@ -1119,6 +1233,7 @@ class Agent:
                 sid = uuid.uuid4().hex[:12]
             if not isinstance(sid, str) or not SESSION_ID.fullmatch(sid):
                 raise SessionError("bad_request", "a session id is 1 to 64 lowercase hex digits")
+            ch.start_beats()  # the source's silence is seen within channel.SILENCE_S
             sess = DestSession(self.cfg, ch, sid, self.metrics)
             self.sessions[sid] = sess
             self.metrics.active.inc()

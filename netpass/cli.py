@@ -376,6 +376,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                           compress=args.compress)
     if args.hold_timeout_ms > 60_000:
         raise UsageError("--hold-timeout-ms is at most 60000")
+    if args.linger_max_ms > 60_000 or args.linger_ms > args.linger_max_ms:
+        raise UsageError("--linger-max-ms is at most 60000, and --linger-ms at most --linger-max-ms")
     report: dict[str, Any] | None = None
     with err_console.status("arming") as status:
         last_line = [0.0]

@@ -115,6 +115,7 @@ class Hold:
         self._base_drops = {i: 0 for i in (spec.ifb_rx, spec.ifb_tx) if i}
         self._guard: subprocess.Popen[bytes] | None = None
         self.mirror_fd: int | None = None
+        self.qdiscs = tc.QdiscReader(None)  # polled while held frames leave; closed by remove()
 
     # -- state file ---------------------------------------------------------------------
     def _save(self, phase: str | None = None) -> None:
@@ -214,11 +215,11 @@ class Hold:
 
     def _plug(self, ifb: str) -> None:
         """Turn ``ifb``'s open bucket into a plug, then empty the bucket."""
-        before = tc.root_stats(None, ifb)
+        before = self.qdiscs.root(ifb)
         self._base_drops[ifb] = before.drops if before else 0
         tc.tbf_plug(None, ifb, HANDLE, self.spec.burst, self.spec.limit, op="change")
         self._send(ifb, self._primers())
-        after = tc.root_stats(None, ifb)
+        after = self.qdiscs.root(ifb)
         if before is not None and after is not None and after.sent_packets < before.sent_packets + 2:
             self.stats.notes.append(f"the plug on {ifb} did not pass its primers; a frame may pass it")
 
@@ -237,13 +238,13 @@ class Hold:
 
     # -- release ------------------------------------------------------------------------
     def _backlog(self, ifb: str) -> tuple[int, int]:
-        q = tc.root_stats(None, ifb)
+        q = self.qdiscs.root(ifb)
         if q is None:
             return 0, 0
         return q.backlog_packets, q.backlog_bytes
 
     def _drops(self, ifb: str) -> int:
-        q = tc.root_stats(None, ifb)
+        q = self.qdiscs.root(ifb)
         return max(0, q.drops - self._base_drops[ifb]) if q is not None else 0
 
     def _unsteer(self, ifb: str, direction: str) -> None:
@@ -400,6 +401,7 @@ class Hold:
             if not tc.filter_prefs(None, spec.tap, "ingress") and not tc.filter_prefs(None, spec.tap, "egress"):
                 attempt("remove clsact", tc.del_clsact, None, spec.tap)
         self.close_mirror()
+        self.qdiscs.close()
         self.path.unlink(missing_ok=True)
         self.removed = True
         if errors:

@@ -205,6 +205,7 @@ class SourceSession:
         self.phases.require(Phase.NEW)
         self.ch = await connect(self.o.dest_agent, self.o.token, self.o.tls_ca)  # auth first
         self.undo.push_async_callback(self.ch.close)
+        self.ch.start_beats()  # the agent's silence is seen within channel.SILENCE_S
         pid = peer_pid(self.o.qmp)
         self.src_pid = pid
         await self._connect_monitor()

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import subprocess
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,48 +175,59 @@ def tbf_pace(ns: str | None, dev: str, handle: str, rate_bytes: int, burst: int,
     _tbf(ns, dev, "change", handle, max(8, rate_bytes * 8), burst, limit)
 
 
-_stats_sockets = threading.local()  # a netlink socket per thread and namespace, kept for polling
+class QdiscReader:
+    """Root qdisc counters of devices in one namespace, over one netlink
+    socket kept open until :meth:`close`: cheap enough to poll (opening a
+    socket for every poll was a fifth of the agent's CPU when it paced a
+    release).  Not for two threads at once."""
+
+    def __init__(self, ns: str | None) -> None:
+        self.ns = ns
+        self._ipr: Any = None
+
+    @loop_safe
+    def root(self, dev: str) -> QdiscInfo | None:
+        """The root qdisc of ``dev`` and its counters (None: no such device)."""
+        try:
+            if self._ipr is None:
+                self._ipr = NetNS(self.ns) if self.ns else IPRoute()
+            found = self._ipr.link_lookup(ifname=dev)
+            if not found:
+                return None
+            msgs = self._ipr.get_qdiscs(found[0])
+        except (NetlinkError, OSError) as exc:
+            self.close()
+            raise KernelError(f"reading the qdiscs of {dev}: {exc}") from exc
+        for m in msgs:
+            if m["parent"] != 0xFFFFFFFF:
+                continue
+            st2 = m.get_attr("TCA_STATS2")
+            queue = st2.get_attr("TCA_STATS_QUEUE") if st2 else None
+            basic = st2.get_attr("TCA_STATS_BASIC") if st2 else None
+            h = m["handle"] >> 16
+            return QdiscInfo(kind=m.get_attr("TCA_KIND") or "", handle=f"{h:x}:", root=True,
+                             backlog_bytes=int(queue["backlog"]) if queue else 0,
+                             backlog_packets=int(queue["qlen"]) if queue else 0,
+                             sent_packets=int(basic["packets"]) if basic else 0,
+                             drops=int(queue["drops"]) if queue else 0)
+        return None
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            ipr, self._ipr = self._ipr, None
+            try:
+                ipr.close()
+            except OSError:
+                pass
 
 
-def _stats_socket(ns: str | None) -> Any:
-    # Keyed by the namespace asked for and the one this thread is in now (a
-    # thread may have entered another since its socket was opened).
-    key = (ns, os.stat("/proc/thread-self/ns/net").st_ino)
-    cache: dict[Any, Any] = getattr(_stats_sockets, "by_ns", None) or {}
-    _stats_sockets.by_ns = cache
-    if key not in cache:
-        cache[key] = NetNS(ns) if ns else IPRoute()
-    return cache[key]
-
-
-@loop_safe
 def root_stats(ns: str | None, dev: str) -> QdiscInfo | None:
-    """The root qdisc and its counters, over netlink (cheap enough to poll:
-    the socket is kept per thread, where opening one for every poll was a
-    fifth of the agent's CPU when it paced a release)."""
+    """The root qdisc of ``dev`` and its counters, once."""
+    reader = QdiscReader(ns)
     try:
-        ipr = _stats_socket(ns)
-        found = ipr.link_lookup(ifname=dev)
-        if not found:
-            return None
-        msgs = ipr.get_qdiscs(found[0])
-    except (NetlinkError, OSError) as exc:
-        for key in [k for k in getattr(_stats_sockets, "by_ns", {}) if k[0] == ns]:
-            _stats_sockets.by_ns.pop(key).close()
-        raise KernelError(f"reading the qdiscs of {dev}: {exc}") from exc
-    for m in msgs:
-        if m["parent"] != 0xFFFFFFFF:
-            continue
-        st2 = m.get_attr("TCA_STATS2")
-        queue = st2.get_attr("TCA_STATS_QUEUE") if st2 else None
-        basic = st2.get_attr("TCA_STATS_BASIC") if st2 else None
-        h = m["handle"] >> 16
-        return QdiscInfo(kind=m.get_attr("TCA_KIND") or "", handle=f"{h:x}:", root=True,
-                         backlog_bytes=int(queue["backlog"]) if queue else 0,
-                         backlog_packets=int(queue["qlen"]) if queue else 0,
-                         sent_packets=int(basic["packets"]) if basic else 0,
-                         drops=int(queue["drops"]) if queue else 0)
-    return None
+        return reader.root(dev)
+    finally:
+        reader.close()
 
 
 def del_root(ns: str | None, dev: str) -> None:
