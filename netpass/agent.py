@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import ssl
+import stat
 import time
 import uuid
 from collections import deque
@@ -54,6 +55,7 @@ class AgentConfig:
     tls_key: str | None = None
     state_dir: Path = Path("/run/netpass")
     metrics_listen: str | None = None
+    qemu_uids: frozenset[int] = frozenset({0})  # who may own a QMP socket the agent opens
 
     @property
     def holds_dir(self) -> Path:
@@ -272,13 +274,7 @@ class DestSession:
 
     # -- arming -------------------------------------------------------------------------
     def _check_qmp_path(self, path: str) -> str:
-        real = os.path.realpath(path)
-        root = os.path.realpath(self.cfg.qmp_root)
-        if os.path.commonpath([real, root]) != root:
-            raise SessionError("qmp_root", f"QMP socket {path} is outside this agent's --qmp-root {root}")
-        if not os.path.exists(real):
-            raise SessionError("qmp", f"no QMP socket at {path} on the destination")
-        return real
+        return check_qmp_socket(path, self.cfg.qmp_root, self.cfg.qemu_uids)
 
     async def arm(self, req: dict[str, Any]) -> dict[str, Any]:
         dest_qmp, macs, vm = check_open(req)
@@ -1108,6 +1104,32 @@ class DestSession:
         finally:
             self.final_report = self.report()  # before cleanup forgets the NICs
             await self.cleanup()
+
+
+def check_qmp_socket(path: str, qmp_root: Path, uids: frozenset[int]) -> str:
+    """The real path of a QMP socket the agent may open, or a SessionError
+    saying why not: it must lie under ``qmp_root``, with no world-writable
+    directory from / down to it (anyone could plant a socket there), be a
+    socket, and be owned by root or a QEMU user (``uids``)."""
+    real = os.path.realpath(path)
+    root = os.path.realpath(qmp_root)
+    if os.path.commonpath([real, root]) != root:
+        raise SessionError("qmp_root", f"QMP socket {path} is outside this agent's --qmp-root {root}")
+    try:
+        st = os.stat(real)
+    except OSError:
+        raise SessionError("qmp", f"no QMP socket at {path} on the destination") from None
+    for d in Path(real).parents:
+        if os.stat(d).st_mode & stat.S_IWOTH:
+            raise SessionError("qmp_path", f"{d} is world-writable: anyone could put a socket there; "
+                               "give QEMU a QMP socket in a directory only root (or QEMU's user) "
+                               "can write")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SessionError("qmp", f"{path} is not a socket")
+    if st.st_uid not in uids:
+        raise SessionError("qmp_owner", f"{path} belongs to uid {st.st_uid}, neither root nor a QEMU user "
+                           f"(uids {sorted(uids)}; see the agent's --qemu-user)")
+    return real
 
 
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")

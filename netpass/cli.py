@@ -136,8 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     agent = sub.add_parser("agent", help="serve migration sessions on this host")
     agent.add_argument("--listen", required=True, metavar="HOST:PORT")
     agent.add_argument("--token-file", required=True, type=Path)
-    agent.add_argument("--qmp-root", type=Path, default=Path("/run"),
-                       help="only open QMP sockets under this directory (default /run)")
+    agent.add_argument("--qmp-root", type=Path, default=Path("/run/libvirt/qemu"),
+                       help="only open QMP sockets under this directory, with no world-writable "
+                            "directory on the way (default /run/libvirt/qemu)")
+    agent.add_argument("--qemu-user", action="append", default=None, metavar="USER",
+                       help="a QMP socket must belong to root or to this user (repeatable; default: "
+                            "whichever of libvirt-qemu and qemu exist)")
     agent.add_argument("--max-cache-bytes", type=_positive(int, "--max-cache-bytes"),
                        default=256 << 20, help="frames held per session, in bytes (default 256 MiB)")
     agent.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
@@ -338,6 +342,19 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if rep.ok else 1
 
 
+def _qemu_uids(users: list[str] | None) -> frozenset[int]:
+    import pwd
+
+    uids = {0}
+    for name in users or ("libvirt-qemu", "qemu"):
+        try:
+            uids.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            if users:
+                raise UsageError(f"--qemu-user {name}: no such user") from None
+    return frozenset(uids)
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     _require_root("netpass agent")
     import asyncio
@@ -348,11 +365,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
     if not args.qmp_root.is_dir():
-        raise UsageError(f"--qmp-root {args.qmp_root} is not a directory")
+        raise UsageError(f"--qmp-root {args.qmp_root} is not a directory: give the directory under "
+                         "which the destination QEMUs' QMP sockets are")
     cfg = AgentConfig(listen=args.listen, token=load_token(args.token_file), qmp_root=args.qmp_root,
                       max_cache_bytes=args.max_cache_bytes,
                       tls_cert=args.tls_cert, tls_key=args.tls_key, state_dir=args.state_dir,
-                      metrics_listen=args.metrics_listen)
+                      metrics_listen=args.metrics_listen, qemu_uids=_qemu_uids(args.qemu_user))
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger().setLevel(logging.INFO)
     asyncio.run(Agent(cfg).serve_forever())

@@ -49,3 +49,50 @@ def test_bad_fields_are_named(field: str, value: Any, words: str) -> None:
     with pytest.raises(SessionError) as exc:
         check_open(req)
     assert words in str(exc.value)
+
+
+@pytest.fixture
+def qmp_dir(root_required: None):  # type: ignore[no-untyped-def]
+    """A directory outside /tmp (world-writable) with a listening socket in it."""
+    import shutil
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    base = Path(tempfile.mkdtemp(prefix="netpass-qmp-test-", dir="/run"))
+    os_sock = socket.socket(socket.AF_UNIX)
+    os_sock.bind(str(base / "vm.qmp"))
+    os_sock.listen()
+    try:
+        yield base
+    finally:
+        os_sock.close()
+        shutil.rmtree(base)
+
+
+def test_qmp_socket_checks(qmp_dir) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from netpass.agent import check_qmp_socket
+
+    sock = str(qmp_dir / "vm.qmp")
+    root_only = frozenset({0})
+    assert check_qmp_socket(sock, qmp_dir, root_only) == sock
+    (qmp_dir / "plain").write_text("x")
+    for path, root, uids, code in (
+            ("/etc/passwd", qmp_dir, root_only, "qmp_root"),
+            (str(qmp_dir / "nothere.qmp"), qmp_dir, root_only, "qmp"),
+            (str(qmp_dir / "plain"), qmp_dir, root_only, "qmp"),
+            (sock, qmp_dir, frozenset({4242}), "qmp_owner")):
+        with pytest.raises(SessionError) as exc:
+            check_qmp_socket(path, root, uids)
+        assert exc.value.code == code, (path, exc.value)
+    os.chown(sock, 4243, 4243)
+    with pytest.raises(SessionError) as exc:
+        check_qmp_socket(sock, qmp_dir, root_only)
+    assert exc.value.code == "qmp_owner" and "4243" in str(exc.value)
+    assert check_qmp_socket(sock, qmp_dir, frozenset({0, 4243})) == sock
+    os.chmod(qmp_dir, 0o777)
+    with pytest.raises(SessionError) as exc:
+        check_qmp_socket(sock, qmp_dir, frozenset({0, 4243}))
+    assert exc.value.code == "qmp_path" and "world-writable" in str(exc.value)
