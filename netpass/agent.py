@@ -1106,6 +1106,23 @@ class DestSession:
             await self.cleanup()
 
 
+def tls_context(cert: str, key: str | None) -> ssl.SSLContext:
+    """The agent's TLS context; an unreadable or mismatched certificate and
+    key is a UsageError that says which."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except OSError as exc:  # ssl.SSLError is an OSError
+        if isinstance(exc, ssl.SSLError) and "KEY_VALUES_MISMATCH" in str(exc):
+            why = f"the key {key} does not belong to the certificate {cert}"
+        elif isinstance(exc, ssl.SSLError):
+            why = f"{cert} or {key} is not a PEM certificate and key ({exc.reason or exc})"
+        else:
+            why = f"cannot read {exc.filename or cert}: {exc.strerror or exc}"
+        raise UsageError(f"TLS: {why}; check --tls-cert and --tls-key") from exc
+    return ctx
+
+
 def check_qmp_socket(path: str, qmp_root: Path, uids: frozenset[int]) -> str:
     """The real path of a QMP socket the agent may open, or a SessionError
     saying why not: it must lie under ``qmp_root``, with no world-writable
@@ -1198,8 +1215,7 @@ class Agent:
         host, port = parse_hostport(self.cfg.listen)
         ctx = None
         if self.cfg.tls_cert:
-            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ctx.load_cert_chain(self.cfg.tls_cert, self.cfg.tls_key)
+            ctx = tls_context(self.cfg.tls_cert, self.cfg.tls_key)
         try:
             self.server = await serve(self._handle, host, port, ctx)
         except OSError as exc:

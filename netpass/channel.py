@@ -43,13 +43,14 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import socket
 import ssl
 import stat
 import struct
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,8 @@ MAX_MESSAGE = 32 << 20
 PREAUTH_MESSAGE = 1024
 PREAUTH_QUEUE = 4096
 HANDSHAKE_TIMEOUT = 10.0
-MIN_TOKEN = 16
+MIN_TOKEN = 32
+MIN_TOKEN_BITS = 128
 SIOCOUTQNSD = 0x894B  # bytes in a TCP socket's queue not yet sent
 # struct tcp_info's tcpi_busy_time and tcpi_rwnd_limited (microseconds the
 # connection was busy sending, and of that, held back by the receiver's
@@ -105,17 +107,33 @@ class RemoteError(ChannelError):
         self.code = code
 
 
+def token_bits(token: bytes) -> float:
+    """A rough upper bound on a token's entropy, in bits: its length times
+    the Shannon entropy of its byte frequencies.  A repeated or short
+    pattern scores low; 32 random bytes score over 200 however they are
+    written (raw, hex or base64)."""
+    if not token:
+        return 0.0
+    counts = Counter(token)
+    n = len(token)
+    return n * -sum(c / n * math.log2(c / n) for c in counts.values())
+
+
 def load_token(path: str | Path) -> bytes:
-    """Read a token file; refuse short tokens, warn about loose permissions."""
+    """Read a token file; refuse a short or guessable token, warn about loose
+    permissions."""
     p = Path(path)
     try:
         st = p.stat()
         token = p.read_bytes().strip()
     except OSError as exc:
         raise UsageError(f"cannot read token file {p}: {exc.strerror}") from exc
+    make = "make one with: head -c 32 /dev/urandom | base64 > FILE"
     if len(token) < MIN_TOKEN:
-        raise UsageError(f"token in {p} is {len(token)} bytes; use at least {MIN_TOKEN} "
-                         "(e.g. head -c 32 /dev/urandom | base64 > FILE)")
+        raise UsageError(f"the token in {p} is {len(token)} bytes; use at least {MIN_TOKEN} ({make})")
+    if token_bits(token) < MIN_TOKEN_BITS:
+        raise UsageError(f"the token in {p} looks guessable (about {token_bits(token):.0f} bits; "
+                         f"{MIN_TOKEN_BITS} at least): {make}")
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("token file %s is readable by others: chmod 600 it", p)
     return token

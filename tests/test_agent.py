@@ -20,7 +20,7 @@ from netpass.channel import CONTROL, AuthError, ChannelError, RemoteError
 from netpass.errors import UsageError
 from netpass.nics import Nic
 
-TOKEN = b"a-test-token-of-enough-length-123"
+TOKEN = b"9f1c3e7a52d04b8e6a1f0c2d7b94e3a5c8d16f2e0b7a4c9d3e58f1a06b2c7d4e"
 
 
 def free_port() -> int:
@@ -208,6 +208,10 @@ def test_token_file_checks(tmp_path: Path) -> None:
     short.write_text("abc")
     with pytest.raises(UsageError, match="at least"):
         channel.load_token(short)
+    guessable = tmp_path / "guessable"
+    guessable.write_text("password" * 5)
+    with pytest.raises(UsageError, match="guessable"):
+        channel.load_token(guessable)
     with pytest.raises(UsageError, match="cannot read"):
         channel.load_token(tmp_path / "missing")
     good = tmp_path / "good"
@@ -243,6 +247,17 @@ def test_tls_channel(tmp_path: Path) -> None:
             assert agent.server is not None
             agent.server.close()
             await agent.server.wait_closed()
+        # A key that is not the certificate's: a clear error, not a traceback.
+        other = tmp_path / "other.pem"
+        subprocess.run(["openssl", "genrsa", "-out", str(other), "2048"], check=True, capture_output=True)
+        wrong = Agent(AgentConfig(listen=f"127.0.0.1:{free_port()}", token=TOKEN, qmp_root=tmp_path,
+                                  tls_cert=str(cert), tls_key=str(other)))
+        with pytest.raises(UsageError, match="does not belong to the certificate"):
+            await wrong.start()
+        missing = Agent(AgentConfig(listen=f"127.0.0.1:{free_port()}", token=TOKEN, qmp_root=tmp_path,
+                                    tls_cert=str(tmp_path / "nope.pem"), tls_key=str(other)))
+        with pytest.raises(UsageError, match="cannot read"):
+            await missing.start()
 
     asyncio.run(main())
 

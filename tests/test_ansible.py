@@ -20,7 +20,7 @@ from .test_lab_netpass import assert_zero_loss, run
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSIBLE = ROOT / "ansible"
-TOKEN = "netpass-ansible-test-token-0123456789abcdef"
+TOKEN = "e3b7a91f04c6d2584f1a9e0c73d5b26a8c4f1e09b7d3a65f2e8c0b4d91a7f3e6"
 
 
 def playbook(*args: str, extra: dict[str, Any] | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:

@@ -105,7 +105,7 @@ def _free_port() -> int:
 
 def _token(tmp_path: Path) -> Path:
     tok = tmp_path / "token"
-    tok.write_text("cli-test-token-0123456789abcdef")
+    tok.write_text("4be1f07c93a25d68e0c1b7f42a9d53e6c08f1b2a7d64e9c3f05a8b1d2e7c4f96")
     tok.chmod(0o600)
     return tok
 

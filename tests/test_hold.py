@@ -232,7 +232,7 @@ def test_restarted_agent_undoes_what_a_dead_one_left(rig: Rig, tmp_path: Path) -
     # A new agent on this host, with the same --state-dir, starts by undoing it.
     links.set_up(None, "lo")
     token = tmp_path / "token"
-    token.write_text("x" * 64)
+    token.write_text("5c0e9a3f71b2d846e3f1a07c9d25b6e84a1f3c0d7e962b5a8f4c1e07d3b69a2f")
     token.chmod(0o600)
     log = tmp_path / "agent.log"
     with open(log, "wb") as fh:

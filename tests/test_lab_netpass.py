@@ -149,7 +149,8 @@ def test_netpass_carries_a_20000_frame_backlog(guest_image, no_leftovers) -> Non
 
 
 def test_wrong_token_is_refused_before_anything_happens(guest_image, no_leftovers) -> None:
-    res = run(guest_image, "netpass", expect_ok=False, token_override=b"this-is-not-the-agent-token-at-all", **PAUSED)
+    other = b"0d9e4f7a1c6b3852e7f0a4d91b6c2e83f5a07d4c9b1e6f28a3c5d70e4b9f1a6c"  # strong, but not the agent's
+    res = run(guest_image, "netpass", expect_ok=False, token_override=other, **PAUSED)
     rep = res["report"]
     assert rep["exit_code"] == 3, rep
     assert "authentication failed" in rep["logs"]["migrate"]
