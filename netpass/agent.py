@@ -120,40 +120,60 @@ class SessionError(NetpassError):
         self.code = code
 
 
+def retained(body: memoryview) -> int:
+    """The bytes that keeping ``body`` keeps alive: the whole buffer it views."""
+    obj = body.obj
+    try:
+        return max(len(obj), body.nbytes)  # type: ignore[arg-type]
+    except TypeError:
+        return body.nbytes
+
+
 class Pending:
     """Frames waiting for the VM, in order, stored compactly: each accepted
     batch's records (virtio-net header + frame) back to back in one buffer
     with an array of offsets, so a cached frame costs its bytes and 4 more,
-    not a Python object each (a 1 GiB cap of 64-byte frames is 14 million)."""
+    not a Python object each (a 1 GiB cap of 64-byte frames is 14 million).
+
+    :meth:`add` and :meth:`add_span` return what a chunk costs in memory:
+    its buffer (all of it: a received message kept whole has its batch
+    header, per-record fields and MAC too) and its offsets; :meth:`pop`
+    returns what it frees, the chunk's overhead with its last record."""
 
     __slots__ = ("chunks", "frames")
 
     def __init__(self) -> None:
-        self.chunks: deque[list[Any]] = deque()  # [body, offsets, position]
+        self.chunks: deque[list[Any]] = deque()  # [body, offsets, position, overhead]
         self.frames = 0
 
     def __len__(self) -> int:
         return self.frames
 
-    def add(self, records: Sequence[bytes | memoryview]) -> None:
-        if records:
-            offs = np.zeros(len(records) + 1, np.uint32)
-            np.cumsum(np.fromiter(map(len, records), np.uint32, len(records)), out=offs[1:])
-            self.chunks.append([memoryview(b"".join(records)), offs, 0])
-            self.frames += len(records)
+    def add(self, records: Sequence[bytes | memoryview]) -> int:
+        if not records:
+            return 0
+        offs = np.zeros(len(records) + 1, np.uint32)
+        np.cumsum(np.fromiter(map(len, records), np.uint32, len(records)), out=offs[1:])
+        self.chunks.append([memoryview(b"".join(records)), offs, 0, offs.nbytes])
+        self.frames += len(records)
+        return int(offs[-1]) + offs.nbytes
 
-    def add_span(self, body: memoryview, offsets: Sequence[int]) -> None:
+    def add_span(self, body: memoryview, offsets: Sequence[int]) -> int:
         """Records already back to back in ``body`` (a received batch kept
         whole): ``body[offsets[i]:offsets[i + 1]]``, no copy."""
-        if len(offsets) > 1:
-            self.chunks.append([body, np.asarray(offsets, np.uint32), 0])
-            self.frames += len(offsets) - 1
+        if len(offsets) < 2:
+            return 0
+        offs = np.asarray(offsets, np.uint32)
+        cost = retained(body) + offs.nbytes
+        self.chunks.append([body, offs, 0, cost - (int(offs[-1]) - int(offs[0]))])
+        self.frames += len(offs) - 1
+        return cost
 
     def replay(self, ring: TxRing, n: int) -> tuple[int, int]:
         """Offer the tap up to ``n`` of the oldest records, from the oldest
         chunk only; (how many were offered, how many the tap took).  The
         caller pops what was taken."""
-        body, offs, pos = self.chunks[0]
+        body, offs, pos, _overhead = self.chunks[0]
         k = min(n, len(offs) - 1 - pos)
         return k, ring.send_span(body, offs, pos, pos + k)
 
@@ -162,7 +182,7 @@ class Pending:
         freed = 0
         while n and self.chunks:
             chunk = self.chunks[0]
-            body, offs, pos = chunk
+            body, offs, pos, overhead = chunk
             k = min(n, len(offs) - 1 - pos)
             freed += int(offs[pos + k]) - int(offs[pos])
             chunk[2] = pos + k
@@ -170,6 +190,7 @@ class Pending:
             self.frames -= k
             if chunk[2] == len(offs) - 1:
                 self.chunks.popleft()
+                freed += overhead
         return freed
 
     def clear(self) -> None:
@@ -770,16 +791,18 @@ class DestSession:
                     continue
             if not h:
                 rec = zero_hdr + rec  # the TX ring takes a virtio-net header with each frame
-            if self.cache_bytes + len(rec) > self.cfg.max_cache_bytes:
+            # (A copied record costs its bytes and its 4-byte offset; each
+            # NIC's chunk 4 more, counted below.)
+            if self.cache_bytes + len(rec) + 8 > self.cfg.max_cache_bytes:
                 dn.drop("agent_cache_full")
                 dropped += 1
                 skipped.append(i)
                 continue
             keep.setdefault(nic, []).append(rec)
-            self.cache_bytes += len(rec)
+            self.cache_bytes += len(rec) + 4
             accepted += 1
         for nic, recs in keep.items():
-            self.nics[nic].pending.add(recs)
+            self.cache_bytes += self.nics[nic].pending.add(recs) - sum(map(len, recs)) - 4 * len(recs)
         self.feed()
         return {"seq": batch.seq, "accepted": accepted, "dropped": dropped, "skipped": skipped}
 
@@ -800,7 +823,8 @@ class DestSession:
         # same destination: group frames among them never match these.
         if dn.direct_unicast:
             return False
-        size = int(batch.offsets[-1] - batch.offsets[0])
+        # What keeping the body costs: all of the buffer, not only its records.
+        size = retained(batch.body) + 4 * len(batch.offsets)
         if self.cache_bytes + size > self.cfg.max_cache_bytes:
             return False
         if len(dn.mac_bytes) != 6:
@@ -809,8 +833,7 @@ class DestSession:
         macs = batch.column(wire.VNET_HDR_LEN, 12)  # each frame's destination and source
         if not (macs[:, :6] == mac).all() or (macs[:, 6:] == mac).all(axis=1).any():
             return False
-        dn.pending.add_span(batch.body, batch.offsets)
-        self.cache_bytes += size
+        self.cache_bytes += dn.pending.add_span(batch.body, batch.offsets)
         return True
 
     async def migrated(self, req: dict[str, Any]) -> dict[str, Any]:

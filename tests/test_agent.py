@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from netpass import channel, wire
-from netpass.agent import Agent, AgentConfig, DestNic, DestSession, SessionError
+from netpass.agent import Agent, AgentConfig, DestNic, DestSession, SessionError, retained
 from netpass.channel import CONTROL, AuthError, ChannelError, RemoteError
 from netpass.errors import UsageError
 from netpass.nics import Nic
@@ -203,6 +203,28 @@ def test_agent_cache_is_bounded(tmp_path: Path) -> None:
     assert sess.cache_bytes <= 100
 
 
+def test_cache_cap_counts_what_the_fast_path_keeps(tmp_path: Path) -> None:
+    """64-byte frames, whole batches kept as received: the memory kept alive
+    (message buffers and offsets) stays within the cap; before, only the
+    records were counted and the cache went some 13% over."""
+    sess, inj = _session(tmp_path)
+    cap = 200_000
+    sess.cfg.max_cache_bytes = cap
+    sess._room = lambda dn: 0  # type: ignore[method-assign]
+    dropped = 0
+    for seq in range(60):
+        frames = [wire.Frame(0, bytes(10), frame(VM, n=seq * 256 + i)[:54]) for i in range(256)]
+        blob = bytearray(wire.encode(seq, frames, compress=False))
+        ack = sess.accept(memoryview(blob).toreadonly())
+        dropped += ack["dropped"]
+    assert dropped, "the cap was never reached: the test proves nothing"
+    kept = sum(retained(c[0]) + c[1].nbytes for c in sess.nics[0].pending.chunks)
+    assert kept <= cap and sess.cache_bytes == kept
+    sess._room = lambda dn: 10**9  # type: ignore[method-assign]
+    sess.feed()
+    assert sess.cache_bytes == 0
+
+
 def test_token_file_checks(tmp_path: Path) -> None:
     short = tmp_path / "short"
     short.write_text("abc")
@@ -351,7 +373,9 @@ def test_usual_batch_is_cached_without_a_copy(tmp_path: Path, compress: bool) ->
     chunk = sess.nics[0].pending.chunks[0]
     if not compress:
         assert chunk[0].obj is blob  # the message, not a copy
-    assert sess.cache_bytes == sum(len(f.vnet_hdr) + len(f.data) for f in frames)
+    # What the cache counts is what it keeps alive: the whole message, not only the records.
+    assert sess.cache_bytes == retained(chunk[0]) + chunk[1].nbytes
+    assert sess.cache_bytes > sum(len(f.vnet_hdr) + len(f.data) for f in frames)
     sess._room = lambda dn: 1000  # type: ignore[method-assign]
     sess.feed()
     assert inj.sent == [f.data for f in frames] and sess.cache_bytes == 0
