@@ -83,6 +83,9 @@ RELEASE_STEP_S = 0.02
 # A source that still sends batches this long after its VM resumed here is
 # refused: its linger is bounded by 60 s (--linger-max-ms).
 LATE_BATCH_BOUND_S = 90.0
+# How often, at most, the agent tells the source how many frames it has put
+# into the VM's rings (besides each batch's ack).
+FED_REPORT_S = 0.02
 # The source gone before it said the migration completed: how long the agent
 # waits to see whether its VM runs here anyway (the migration completed, and
 # what the agent holds is the only copy: it goes in) or not (it is dropped:
@@ -276,6 +279,7 @@ class DestSession:
         self.cleanup_errors: list[str] = []
         self.fail_after: str | None = None  # tests: fail the arm right after this step
         self.source_lost: str | None = None
+        self.fed_told, self.fed_told_t = 0, 0.0
 
     def _step(self, name: str) -> None:
         if self.fail_after == name:
@@ -641,8 +645,24 @@ class DestSession:
                 if taken < asked:
                     break  # the ring is full after all: again once QEMU has read
 
+    def _fed(self) -> int:
+        """Frames put into the VM's rings so far, in all: the source counts
+        only those as delivered should this agent vanish (a ring outlives
+        the agent; its cache does not)."""
+        return sum(dn.replayed for dn in self.nics)
+
+    async def _tell_fed(self) -> None:
+        fed = self._fed()
+        if fed != self.fed_told and time.monotonic() >= self.fed_told_t + FED_REPORT_S:
+            self.fed_told, self.fed_told_t = fed, time.monotonic()
+            try:
+                await self.ch.send_json(CONTROL, {"op": "fed", "fed": fed})
+            except ChannelError:
+                pass  # the session's receive says why
+
     async def _feeder(self) -> None:
         while True:
+            await self._tell_fed()
             if self.strict:
                 if self.hold_closed and self._hold_expired() and not self.hold_timed_out:
                     self.hold_timed_out = True
@@ -1079,7 +1099,7 @@ class DestSession:
                         ack = self.accept(payload)
                     except wire.WireError as exc:
                         raise SessionError("bad_batch", f"batch {self.next_seq} rejected: {exc}") from exc
-                    await ch.send_json(CONTROL, {"op": "ack", **ack})
+                    await ch.send_json(CONTROL, {"op": "ack", **ack, "fed": self._fed()})
                     continue
                 msg = _control(payload, mtype)
                 op = msg.get("op")
@@ -1228,6 +1248,7 @@ class Agent:
         self.unauthenticated_from: dict[str, int] = {}
         self.server: asyncio.AbstractServer | None = None
         self.metrics = AgentMetrics()
+        self.session_tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         heap.keep_freed()  # batches come and go hundreds of times a second (see heap.py)
@@ -1248,8 +1269,20 @@ class Agent:
     async def serve_forever(self) -> None:
         await self.start()
         assert self.server is not None
-        async with self.server:
-            await self.server.serve_forever()
+        try:
+            async with self.server:
+                await self.server.serve_forever()
+        finally:  # cancelled (SIGTERM): every session ends, undone
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """End every session: each is cancelled and undoes what it changed."""
+        tasks = list(self.session_tasks)
+        if tasks:
+            log.warning("stopping: ending %d session(s)", len(tasks))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _handle(self, reader: Wire, writer: Any) -> None:
         peer = writer.get_extra_info("peername")
@@ -1299,9 +1332,13 @@ class Agent:
             self.sessions[sid] = sess
             self.metrics.active.inc()
             log.info("session=%s opened by %s", sid, ch.peer)
+            me = asyncio.current_task()
+            assert me is not None
+            self.session_tasks.add(me)
             try:
                 await sess.run(msg)
             finally:
+                self.session_tasks.discard(me)
                 self.sessions.pop(sid, None)
                 if not self.sessions:
                     heap.give_back()  # an idle agent keeps no finished session's cache

@@ -108,15 +108,17 @@ class RemoteError(ChannelError):
 
 
 def token_bits(token: bytes) -> float:
-    """A rough upper bound on a token's entropy, in bits: its length times
-    the Shannon entropy of its byte frequencies.  A repeated or short
-    pattern scores low; 32 random bytes score over 200 however they are
-    written (raw, hex or base64)."""
-    if not token:
-        return 0.0
-    counts = Counter(token)
+    """A rough upper bound on a token's entropy, in bits: the length of its
+    shortest repeating unit times the Shannon entropy of that unit's byte
+    frequencies.  A short, repeated or one-character pattern scores low;
+    32 random bytes score 150 or more however they are written (raw, hex
+    or base64)."""
     n = len(token)
-    return n * -sum(c / n * math.log2(c / n) for c in counts.values())
+    if not n:
+        return 0.0
+    period = next(p for p in range(1, n + 1) if token == (token[:p] * (n // p + 1))[:n])
+    counts = Counter(token[:period])
+    return period * -sum(c / period * math.log2(c / period) for c in counts.values())
 
 
 def load_token(path: str | Path) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -39,6 +40,38 @@ def _on_sigterm(signum: int, frame: Any) -> NoReturn:
         os._exit(128 + signum)
     # Unwind through every context manager, so kernel state is undone.
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+async def _until_signal(coro: Any) -> Any:
+    """Run ``coro``; SIGTERM or SIGINT cancels it, and only it, once: its own
+    handlers then cancel QEMU's migration and undo every change, with the
+    tasks they rely on (QMP readers, the channel) still running.  (A signal
+    handler raising out of the event loop instead had asyncio cancel every
+    task at once, and the undo lost its QMP connection: a SIGTERMed
+    migration went on without netpass.)"""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(coro)
+    stopping: list[int] = []
+
+    def stop(signum: int) -> None:
+        if not stopping:
+            log.warning("signal %d: stopping (undoing everything first)", signum)
+            task.cancel()
+        stopping.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await task
+    except asyncio.CancelledError as exc:
+        if not stopping:
+            raise
+        interrupted = KeyboardInterrupt(f"signal {stopping[0]}")
+        interrupted.report = getattr(exc, "report", None)  # type: ignore[attr-defined]
+        raise interrupted from None
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 def _positive(kind: type, name: str) -> Any:
@@ -180,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="zstd for the batches: auto (when the link falls behind: the default), "
                           "zstd (always) or none")
     mig.add_argument("--tls-ca", help="talk TLS to the agent, trusting this CA (PEM)")
+    mig.add_argument("--state-dir", type=Path, default=Path("/run/netpass"),
+                     help="where the migration's changes to this host are recorded, so that a guard "
+                          "undoes them should netpass be killed (default /run/netpass)")
     mig.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
     bench = sub.add_parser("bench", help="measure the datapath (drain, ship, replay) without QEMU")
@@ -357,7 +393,6 @@ def _qemu_uids(users: list[str] | None) -> frozenset[int]:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     _require_root("netpass agent")
-    import asyncio
 
     from .agent import Agent, AgentConfig
     from .channel import load_token
@@ -373,13 +408,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
                       metrics_listen=args.metrics_listen, qemu_uids=_qemu_uids(args.qemu_user))
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger().setLevel(logging.INFO)
-    asyncio.run(Agent(cfg).serve_forever())
+    asyncio.run(_until_signal(Agent(cfg).serve_forever()))
     return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     _require_root("netpass migrate")
-    import asyncio
 
     from .channel import load_token
     from .source import MigrateOptions, migrate
@@ -391,7 +425,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                           linger_max_ms=args.linger_max_ms, tls_ca=args.tls_ca,
                           strict_ordering=args.strict_ordering, hold_timeout_ms=args.hold_timeout_ms,
                           save_pcap=str(args.save_pcap) if args.save_pcap else None,
-                          compress=args.compress)
+                          compress=args.compress, state_dir=args.state_dir)
     if args.hold_timeout_ms > 60_000:
         raise UsageError("--hold-timeout-ms is at most 60000")
     if args.linger_max_ms > 60_000 or args.linger_ms > args.linger_max_ms:
@@ -414,8 +448,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             else:
                 err_console.log(data.get("message", ""))
         try:
-            report = asyncio.run(migrate(opts, progress))
-        except NetpassError as exc:
+            report = asyncio.run(_until_signal(migrate(opts, progress)))
+        except (NetpassError, KeyboardInterrupt) as exc:
             report = getattr(exc, "report", None)
             raise
         finally:

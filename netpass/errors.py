@@ -43,6 +43,14 @@ class MigrationFailed(NetpassError):
     """QEMU reported the migration as failed or cancelled."""
 
 
+class FramesLost(NetpassError):
+    """The VM moved, but frames netpass held for it could not all be
+    delivered (the channel to the agent broke after QEMU completed): the
+    report counts them."""
+
+    exit_code = 4
+
+
 class LabError(NetpassError):
     """The lab could not be built or run."""
 

@@ -44,6 +44,7 @@ class MigrationResult:
     dst_resume_t: float | None = None
     events: list[tuple[float, str, str]] = field(default_factory=list)
     dst_leftovers: list[str] = field(default_factory=list)
+    src_leftovers: list[str] = field(default_factory=list)
     metrics_before: str = ""
     metrics_after: str = ""
     burst_sent: int = 0

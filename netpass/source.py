@@ -48,12 +48,12 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from . import links, nft, pcap, procs, sacrifice, tapfd, wire
+from . import links, nft, pcap, procs, sacrifice, srcguard, tapfd, wire
 from .channel import BATCH, CONTROL, AuthError, Channel, ChannelError, connect
 from .endgame import THROTTLE_BANDWIDTH, Endgame, Sample, Step
-from .errors import KernelError, MigrationFailed, NetpassError, QMPError
+from .errors import FramesLost, KernelError, MigrationFailed, NetpassError, QMPError
 from .migration import progress_line
 from .nics import Nic, discover, rx_state, virtio_paths
 from .packet import Injector
@@ -98,6 +98,7 @@ class MigrateOptions:
     hold_timeout_ms: int = 3000
     save_pcap: str | None = None
     compress: str = "auto"
+    state_dir: Path = Path("/run/netpass")  # the guard's state files (see srcguard.py)
 
 
 @dataclass
@@ -160,6 +161,8 @@ class SourceSession:
         self.shipped = 0
         self.agent_accepted = 0
         self.agent_dropped = 0
+        self.agent_duplicates = 0  # frames the agent skipped as delivered there already
+        self.agent_fed = 0  # frames the agent said are in the VM's rings
         self.replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.channel_error: NetpassError | None = None
         self.last_frame_t = 0.0
@@ -184,6 +187,7 @@ class SourceSession:
         self.direct_seen = False
         self.drain_readers: list[int] = []
         self.steering: nft.Steering | None = None
+        self.guard: srcguard.Guard | None = None
         self.final_report: dict[str, Any] | None = None
 
     # -- helpers --------------------------------------------------------------------------
@@ -230,7 +234,15 @@ class SourceSession:
         armed = await self.ch.recv_json(CONTROL, timeout=60)
         if armed.get("op") != "armed":
             raise ChannelError(f"agent answered {armed.get('op')!r} to 'open'")
+        for line in await asyncio.to_thread(srcguard.recover, self.o.state_dir):
+            self._say(f"cleanup of an earlier run: {line}")
+        # Before the first change to this host: should netpass be killed,
+        # its guard undoes what the state file lists by then.
+        self.guard = srcguard.Guard(self.o.state_dir, self.sid, self.o.qmp)
+        self.guard.start()
+        self.undo.callback(self.guard.close)
         self.steering = nft.Steering(f"netpass_{self.sid}")
+        self.guard.record(nft_table=self.steering.table)
         self.undo.callback(self.steering.close)
         pidfd = tapfd.pidfd_open(pid)
         try:
@@ -403,13 +415,25 @@ class SourceSession:
                 self.channel_error = exc
                 await self.replies.put({"op": "error", "message": str(exc)})
                 return
-            msg = json.loads(payload)
+            try:
+                msg = json.loads(payload)
+                if not isinstance(msg, dict):
+                    raise ValueError("not an object")
+            except ValueError as exc:
+                self.channel_error = ChannelError(f"the agent sent a malformed message: {exc}")
+                await self.replies.put({"op": "error", "message": str(self.channel_error)})
+                return
             if msg.get("op") == "direct":
                 self.direct_seen = True
+                continue
+            if msg.get("op") == "fed":
+                self.agent_fed = max(self.agent_fed, int(msg.get("fed", 0)))
                 continue
             if msg.get("op") == "ack":
                 self.agent_accepted += int(msg.get("accepted", 0))
                 self.agent_dropped += int(msg.get("dropped", 0))
+                self.agent_duplicates += len(msg.get("skipped") or ()) - int(msg.get("dropped", 0))
+                self.agent_fed = max(self.agent_fed, int(msg.get("fed", 0)))
                 sent = self.unacked.pop(int(msg.get("seq", -1)), None)
                 if sent is not None:
                     skipped = set(msg.get("skipped") or ())
@@ -442,6 +466,10 @@ class SourceSession:
         self.qemu_params = await mon.execute("query-migrate-parameters")
         if not self.netpass_active:
             return
+        if self.guard is not None:
+            self.guard.record(qemu_params={
+                "downtime-limit": int(self.qemu_params.get("downtime-limit", 300)),
+                "max-bandwidth": int(self.qemu_params.get("max-bandwidth", 0))})
         await self._set_param("downtime-limit", 0)
         self.undo.push_async_callback(self._set_param, "downtime-limit",
                                       int(self.qemu_params.get("downtime-limit", 300)))
@@ -607,6 +635,8 @@ class SourceSession:
         for sn in self.nics:
             if sn.bridge and not sn.pinned:
                 try:
+                    if self.guard is not None:
+                        self.guard.pin(sn.nic.tap, sn.nic.mac)
                     await asyncio.to_thread(links.pin_mac, None, sn.nic.tap, sn.nic.mac)
                     sn.pinned = True
                     self.undo.push_async_callback(self._unpin, sn)
@@ -618,7 +648,10 @@ class SourceSession:
             await asyncio.to_thread(links.unpin_mac, None, sn.nic.tap, sn.nic.mac)
         except NetpassError as exc:
             log.warning("session=%s unpin %s: %s", self.sid, sn.nic.mac, exc)
+            return
         sn.pinned = False
+        if self.guard is not None:
+            self.guard.unpin(sn.nic.tap, sn.nic.mac)
 
     async def _verify(self) -> None:
         """Wait until QEMU has read every sacrificial frame: its readers were
@@ -861,13 +894,23 @@ class SourceSession:
                 await self._migrate()
             except (NetpassError, asyncio.CancelledError, KeyboardInterrupt) as exc:
                 await self._cancel_migration()
-                if self.parked_t is not None and not self.completed and self.netpass_active:
-                    await self.give_back()
-                if isinstance(exc, NetpassError):
-                    raise MigrationFailed(f"{exc}; the VM stays on the source") from exc
-                raise
+                if not self.completed:
+                    if self.parked_t is not None and self.netpass_active:
+                        await self.give_back()
+                    if isinstance(exc, NetpassError):
+                        raise MigrationFailed(f"{exc}; the VM stays on the source") from exc
+                    raise
+                # Too late to cancel: QEMU had completed, the VM runs on the
+                # destination.  Its frames still go there if they can.
+                self.notes.append(f"netpass failed ({exc}) after QEMU completed the migration")
+                if not isinstance(exc, NetpassError) or not self.netpass_active or \
+                        self.channel_error is not None:
+                    self._lost_after_completion(exc)
             if self.netpass_active:
-                await self._switch_over()
+                try:
+                    await self._switch_over()
+                except ChannelError as exc:
+                    self._lost_after_completion(exc)
         except BaseException as exc:
             error = exc
             if self.phases.phase not in (Phase.DONE, Phase.FAILED):
@@ -883,6 +926,23 @@ class SourceSession:
             self._write_pcap()
             self.final_report = self.report(error)
         return self.final_report
+
+    def _unconfirmed(self) -> int:
+        """Frames captured that the agent did not confirm in the VM's rings
+        (or dropped, or delivered there directly): lost, should the agent
+        vanish.  Never fewer than were lost; more by what it put into a ring
+        in its last FED_REPORT_S, if it vanished after the resume."""
+        return max(0, sum(sn.captured for sn in self.nics) - self.agent_fed - self.agent_dropped
+                   - self.agent_duplicates)
+
+    def _lost_after_completion(self, exc: BaseException) -> NoReturn:
+        """The VM moved, and netpass cannot finish delivering its frames."""
+        n = self._unconfirmed() if self.netpass_active else 0
+        if not isinstance(exc, NetpassError):
+            raise exc
+        raise FramesLost(f"{exc}; the migration completed: the VM runs on the destination, and "
+                         f"{n} frame(s) netpass held were not confirmed delivered (counted in "
+                         "frames_dropped.channel_lost)") from exc
 
     async def _arm_or_not(self) -> None:
         try:
@@ -1015,12 +1075,12 @@ class SourceSession:
                             "frames_dropped": nic_dropped})
         captured = sum(sn.captured for sn in self.nics)
         if self.completed and self.dest_report == {} and self.netpass_active:
-            # The agent is gone: what it confirmed queuing is in the VM, the
-            # rest of what we captured is lost, and we say so.
-            replayed_total = self.agent_accepted
-            unconfirmed = captured - self.agent_accepted - self.agent_dropped
+            # The agent is gone: what it confirmed in the VM's rings is in
+            # the VM, the rest of what we captured is lost, and we say so.
+            replayed_total = self.agent_fed
+            unconfirmed = self._unconfirmed()
             if unconfirmed:
-                dropped["agent_unreachable"] = dropped.get("agent_unreachable", 0) + unconfirmed
+                dropped["channel_lost"] = dropped.get("channel_lost", 0) + unconfirmed
         info = self.migration_info
         late_frames, last_late_ms = self._after_resume()
         eg = self.endgame

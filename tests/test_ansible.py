@@ -47,14 +47,24 @@ def test_playbooks_parse() -> None:
         assert res.returncode == 0, res.stdout + res.stderr
 
 
+def pem_pair(where: Path, name: str) -> tuple[str, str]:
+    """A self-signed certificate and its key, as PEM texts."""
+    key, cert = where / f"{name}-key.pem", where / f"{name}-cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", f"/CN={name}"], check=True, capture_output=True)
+    return cert.read_text(), key.read_text()
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory, root_required: None) -> dict[str, Any]:
     prefix = tmp_path_factory.mktemp("ansible-prefix")
+    cert, key = pem_pair(tmp_path_factory.mktemp("tls"), "netpass-agent")
     extra = {"netpass_prefix": str(prefix), "netpass_source": str(ROOT), "netpass_token": TOKEN,
              "netpass_install_system_packages": False, "netpass_manage_service": False,
              "netpass_qmp_root": "/run/netpass-lab", "netpass_listen": "0.0.0.0:7411",
-             "netpass_state_dir": str(prefix / "run"), "netpass_firewall": True,
-             "netpass_peers": ["198.19.0.1"], "netpass_metrics_listen": ""}
+             "netpass_state_dir": str(prefix / "run"),
+             "netpass_peers": ["198.19.0.1"], "netpass_metrics_listen": "",
+             "netpass_tls_cert": cert, "netpass_tls_key": key, "netpass_tls_ca": cert}
     check = playbook("--check", str(ANSIBLE / "site.yml"), extra=extra)
     assert check.returncode == 0, check.stdout[-4000:] + check.stderr[-2000:]
     assert list(prefix.iterdir()) == [], "check mode changed something"
@@ -62,7 +72,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory, root_required: None) -> 
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
     second = playbook(str(ANSIBLE / "site.yml"), extra=extra)
     assert second.returncode == 0, second.stdout[-4000:]
-    return {"prefix": prefix, "first": recap(first.stdout), "second": recap(second.stdout)}
+    return {"prefix": prefix, "first": recap(first.stdout), "second": recap(second.stdout), "extra": extra}
 
 
 def test_role_renders_everything_and_is_idempotent(installed: dict[str, Any]) -> None:
@@ -72,9 +82,21 @@ def test_role_renders_everything_and_is_idempotent(installed: dict[str, Any]) ->
     token = prefix / "etc/netpass/token"
     assert token.read_text().strip() == TOKEN
     assert stat.S_IMODE(token.stat().st_mode) == 0o600
-    unit = (prefix / "etc/systemd/system/netpass-agent.service").read_text()
+    unit_path = prefix / "etc/systemd/system/netpass-agent.service"
+    unit = unit_path.read_text()
     assert f"ExecStart={prefix}/opt/netpass/bin/netpass" in unit and "KillMode=process" in unit
     assert (prefix / "opt/netpass/bin/netpass").exists()
+    # TLS on, since a certificate and key were given; the key private.
+    assert f"--tls-cert {prefix}/etc/netpass/tls-cert.pem" in unit and "--tls-key" in unit
+    assert stat.S_IMODE((prefix / "etc/netpass/tls-key.pem").stat().st_mode) == 0o600
+    # Hardened, and systemd accepts every option as written.
+    for option in ("NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet=CAP_NET_ADMIN",
+                   "SystemCallFilter=@system-service pidfd_getfd", "DeviceAllow=/dev/net/tun rw"):
+        assert option in unit, option
+    verify = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit_path)], capture_output=True,
+                            text=True, timeout=60)
+    complaints = [line for line in verify.stderr.splitlines() if "netpass-agent.service" in line]
+    assert complaints == [], verify.stderr
     rules = prefix / "etc/nftables.d/netpass-agent.nft"
     text = rules.read_text()
     assert "ip saddr 198.19.0.1 tcp dport 7411 accept" in text and "tcp dport 7411 drop" in text
@@ -92,11 +114,28 @@ def exec_start(prefix: Path) -> list[str]:
 
 def test_the_agent_it_set_up_serves_a_migration(installed: dict[str, Any], guest_image, no_leftovers) -> None:
     argv = exec_start(installed["prefix"])
+    ca = installed["prefix"] / "etc/netpass/tls-ca.pem"
     res = run(guest_image, "netpass", rate=2000, switchover_pause_ms=200, agent_argv=tuple(argv),
-              token_override=TOKEN.encode())
+              token_override=TOKEN.encode(), migrate_args=("--tls-ca", str(ca)))
     assert_zero_loss(res)
     assert '"msg": "agent listening' in res["report"]["logs"]["agent"]  # its JSON logs
     assert res["report"]["frames_replayed"] > 0
+
+
+def test_role_refuses_a_guessable_token_and_a_mismatched_key(installed: dict[str, Any], tmp_path: Path) -> None:
+    """The agent's own checks, run by the role before it writes anything."""
+    extra = dict(installed["extra"])
+    extra["netpass_token"] = "netpass-" * 5  # 40 bytes, few distinct
+    res = playbook(str(ANSIBLE / "site.yml"), extra=extra)
+    assert res.returncode != 0 and "netpass needs netpass_token" in res.stdout, res.stdout[-3000:]
+    extra["netpass_token"] = "0123456789abcdef" * 2  # 32 bytes, guessable
+    res = playbook(str(ANSIBLE / "site.yml"), extra=extra)
+    assert res.returncode != 0 and "bits at least" in res.stdout, res.stdout[-3000:]
+    extra["netpass_token"] = TOKEN
+    extra["netpass_tls_key"] = pem_pair(tmp_path, "other")[1]
+    res = playbook(str(ANSIBLE / "site.yml"), extra=extra)
+    assert res.returncode != 0 and "does not belong to the certificate" in res.stdout, res.stdout[-3000:]
+    assert (installed["prefix"] / "etc/netpass/tls-key.pem").read_text() == installed["extra"]["netpass_tls_key"]
 
 
 def test_role_refuses_a_missing_token() -> None:

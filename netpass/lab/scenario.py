@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -59,6 +60,7 @@ class ScenarioOptions:
     # "external": the lab, as a management layer, stops the source VM itself
     # mid-migration (at a third of the RAM left) and resumes the destination.
     stopper: str = "netpass"
+    fault: str | None = None  # one of FAULTS (netpass mode)
 
     @property
     def stop_at_remaining(self) -> float | None:
@@ -66,6 +68,16 @@ class ScenarioOptions:
 
 
 STOP_AT_REMAINING = 1 / 3
+
+# The faults a netpass scenario can inject, each at its moment.
+FAULTS = {
+    "cut-before-completion": "drop the channel's packets silently, 0.3 s into the migration",
+    "cut-after-completion": "drop the channel's packets silently at the destination's resume",
+    "dst-qemu-killed": "SIGKILL the destination QEMU 20 ms after its resume, during the replay",
+    "migrate-sigkill-at-stop": "SIGKILL 'netpass migrate' at the source's stop",
+    "migrate-sigterm-midway": "SIGTERM 'netpass migrate' 0.3 s into the migration",
+    "migrate-sigkill-midway": "SIGKILL 'netpass migrate' 0.3 s into the migration",
+}
 BUSY_PROGRAM = ("import sys, time\n"
                 "end = time.monotonic() + float(sys.argv[1])\n"
                 "while time.monotonic() < end:\n"
@@ -203,6 +215,7 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
             return None if t is None else round((t - probe_t0) * 1000, 1)
 
         stats["dst_leftovers"] = result.dst_leftovers
+        stats["src_leftovers"] = result.src_leftovers
         if opts.metrics:
             stats["metrics_before"], stats["metrics_after"] = result.metrics_before, result.metrics_after
         stats["dst_guest_fault"] = dst_fault
@@ -436,6 +449,70 @@ def stop_agent(agent: subprocess.Popen[bytes]) -> None:
             agent.wait()
 
 
+class _Faults:
+    """Inject ``opts.fault`` at its moment (see FAULTS)."""
+
+    CUT = ("table inet nplabcut {\n"
+           f" chain in {{ type filter hook input priority 0; tcp dport {AGENT_PORT} drop; }}\n"
+           f" chain out {{ type filter hook output priority 0; tcp sport {AGENT_PORT} drop; }}\n"
+           "}\n")
+
+    def __init__(self, lab: Lab, opts: ScenarioOptions, say: Say) -> None:
+        self.lab, self.fault, self.say = lab, opts.fault, say
+        self.migrate: asyncio.subprocess.Process | None = None
+        self.done = opts.fault is None
+        self.active_t: float | None = None
+
+    async def _cut(self) -> None:
+        from .. import nft
+
+        self.say("lab: cutting the channel silently (nft drop on the agent's port)")
+        await asyncio.to_thread(nft.run, self.lab.ns("dst"), self.CUT)
+
+    def _signal(self, sig: int) -> None:
+        if self.migrate is not None and self.migrate.returncode is None:
+            self.say(f"lab: {signal.Signals(sig).name} to netpass migrate")
+            self.migrate.send_signal(sig)
+
+    async def step(self, src_event: str | None, dst_resumed: bool) -> None:
+        if self.done:
+            return
+        if src_event == "MIGRATION:active" and self.active_t is None:
+            self.active_t = time.monotonic()
+        early = self.active_t is not None and time.monotonic() >= self.active_t + 0.3
+        if self.fault == "cut-before-completion" and early:
+            await self._cut()
+        elif self.fault == "migrate-sigterm-midway" and early:
+            self._signal(signal.SIGTERM)
+        elif self.fault == "migrate-sigkill-midway" and early:
+            self._signal(signal.SIGKILL)
+        elif self.fault == "migrate-sigkill-at-stop" and src_event == "STOP:":
+            self._signal(signal.SIGKILL)
+        elif self.fault == "cut-after-completion" and dst_resumed:
+            await self._cut()
+        elif self.fault == "dst-qemu-killed" and dst_resumed:
+            await asyncio.sleep(0.02)
+            self.say("lab: killing the destination QEMU during the replay")
+            assert self.lab.dst_vm is not None and self.lab.dst_vm.proc is not None
+            self.lab.dst_vm.proc.kill()
+        else:
+            return
+        self.done = True
+
+
+async def _migration_over(sw: Monitor, lab: Lab) -> bool:
+    """Whether the source QEMU's migration has ended (or the QEMU is gone)."""
+    assert lab.src_vm is not None
+    if not lab.src_vm.alive():
+        return True
+    try:
+        info = await sw.execute("query-migrate")
+    except QMPError:
+        return True
+    return info.get("status") not in ("setup", "active", "pre-switchover", "device", "postcopy-active",
+                                      "cancelling", "wait-unplug")
+
+
 async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say,
                          agent: subprocess.Popen[bytes]) -> tuple[MigrationResult, dict[str, Any]]:
     """Run 'netpass agent' on the destination host and 'netpass migrate' on the
@@ -470,16 +547,25 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say,
                       "--dest-agent", opts.agent_addr or f"{MIG_DST}:{AGENT_PORT}",
                       "--dest-qmp", lab.dst_vm.qmp,
                       "--token-file", str(client_token), "--report", str(report_path), "--json",
+                      "--state-dir", str(lab.rundir / "src-state"),
                       *opts.migrate_args),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE)
             communicate = asyncio.create_task(migrate_proc.communicate())
             lan = _LateLan(lab, opts.lan_lag_ms)
+            faults = _Faults(lab, opts, say)
+            faults.migrate = migrate_proc
             src_watch = True
-            while not communicate.done() or not lan.done:
+            # With a fault, netpass may end before QEMU does: the lab, as the
+            # management layer, sees the migration to its end (bounded).
+            over_by = time.monotonic() + 120
+            while not communicate.done() or not lan.done or \
+                    (opts.fault and not await _migration_over(sw, lab) and time.monotonic() < over_by):
                 if src_watch:
-                    await _on_src_event(await sw.next_event(0.003 if manager.active else 0.01),
-                                        lab, opts, res, sw, agent, say)
+                    sev = await sw.next_event(0.003 if manager.active else 0.01)
+                    await _on_src_event(sev, lab, opts, res, sw, agent, say)
+                    await faults.step(None if sev is None else
+                                      sev.name + ":" + str(sev.data.get("status", "")), False)
                     await manager.step()
                     # Once the source QEMU is killed its watch socket is gone too.
                     src_watch = lab.src_vm.alive()
@@ -487,6 +573,7 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say,
                 ev = await dw.next_event(0.001 if src_watch else 0.01)
                 if ev is not None and ev.name == "RESUME" and res.dst_resume_t is None:
                     res.dst_resume_t = ev.emitted
+                await faults.step(None, res.dst_resume_t is not None)
                 if (opts.kill_agent_after_resume_ms is not None and res.dst_resume_t is not None
                         and agent.poll() is None and time.monotonic() >=
                         res.dst_resume_t + opts.kill_agent_after_resume_ms / 1000):
@@ -516,6 +603,7 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say,
             await migrate_proc.wait()
         await asyncio.to_thread(stop_agent, agent)
     res.dst_leftovers = await asyncio.to_thread(dst_leftovers, lab)
+    res.src_leftovers = await asyncio.to_thread(src_leftovers, lab)
     keep = os.environ.get("NETPASS_LAB_KEEP_LOGS")
     if keep:
         import shutil
@@ -565,10 +653,36 @@ def dst_leftovers(lab: Lab, wait_s: float = 5.0) -> list[str]:
                 if q.handle == hold.HANDLE or q.kind == "tbf":
                     found.append(f"qdisc {q.kind} {q.handle} on tap0 ({q.backlog_packets} held)")
             for direction in ("ingress", "egress"):
-                if {hold.PREF, hold.PASS_PREF} & tc.filter_prefs(ns, "tap0", direction):
+                if {hold.PREF, hold.PASS_PREF, hold.MIRROR_PREF} & tc.filter_prefs(ns, "tap0", direction):
                     found.append(f"{direction} filter on tap0")
-        found += [f"link {n}" for n in links.names(ns) if n.startswith(hold.IFB_PREFIX)]
+        found += [f"link {n}" for n in links.names(ns)
+                  if n.startswith((hold.IFB_PREFIX, hold.MIRROR_PREFIX))]
         state = lab.rundir / "state" / "holds"
+        if state.is_dir():
+            found += [f"state file {p.name}" for p in state.glob("*.json")]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def src_leftovers(lab: Lab, wait_s: float = 5.0) -> list[str]:
+    """What netpass left on the source host, if anything: its nft table,
+    parking taps, pinned MACs, guard state files.  A guard undoes what a
+    killed 'netpass migrate' left; give it time."""
+    from .. import park
+
+    ns = lab.ns("src")
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = [f"link {n}" for n in links.names(ns) if n.startswith(park.PREFIX)]
+        tables = subprocess.run(netns.exec_argv(ns, ["nft", "list", "tables"]), capture_output=True,
+                                text=True, timeout=10).stdout
+        found += [f"nft {t.strip()}" for t in tables.splitlines() if "netpass_" in t]
+        fdb = subprocess.run(netns.exec_argv(ns, ["bridge", "fdb", "show", "br", "br0"]), capture_output=True,
+                             text=True, timeout=10).stdout
+        found += [f"fdb {line.strip()}" for line in fdb.splitlines()
+                  if line.startswith(GUEST_MAC) and "sticky" in line]
+        state = lab.rundir / "src-state" / "sessions"
         if state.is_dir():
             found += [f"state file {p.name}" for p in state.glob("*.json")]
         if not found or time.monotonic() > deadline:
