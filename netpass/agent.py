@@ -280,6 +280,25 @@ class DestSession:
         self.fail_after: str | None = None  # tests: fail the arm right after this step
         self.source_lost: str | None = None
         self.fed_told, self.fed_told_t = 0, 0.0
+        self.tell_fed = True  # (the bench's session has no source to tell)
+        self.vm_pidfd: int | None = None
+        self.vm_gone: str | None = None
+
+    def _vm_exited(self, pid: int) -> None:
+        self._forget_vm_pidfd()
+        self.vm_gone = f"the destination QEMU (pid {pid}) exited"
+        log.error("session=%s %s", self.sid, self.vm_gone)
+
+    def _forget_vm_pidfd(self) -> None:
+        if self.vm_pidfd is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(self.vm_pidfd)
+            except (RuntimeError, ValueError):
+                pass
+
+    def _check_vm_alive(self) -> None:
+        if self.vm_gone:
+            raise SessionError("dest_vm_gone", self.vm_gone)
 
     def _step(self, name: str) -> None:
         if self.fail_after == name:
@@ -314,6 +333,12 @@ class DestSession:
             raise SessionError("dest_state", f"destination VM is '{status}', not waiting for an "
                                "incoming migration (-incoming)")
         await self._check_vm(vm)
+        # The QEMU's exit, seen at once (its taps outlive it while we hold
+        # their fds: replaying into them would look like success).
+        self.vm_pidfd = tapfd.pidfd_open(pid)
+        self._on_exit("closing the destination QEMU's pidfd", os.close, self.vm_pidfd)
+        asyncio.get_running_loop().add_reader(self.vm_pidfd, self._vm_exited, pid)
+        self._on_exit("forgetting the destination QEMU's pidfd", self._forget_vm_pidfd)
         self._step("checked")
         found = {n.mac: n for n in await discover(self.mon, pid)}
         for mac in macs:
@@ -653,7 +678,7 @@ class DestSession:
 
     async def _tell_fed(self) -> None:
         fed = self._fed()
-        if fed != self.fed_told and time.monotonic() >= self.fed_told_t + FED_REPORT_S:
+        if self.tell_fed and fed != self.fed_told and time.monotonic() >= self.fed_told_t + FED_REPORT_S:
             self.fed_told, self.fed_told_t = fed, time.monotonic()
             try:
                 await self.ch.send_json(CONTROL, {"op": "fed", "fed": fed})
@@ -662,6 +687,7 @@ class DestSession:
 
     async def _feeder(self) -> None:
         while True:
+            self._check_vm_alive()
             await self._tell_fed()
             if self.strict:
                 if self.hold_closed and self._hold_expired() and not self.hold_timed_out:
@@ -871,6 +897,7 @@ class DestSession:
         status = await self.mon.status()
         next_poll = time.monotonic() + 0.05
         while status != "running" and time.monotonic() < deadline:
+            self._check_vm_alive()
             ev = await self.mon.next_event(0.002)
             self.feed()
             if ev is not None and ev.name == "RESUME":
@@ -894,6 +921,7 @@ class DestSession:
                 if dn.hold is not None and not dn.hold.removed:
                     await asyncio.to_thread(dn.hold.stop_mirror)
         while time.monotonic() < deadline:
+            self._check_vm_alive()
             self.feed()
             # (the ring itself may never be empty: live frames keep coming)
             if not any(dn.pending for dn in self.nics) and \
@@ -982,10 +1010,10 @@ class DestSession:
                 "hold_dropped": sum(h.dropped_rx + h.dropped_tx for h in holds),
                 "hold_late": any(h.late for h in holds), "hold_notes": notes}
 
-    def abort(self) -> dict[str, Any]:
+    def abort(self, reason: str = "aborted") -> dict[str, Any]:
         for dn in self.nics:
             if dn.pending:
-                dn.drop("aborted", len(dn.pending))
+                dn.drop(reason, len(dn.pending))
                 dn.pending.clear()
         return self.report()
 
@@ -1038,6 +1066,8 @@ class DestSession:
         except (asyncio.CancelledError, ChannelError):
             pass
         exc = None if self.feeder.cancelled() else self.feeder.exception()
+        if isinstance(exc, SessionError):
+            raise exc
         raise SessionError("replay", f"the replay into the destination VM failed: {exc}")
 
     async def _on_source_lost(self, exc: ChannelError) -> None:
@@ -1134,7 +1164,8 @@ class DestSession:
             log.error("session=%s refused: %s", self.sid, exc)
             self.sm.fail(str(exc))
             try:
-                await ch.send_json(ERROR, {"code": exc.code, "message": str(exc), "report": self.abort()})
+                await ch.send_json(ERROR, {"code": exc.code, "message": str(exc), "report": self.abort(
+                    "destination_vm_exited" if exc.code == "dest_vm_gone" else "aborted")})
             except ChannelError:
                 pass
         except (ChannelError, QMPError, NetpassError, OSError, ValueError, TypeError) as exc:

@@ -341,6 +341,7 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
         ring = _TimedRing(TxRing(tap, vnet_hdr=True))
         cfg = AgentConfig(listen=f"{DST_IP}:{PORT}", token=token, qmp_root=Path("/nonexistent"))
         sess = DestSession(cfg, ch, "bench")
+        sess.tell_fed = False
         dn = DestNic(nic=Nic(mac=VM_MAC_TEXT, tap=tap),
                      ring=ring, fds=[fd], orig_qlen=DST_QLEN, mac_bytes=VM_MAC,  # type: ignore[arg-type]
                      shadow=Shadow(tap, keep=100_000))

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import links, nft, pcap, procs, sacrifice, srcguard, tapfd, wire
-from .channel import BATCH, CONTROL, AuthError, Channel, ChannelError, connect
+from .channel import BATCH, CONTROL, AuthError, Channel, ChannelError, RemoteError, connect
 from .endgame import THROTTLE_BANDWIDTH, Endgame, Sample, Step
 from .errors import FramesLost, KernelError, MigrationFailed, NetpassError, QMPError
 from .migration import progress_line
@@ -413,7 +413,7 @@ class SourceSession:
                 mtype, payload = await self.ch.recv()
             except ChannelError as exc:
                 self.channel_error = exc
-                await self.replies.put({"op": "error", "message": str(exc)})
+                await self.replies.put({"op": "error", "message": str(exc), "exc": exc})
                 return
             try:
                 msg = json.loads(payload)
@@ -447,7 +447,8 @@ class SourceSession:
         except asyncio.TimeoutError as exc:
             raise ChannelError(f"the agent did not answer '{op}' within {timeout:.0f} s") from exc
         if msg.get("op") == "error":
-            raise ChannelError(str(msg.get("message")))
+            exc = msg.get("exc")
+            raise exc if isinstance(exc, ChannelError) else ChannelError(str(msg.get("message")))
         return msg
 
     # -- QEMU's settings --------------------------------------------------------------------
@@ -940,6 +941,10 @@ class SourceSession:
         n = self._unconfirmed() if self.netpass_active else 0
         if not isinstance(exc, NetpassError):
             raise exc
+        if isinstance(exc, RemoteError) and exc.code == "dest_vm_gone":
+            raise MigrationFailed(f"the migration completed, then {exc}: the VM runs on neither host "
+                                  "(the source QEMU keeps its state, paused); the frames netpass "
+                                  "held for it are lost with it") from exc
         raise FramesLost(f"{exc}; the migration completed: the VM runs on the destination, and "
                          f"{n} frame(s) netpass held were not confirmed delivered (counted in "
                          "frames_dropped.channel_lost)") from exc
