@@ -892,7 +892,9 @@ class DestSession:
         while (ev := await self.mon.next_event(0)) is not None:  # events queued since arming
             if ev.name == "RESUME" and self.resume_t is None:
                 self.resume_t = ev.emitted
-        wait_s = float(req.get("wait_running_s", 30))
+        wait_s = req.get("wait_running_s", 30)
+        if not isinstance(wait_s, (int, float)) or not 0 <= wait_s <= 120:
+            raise SessionError("bad_request", "wait_running_s must be 0 to 120 seconds")
         deadline = time.monotonic() + wait_s
         status = await self.mon.status()
         next_poll = time.monotonic() + 0.05
@@ -1147,7 +1149,10 @@ class DestSession:
                     self.sm.to(State.REPLAYING)
                     await ch.send_json(CONTROL, {"op": "resumed", **res})
                 elif op == "end":
-                    rep = await self.finish(float(msg.get("timeout", 10)))
+                    timeout = msg.get("timeout", 10)
+                    if not isinstance(timeout, (int, float)) or not 0 <= timeout <= 60:
+                        raise SessionError("bad_request", "end.timeout must be 0 to 60 seconds")
+                    rep = await self.finish(float(timeout))
                     self.sm.to(State.DONE)
                     rep["state"] = "done"
                     await ch.send_json(CONTROL, {"op": "report", **rep})
@@ -1264,7 +1269,7 @@ def _control(payload: bytes, mtype: int) -> dict[str, Any]:
         raise SessionError("bad_request", f"unexpected message type {mtype}")
     try:
         msg = json.loads(payload)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise SessionError("bad_request", "malformed control message") from exc
     if not isinstance(msg, dict):
         raise SessionError("bad_request", "control message is not an object")

@@ -416,30 +416,50 @@ class SourceSession:
                 await self.replies.put({"op": "error", "message": str(exc), "exc": exc})
                 return
             try:
-                msg = json.loads(payload)
-                if not isinstance(msg, dict):
-                    raise ValueError("not an object")
-            except ValueError as exc:
-                self.channel_error = ChannelError(f"the agent sent a malformed message: {exc}")
-                await self.replies.put({"op": "error", "message": str(self.channel_error)})
+                msg = self.on_agent_message(payload)
+            except ChannelError as exc:
+                self.channel_error = exc
+                await self.replies.put({"op": "error", "message": str(exc), "exc": exc})
                 return
-            if msg.get("op") == "direct":
-                self.direct_seen = True
-                continue
-            if msg.get("op") == "fed":
-                self.agent_fed = max(self.agent_fed, int(msg.get("fed", 0)))
-                continue
-            if msg.get("op") == "ack":
-                self.agent_accepted += int(msg.get("accepted", 0))
-                self.agent_dropped += int(msg.get("dropped", 0))
-                self.agent_duplicates += len(msg.get("skipped") or ()) - int(msg.get("dropped", 0))
-                self.agent_fed = max(self.agent_fed, int(msg.get("fed", 0)))
-                sent = self.unacked.pop(int(msg.get("seq", -1)), None)
-                if sent is not None:
-                    skipped = set(msg.get("skipped") or ())
-                    self.pcap_frames += [f for i, f in enumerate(sent) if i not in skipped]
-            else:
+            if msg is not None:
                 await self.replies.put(msg)
+
+    def on_agent_message(self, payload: bytes | memoryview) -> dict[str, Any] | None:
+        """Take in one control message from the agent: counts are recorded
+        here; a reply is returned for whoever waits on it.  Anything
+        malformed is a ChannelError (never another exception: the receiving
+        task must not die silently)."""
+        try:
+            msg = json.loads(bytes(payload))
+            if not isinstance(msg, dict):
+                raise ValueError("not an object")
+            op = msg.get("op")
+            if op == "direct":
+                self.direct_seen = True
+                return None
+            if op == "fed":
+                self.agent_fed = max(self.agent_fed, _count(msg, "fed"))
+                return None
+            if op != "ack":
+                return msg
+            accepted, dropped, fed = _count(msg, "accepted"), _count(msg, "dropped"), _count(msg, "fed")
+            skipped = msg.get("skipped") or []
+            if not isinstance(skipped, list) or not all(isinstance(i, int) for i in skipped):
+                raise ValueError("skipped is not a list of indexes")
+            seq = msg.get("seq", -1)
+            if not isinstance(seq, int):
+                raise ValueError("seq is not an integer")
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise ChannelError(f"the agent sent a malformed message: {exc}") from exc
+        self.agent_accepted += accepted
+        self.agent_dropped += dropped
+        self.agent_duplicates += max(0, len(skipped) - dropped)
+        self.agent_fed = max(self.agent_fed, fed)
+        sent = self.unacked.pop(seq, None)
+        if sent is not None:
+            gone = set(skipped)
+            self.pcap_frames += [f for i, f in enumerate(sent) if i not in gone]
+        return None
 
     async def _reply(self, op: str, timeout: float) -> dict[str, Any]:
         try:
@@ -1146,6 +1166,14 @@ class SourceSession:
             "notes": self.notes + list(self.dest_report.get("hold_notes", [])),
             "states": [s for _, s in self.phases.history],
         }
+
+
+def _count(msg: dict[str, Any], key: str) -> int:
+    """A non-negative integer field of an agent's message (0 when absent)."""
+    value = msg.get(key, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 53:
+        raise ValueError(f"{key} is not a count")
+    return value
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:
