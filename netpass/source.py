@@ -820,6 +820,8 @@ class SourceSession:
             # the destination has not yet seen the network deliver there: a
             # pause in the traffic would end the linger while the network
             # still sends here.
+            if self.channel_error is not None:
+                return  # nothing more can cross
             converged = self.direct_seen or self.last_frame_t <= self.resumed_t
             if now - self.resumed_t >= quiet and now - self.last_frame_t >= quiet and converged:
                 return
@@ -961,6 +963,8 @@ class SourceSession:
         n = self._unconfirmed() if self.netpass_active else 0
         if not isinstance(exc, NetpassError):
             raise exc
+        if isinstance(self.channel_error, RemoteError):
+            exc = self.channel_error  # what the agent said before the connection went
         if isinstance(exc, RemoteError) and exc.code == "dest_vm_gone":
             raise MigrationFailed(f"the migration completed, then {exc}: the VM runs on neither host "
                                   "(the source QEMU keeps its state, paused); the frames netpass "
