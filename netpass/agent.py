@@ -75,8 +75,8 @@ FLOW_FINISH_S = 1.0
 MIN_RELEASE_FPS = 2000
 # While held frames are released, the pace is decided again every
 # RELEASE_STEP_S: the VM's reading rate, corrected to bring the tap's ring
-# toward half full within RELEASE_SETTLE_S, never below
-# RELEASE_FLOOR_FPS.  The correction adds at most half a ring per
+# toward a quarter full within RELEASE_SETTLE_S, never below
+# RELEASE_FLOOR_FPS.  The correction adds at most a quarter ring per
 # RELEASE_SETTLE_S: the agent's loop may stall that long without the pace
 # overrunning the ring (a loaded host stalls it tens of milliseconds).
 RELEASE_STEP_S = 0.02
@@ -105,14 +105,26 @@ def next_release_pace(read_fps: float, level: int, ring: int) -> float:
     above what the VM reads fills it, and tun drops what does not fit (seen:
     1,049 frames on a loaded host, with a pace set from the replay's first
     burst and doubled while the hold did not shrink).  So: what the VM read
-    lately, plus what brings the ring to half full within RELEASE_SETTLE_S.
-    A VM that keeps up leaves the ring near empty and the pace climbs by
-    half a ring per RELEASE_SETTLE_S at each step (a VM reads only what it
-    is given, so a slower climb left a VM able to read 20,000 frames/s at
-    8,700, its hold growing under a 20,000/s flood); one that falls behind
-    gets the hold's queue (large) as its buffer instead of the ring.
+    lately, plus what brings the ring to a quarter full within
+    RELEASE_SETTLE_S.  A VM that keeps up leaves the ring near empty and
+    the pace climbs by a quarter ring per RELEASE_SETTLE_S at each step (a
+    VM reads only what it is given, so a slower climb left a VM able to read
+    20,000 frames/s at 8,700, its hold growing under a 20,000/s flood); one
+    that falls behind gets the hold's queue (large) as its buffer instead of
+    the ring.  A quarter, not a half: the other three quarters are what a VM
+    that stops reading for a moment (a busy host: 221 frames dropped with
+    half a ring aimed at) fills before the next step sees it; and the
+    replay's own feed keeps the ring half full, so the held live frames
+    wait until the replay is nearly done.
     """
-    return max(float(RELEASE_FLOOR_FPS), read_fps + (ring // 2 - level) / RELEASE_SETTLE_S)
+    return max(float(RELEASE_FLOOR_FPS), read_fps + (ring // 4 - level) / RELEASE_SETTLE_S)
+
+
+def vm_reading(step_fps: float, smoothed: float | None) -> float:
+    """The VM's reading rate to pace by: smoothed when it speeds up, at
+    once when it slows down (a VM that stalls must not be fed a step more
+    at its old pace)."""
+    return step_fps if smoothed is None else min(step_fps, (smoothed + step_fps) / 2)
 
 
 class SessionError(NetpassError):
@@ -555,7 +567,7 @@ class DestSession:
                 now = time.monotonic()
                 tx = dn.read_tx()
                 fps = (tx - step[1]) / (now - step[0])
-                read_fps = fps if read_fps is None else (read_fps + fps) / 2
+                read_fps = vm_reading(fps, read_fps)
                 pace = next_release_pace(read_fps, self._ring_level(dn), ring)
                 step = (now, tx)
                 if abs(pace - rate) > 0.2 * rate:
@@ -593,7 +605,7 @@ class DestSession:
                     t0, tx0, read_fps, rate = steps[id(dn)]
                     now, tx = time.monotonic(), dn.read_tx()
                     fps = (tx - tx0) / max(1e-3, now - t0)
-                    read_fps = fps if read_fps is None else (read_fps + fps) / 2
+                    read_fps = vm_reading(fps, read_fps)
                     pace = next_release_pace(read_fps, self._ring_level(dn), dn.orig_qlen or 500)
                     if abs(pace - rate) > 0.2 * rate:
                         rate = pace
@@ -947,7 +959,8 @@ class DestSession:
             self.finishing = True
             if self.flow_release is not None:
                 try:
-                    await asyncio.wait_for(asyncio.shield(self.flow_release), 1.0)
+                    async with asyncio.timeout(1.0):
+                        await asyncio.shield(self.flow_release)
                 except asyncio.TimeoutError:
                     pass
             # What the hold still has goes in at the VM's pace, then it goes.

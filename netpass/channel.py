@@ -538,7 +538,8 @@ class Channel:
             if self.reader.ready():  # no timer and no task for a message already here
                 mtype, body = await self.reader.read()
             else:
-                mtype, body = await asyncio.wait_for(self.reader.read(), wait)
+                async with asyncio.timeout(wait):
+                    mtype, body = await self.reader.read()
         except _Oversized as exc:
             raise ChannelError(f"{self.peer} sent a message of {exc.size} bytes: refused") from exc
         except _Closed as exc:
@@ -589,7 +590,8 @@ class Channel:
                 pass
         try:
             self.writer.close()
-            await asyncio.wait_for(self.writer.wait_closed(), 2)
+            async with asyncio.timeout(2):
+                await self.writer.wait_closed()
         except (ConnectionError, OSError, asyncio.TimeoutError, ssl.SSLError):
             pass
 
@@ -642,7 +644,8 @@ async def client_handshake(ch: Channel, token: bytes) -> None:
 async def server_handshake(ch: Channel, token: bytes, timeout: float = HANDSHAKE_TIMEOUT) -> None:
     """The agent's side; one deadline covers all of it."""
     try:
-        await asyncio.wait_for(_server_handshake(ch, token), timeout)
+        async with asyncio.timeout(timeout):
+            await _server_handshake(ch, token)
     except asyncio.TimeoutError as exc:
         raise ChannelError(f"{ch.peer} did not complete the handshake within {timeout:.0f} s") from exc
 
@@ -686,8 +689,8 @@ async def connect(hostport: str, token: bytes, tls_ca: str | None = None,
         ctx.check_hostname = False  # the token authenticates the agent; TLS adds secrecy
     loop = asyncio.get_running_loop()
     try:
-        transport, wire = await asyncio.wait_for(
-            loop.create_connection(Wire, host, port, ssl=ctx), timeout)
+        async with asyncio.timeout(timeout):
+            transport, wire = await loop.create_connection(Wire, host, port, ssl=ctx)
         reader, writer = wire, _Writer(transport, wire)  # type: ignore[arg-type]
     except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
         raise ChannelError(f"cannot reach the agent at {hostport}: {exc or 'timed out'}; "

@@ -54,6 +54,7 @@ DEFAULT_LEAD_S = 0.004  # park + restore, before a window starts (learned, see e
 LEAD_SAFETY_S = 0.001
 PARK_S = 0.001  # switching the parking on (nft, measured 0.2-0.8 ms)
 MAX_LEAD_S = 0.03
+MAX_GAP_S = 0.005  # a longer gap between samples is a hiccup, not the polling pace
 ACTIVE = ("active", "setup")
 
 
@@ -104,6 +105,7 @@ class Endgame:
     planned_start: float | None = None  # the window start the engage aimed at
     _last: Sample | None = None
     _last_move: float | None = None  # last sample at which transferred moved
+    _gap: float = 0.0  # between the last two samples
     _pace: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=16))
     _rtts: deque[float] = field(default_factory=lambda: deque(maxlen=64))
 
@@ -124,6 +126,8 @@ class Endgame:
             self._last_move = s.t
         if s.remaining is not None:
             self._pace.append((s.t, s.remaining))
+        if prev is not None:
+            self._gap = s.t - prev.t
         self._last = s
 
     def next_start(self, now: float) -> float | None:
@@ -168,9 +172,12 @@ class Endgame:
                 self.throttle_remaining = s.remaining
                 return Step.THROTTLE
             return Step.WAIT
-        # THROTTLED: engage just before the next window, which will finish the RAM.
+        # THROTTLED: engage just before the next window, which will finish the
+        # RAM: at the last sample before it that leaves the lead (the next
+        # sample comes about one polling gap later, and could be too late).
         nxt = self.next_start(s.t)
-        if nxt is not None and s.t >= nxt - self.lead_s - LEAD_SAFETY_S and self._phase_known():
+        margin = max(LEAD_SAFETY_S, min(self._gap, MAX_GAP_S))
+        if nxt is not None and s.t >= nxt - self.lead_s - margin and self._phase_known():
             self.phase = Phase.ENGAGED
             self.engaged_t = s.t
             self.planned_start = nxt

@@ -157,17 +157,23 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
             await _cont_when_paused(dst, opts.resume_timeout_s)
         if dst_task is not None:
             try:
-                await asyncio.wait_for(dst_resumed.wait(), opts.resume_timeout_s)
+                async with asyncio.timeout(opts.resume_timeout_s):
+                    await dst_resumed.wait()
             except asyncio.TimeoutError as exc:
                 raise MigrationFailed("the source completed but the destination did not resume "
                                       f"within {opts.resume_timeout_s:.0f} s") from exc
         return res
     finally:
         if dst_task is not None and not dst_task.done():
+            me = asyncio.current_task()
+            before = me.cancelling() if me is not None else 0
             dst_task.cancel()
             try:
                 await dst_task
-            except (asyncio.CancelledError, QMPError):
+            except asyncio.CancelledError:
+                if me is not None and me.cancelling() > before:
+                    raise  # (our own cancel, not only the watcher's)
+            except QMPError:
                 pass
 
 

@@ -67,7 +67,8 @@ class Monitor:
         listener = EventListener()
         client.register_listener(listener)
         try:
-            await asyncio.wait_for(client.connect(self.path), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await client.connect(self.path)
         except asyncio.TimeoutError as exc:
             raise QMPError(f"QMP socket {self.path} did not answer within {self.timeout:.0f} s; "
                            "a QMP monitor takes one client at a time: is another client "
@@ -89,8 +90,8 @@ class Monitor:
         if self._client is None:
             raise QMPError(f"{self.name}: not connected")
         try:
-            return await asyncio.wait_for(self._client.execute(cmd, args),
-                                          timeout or self.timeout)
+            async with asyncio.timeout(timeout or self.timeout):
+                return await self._client.execute(cmd, args)
         except ExecuteError as exc:
             raise QMPError(f"{self.name}: {cmd} failed: {exc}") from exc
         except asyncio.TimeoutError as exc:
@@ -100,14 +101,15 @@ class Monitor:
 
     async def next_event(self, timeout: float) -> Event | None:
         """The next event, or ``None`` after ``timeout`` seconds (0: only one
-        already received; ``asyncio.wait_for`` with 0 never returns one)."""
+        already received; a zero timeout never returns one)."""
         assert self._listener is not None
         if timeout <= 0:
             if self._listener.empty():
                 return None
             return Event.from_msg(await self._listener.get())
         try:
-            msg = await asyncio.wait_for(self._listener.get(), timeout)
+            async with asyncio.timeout(timeout):
+                msg = await self._listener.get()
         except asyncio.TimeoutError:
             return None
         return Event.from_msg(msg)

@@ -463,7 +463,8 @@ class SourceSession:
 
     async def _reply(self, op: str, timeout: float) -> dict[str, Any]:
         try:
-            msg = await asyncio.wait_for(self.replies.get(), timeout)
+            async with asyncio.timeout(timeout):
+                msg = await self.replies.get()
         except asyncio.TimeoutError as exc:
             raise ChannelError(f"the agent did not answer '{op}' within {timeout:.0f} s") from exc
         if msg.get("op") == "error":
@@ -821,7 +822,7 @@ class SourceSession:
             # pause in the traffic would end the linger while the network
             # still sends here.
             if self.channel_error is not None:
-                return  # nothing more can cross
+                raise self.channel_error  # nothing more can cross (the park stays: counted)
             converged = self.direct_seen or self.last_frame_t <= self.resumed_t
             if now - self.resumed_t >= quiet and now - self.last_frame_t >= quiet and converged:
                 return
@@ -928,11 +929,13 @@ class SourceSession:
                 self.notes.append(f"netpass failed ({exc}) after QEMU completed the migration")
                 if not isinstance(exc, NetpassError) or not self.netpass_active or \
                         self.channel_error is not None:
+                    await self._count_the_tail(exc)
                     self._lost_after_completion(exc)
             if self.netpass_active:
                 try:
                     await self._switch_over()
                 except ChannelError as exc:
+                    await self._count_the_tail(exc)
                     self._lost_after_completion(exc)
         except BaseException as exc:
             error = exc
@@ -957,6 +960,30 @@ class SourceSession:
         in its last FED_REPORT_S, if it vanished after the resume."""
         return max(0, sum(sn.captured for sn in self.nics) - self.agent_fed - self.agent_dropped
                    - self.agent_duplicates)
+
+    async def _count_the_tail(self, exc: BaseException) -> None:
+        """The VM moved and nothing more can cross: the network still sends
+        its frames here until it learns where the VM went.  The park keeps
+        taking them, as the linger would, until the network is quiet here,
+        so that each is counted lost (``channel_lost``) instead of vanishing
+        unseen into the paused source VM's ring once the park ends."""
+        if not self.netpass_active or not isinstance(exc, NetpassError) or self.parked_t is None:
+            return
+        start = time.monotonic()
+        quiet, hard = self.o.linger_quiet_ms / 1000, start + self.o.linger_max_ms / 1000
+        self._say("the frames still sent here cannot cross: counting them until the network is quiet")
+        self.outq.clear()  # nothing ships any more
+        while True:
+            self.capture_now()
+            self.outq.clear()
+            now = time.monotonic()
+            if now - max(start, self.last_frame_t) >= quiet:
+                return
+            if now >= hard:
+                self.notes.append(f"linger bound of {self.o.linger_max_ms} ms reached while counting the "
+                                  "frames that could not cross")
+                return
+            await asyncio.sleep(0.01)
 
     def _lost_after_completion(self, exc: BaseException) -> NoReturn:
         """The VM moved, and netpass cannot finish delivering its frames."""
@@ -1081,6 +1108,7 @@ class SourceSession:
         per_nic = []
         dropped: dict[str, int] = {}
         replayed_total = 0
+        unsent: int | None = None
         for sn in self.nics:
             d = dest_nics.get(sn.nic.mac, {})
             nic_dropped = dict(sn.dropped)
@@ -1107,6 +1135,9 @@ class SourceSession:
             # The agent is gone: what it confirmed in the VM's rings is in
             # the VM, the rest of what we captured is lost, and we say so.
             replayed_total = self.agent_fed
+            # (Of those, the ones that never left this host are surely lost;
+            # the rest reached the agent or not: a silent cut cannot say.)
+            unsent = max(0, captured - self.shipped)
             unconfirmed = self._unconfirmed()
             if unconfirmed:
                 dropped["channel_lost"] = dropped.get("channel_lost", 0) + unconfirmed
@@ -1127,6 +1158,7 @@ class SourceSession:
             "straggler_frames": self.straggler_frames,
             "duplicates_suppressed": sum(int(n.get("duplicates_suppressed", 0)) for n in dest_nics.values()),
             "frames_dropped": dropped,
+            "channel_unsent": unsent,
             "tap_ring_overflow": (sum(sn.ring_overflow for sn in self.nics)  # type: ignore[misc]
                                   if all(sn.ring_overflow is not None for sn in self.nics) else None),
             "bytes_captured": sum(sn.bytes_captured for sn in self.nics),
@@ -1181,10 +1213,17 @@ def _count(msg: dict[str, Any], key: str) -> int:
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:
+    """Stop a helper task and wait for it; a cancel of the caller itself
+    that lands meanwhile is not swallowed with the helper's."""
+    me = asyncio.current_task()
+    before = me.cancelling() if me is not None else 0
     task.cancel()
     try:
         await task
-    except (asyncio.CancelledError, NetpassError):
+    except asyncio.CancelledError:
+        if me is not None and me.cancelling() > before:
+            raise
+    except NetpassError:
         pass
 
 

@@ -395,11 +395,21 @@ def test_source_mac_split_across_two_records_is_still_replayed(tmp_path: Path) -
 def test_release_pace_follows_the_vm_and_the_ring() -> None:
     from netpass.agent import RELEASE_FLOOR_FPS, RELEASE_SETTLE_S, next_release_pace
 
-    # A half-full ring: exactly what the VM reads.
-    assert next_release_pace(3000.0, 500, 1000) == 3000.0
-    # Emptier: more, at most half a ring per settle time.
-    assert next_release_pace(3000.0, 0, 1000) == 3000.0 + 500 / RELEASE_SETTLE_S
+    # A quarter-full ring: exactly what the VM reads.
+    assert next_release_pace(3000.0, 250, 1000) == 3000.0
+    # Emptier: more, at most a quarter ring per settle time.
+    assert next_release_pace(3000.0, 0, 1000) == 3000.0 + 250 / RELEASE_SETTLE_S
+    # Half full (the replay's feed): the live frames mostly wait.
+    assert next_release_pace(3000.0, 500, 1000) == 3000.0 - 250 / RELEASE_SETTLE_S
     # Filling: less than the VM reads, so the ring drains back.
     assert next_release_pace(3000.0, 900, 1000) < 3000.0
     # A VM that reads nothing with a full ring: the floor, never zero.
     assert next_release_pace(0.0, 1000, 1000) == RELEASE_FLOOR_FPS
+
+
+def test_vm_reading_follows_a_stall_at_once() -> None:
+    from netpass.agent import vm_reading
+
+    assert vm_reading(4000.0, None) == 4000.0
+    assert vm_reading(0.0, 5000.0) == 0.0  # a stall: at once
+    assert vm_reading(6000.0, 4000.0) == 5000.0  # faster: smoothed
