@@ -553,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     global _MAIN_PID
     _MAIN_PID = os.getpid()
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # A shell starts background jobs with SIGINT ignored, and Python keeps
+    # it so: a SIGINT sent to a background netpass then did nothing at all
+    # (its migration went on).  netpass always stops, and undoes, on one.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     handlers = {"demo": cmd_demo, "doctor": cmd_doctor, "lab": cmd_lab, "agent": cmd_agent, "bench": cmd_bench,
                 "migrate": cmd_migrate}
     try:

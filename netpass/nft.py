@@ -81,7 +81,7 @@ class Steering:
 
     def __init__(self, table: str) -> None:
         self.table = table
-        self.nft = _bindings().Nftables()
+        self.nft: Any = _bindings().Nftables()
         self.chains: dict[str, tuple[str, str]] = {}  # tap -> (chain, target)
         self.steering: set[str] = set()
         self.loaded = False
@@ -110,12 +110,20 @@ class Steering:
             self.steering.discard(tap)
 
     def close(self) -> None:
-        """Remove the table (every chain and rule): safe to call twice."""
-        if self.loaded:
-            try:
-                self._cmd(f"delete table netdev {self.table}")
-            except KernelError as exc:
-                log.warning("removing nft table %s: %s", self.table, exc)
-                raise
-            self.loaded = False
-            self.steering.clear()
+        """Remove the table (every chain and rule), then free the nftables
+        context and its netlink socket (not left to the garbage collector:
+        a failed session's object may live on): safe to call twice."""
+        if self.nft is None:
+            return
+        try:
+            if self.loaded:
+                try:
+                    self._cmd(f"delete table netdev {self.table}")
+                except KernelError as exc:
+                    log.warning("removing nft table %s: %s", self.table, exc)
+                    raise
+                self.loaded = False
+                self.steering.clear()
+        finally:
+            if not self.loaded:
+                self.nft = None  # (its __del__ frees the context: CPython, no other reference)

@@ -72,6 +72,10 @@ _SRC_MAC = operator.itemgetter(slice(6, 12))
 CACHE_FRAME_OVERHEAD = 256
 VERIFY_BOUND_S = 2.0  # QEMU reads the sacrificial frames within this, or netpass says it did not
 QEMU_TOOK_BOUND_S = 0.5
+# The source's setup steps, in order; a test makes the session fail right
+# after each (SourceSession.fail_after) and checks that nothing is left.
+ARM_STEPS = ("channel", "monitor", "opened", "guard", "steering", "fds", "park", "inject", "readers",
+             "qemu")
 GIVE_BACK_ROUNDS = 4  # after an unforeseen stop: QEMU's free readers take a frame within this
 ACTIVE = ("setup", "active", "pre-switchover", "device", "cancelling")
 
@@ -138,6 +142,8 @@ class SourceNic:
 
 class SourceSession:
     def __init__(self, opts: MigrateOptions, progress: Progress | None = None) -> None:
+        self.fail_after: str | None = None  # a test hook (see ARM_STEPS)
+        self.migrate_issued = False
         self.o = opts
         self.sid = uuid.uuid4().hex[:12]
         self.phases = Phases(self.sid)
@@ -210,9 +216,11 @@ class SourceSession:
         self.ch = await connect(self.o.dest_agent, self.o.token, self.o.tls_ca)  # auth first
         self.undo.push_async_callback(self.ch.close)
         self.ch.start_beats()  # the agent's silence is seen within channel.SILENCE_S
+        self._step("channel")
         pid = peer_pid(self.o.qmp)
         self.src_pid = pid
         await self._connect_monitor()
+        self._step("monitor")
         assert self.mon is not None
         status = await self.mon.status()
         if status not in ("running", "paused"):
@@ -234,6 +242,7 @@ class SourceSession:
         armed = await self.ch.recv_json(CONTROL, timeout=60)
         if armed.get("op") != "armed":
             raise ChannelError(f"agent answered {armed.get('op')!r} to 'open'")
+        self._step("opened")
         for line in await asyncio.to_thread(srcguard.recover, self.o.state_dir):
             self._say(f"cleanup of an earlier run: {line}")
         # Before the first change to this host: should netpass be killed,
@@ -241,9 +250,11 @@ class SourceSession:
         self.guard = srcguard.Guard(self.o.state_dir, self.sid, self.o.qmp)
         self.guard.start()
         self.undo.callback(self.guard.close)
+        self._step("guard")
         self.steering = nft.Steering(f"netpass_{self.sid}")
         self.guard.record(nft_table=self.steering.table)
         self.undo.callback(self.steering.close)
+        self._step("steering")
         pidfd = tapfd.pidfd_open(pid)
         try:
             for i, nic in enumerate(found):
@@ -254,6 +265,7 @@ class SourceSession:
         for sn in self.nics:
             loop.add_reader(sn.park.fileno(), self._on_parked, sn)
             self.undo.callback(self._remove_reader, sn.park.fileno())
+        self._step("readers")
         self.phases.reach(Phase.ARMED)
         self._say(f"armed: {len(self.nics)} NIC(s) " +
                   ", ".join(f"{n.nic.mac} on {n.nic.tap} ({len(n.fds)} queue(s))" for n in self.nics))
@@ -268,13 +280,16 @@ class SourceSession:
         for fd in nic.qemu_fds:
             fds.append(tapfd.pidfd_getfd(pidfd, fd))
             self.undo.callback(os.close, fds[-1])  # owned from the moment it is taken
+        self._step("fds")
         for fd in fds:
             if not tapfd.is_nonblocking(fd):
                 raise MigrationFailed(f"QEMU's fd for tap {nic.tap} is blocking; netpass cannot read it safely")
         info = links.info(None, nic.tap)
         park = Park.open(nic.tap, self.steering, self.undo)
+        self._step("park")
         inject = Injector(nic.tap, bypass=True, mark=nft.OWN_MARK)
         self.undo.callback(inject.close)
+        self._step("inject")
         mac_bytes = bytes.fromhex(nic.mac.replace(":", ""))
         queues = links.active_queues(nic.tap) if len(fds) > 1 else 1
         sn = SourceNic(index=i, nic=nic, fds=fds, hdr_size=tapfd.vnet_hdr_size(fds[0]),
@@ -284,6 +299,11 @@ class SourceSession:
         if info.master:
             sn.bridge = links.name_of(None, info.master)
         self.nics.append(sn)
+
+    def _step(self, name: str) -> None:
+        """A test hook: fail right after the named setup step (ARM_STEPS)."""
+        if self.fail_after == name:
+            raise KernelError(f"failure injected after the arm step '{name}'")
 
     @staticmethod
     def _remove_reader(fd: int) -> None:
@@ -498,6 +518,7 @@ class SourceSession:
         # Whatever netpass does to the bandwidth, the operator's value comes back.
         self.undo.push_async_callback(self._set_param, "max-bandwidth",
                                       int(self.qemu_params.get("max-bandwidth", 0)))
+        self._step("qemu")
 
     async def _set_capability(self, name: str, state: bool) -> None:
         assert self.mon is not None
@@ -520,6 +541,7 @@ class SourceSession:
     # -- the migration --------------------------------------------------------------------
     async def _migrate(self) -> None:
         assert self.mon is not None
+        self.migrate_issued = True
         await self.mon.execute("migrate", {"uri": self.o.uri})
         if self.netpass_active:
             self.endgame = Endgame(int(self.qemu_params.get("max-bandwidth", 0)))
@@ -939,6 +961,7 @@ class SourceSession:
                     self._lost_after_completion(exc)
         except BaseException as exc:
             error = exc
+            await self._abort_unstarted(exc)
             if self.phases.phase not in (Phase.DONE, Phase.FAILED):
                 self.phases.reach(Phase.FAILED, str(exc) or type(exc).__name__)
             raise
@@ -952,6 +975,17 @@ class SourceSession:
             self._write_pcap()
             self.final_report = self.report(error)
         return self.final_report
+
+    async def _abort_unstarted(self, exc: BaseException) -> None:
+        """Failed before QEMU was asked to migrate: the agent ends its session
+        at once (otherwise it waits to see whether its VM runs after all)."""
+        if self.migrate_issued or self.ch is None or self.channel_error is not None:
+            return
+        try:
+            async with asyncio.timeout(2):
+                await self.ch.send_json(CONTROL, {"op": "abort", "reason": f"the source failed: {exc}"[:300]})
+        except (ChannelError, TimeoutError):
+            pass
 
     def _unconfirmed(self) -> int:
         """Frames captured that the agent did not confirm in the VM's rings

@@ -127,3 +127,19 @@ def test_migrate_sigtermed_midway_cancels_and_keeps_everything(guest_image, no_l
     assert res["src_status"] == "running", summary(res)
     assert_all_reached_the_guest(res)
     assert_nothing_left(res)
+
+
+def test_a_real_migration_succeeds_during_a_preauth_attack(guest_image, no_leftovers) -> None:
+    """200 connections without the token (32 MiB length prefixes, nested
+    JSON, silence) held open at the agent from before the migration to its
+    end: the real client still authenticates, and nothing is lost."""
+    from .test_lab_netpass import assert_zero_loss
+
+    res = run(guest_image, "netpass", fault="preauth-attack", **PAUSED)
+    attack = res["report"]["attack"]
+    assert attack.get("opened", 0) + attack.get("refused", 0) == 200, attack
+    # Over the caps (8 per address, 64 in all), or oversized, or unparsable:
+    # closed by the agent at once; the silent ones at the handshake deadline.
+    assert attack.get("closed_by_agent", 0) >= 200 - 4 * 8, attack
+    assert_zero_loss(res)
+    assert_nothing_left(res)

@@ -77,6 +77,8 @@ FAULTS = {
     "migrate-sigkill-at-stop": "SIGKILL 'netpass migrate' at the source's stop",
     "migrate-sigterm-midway": "SIGTERM 'netpass migrate' 0.3 s into the migration",
     "migrate-sigkill-midway": "SIGKILL 'netpass migrate' 0.3 s into the migration",
+    "preauth-attack": "200 connections without the token at the agent, from 4 local addresses, "
+                      "held open from before 'netpass migrate' starts to its end",
 }
 BUSY_PROGRAM = ("import sys, time\n"
                 "end = time.monotonic() + float(sys.argv[1])\n"
@@ -275,6 +277,49 @@ METRICS_PORT = 9411
 
 def _cli(lab: Lab, role: str, *args: str) -> list[str]:
     return netns.exec_argv(lab.ns(role), [sys.executable, "-m", "netpass.cli", *args])
+
+
+STRANGER_SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
+
+
+async def _start_strangers(lab: Lab, say: Say) -> asyncio.subprocess.Process:
+    """The pre-auth attack, from the agent's own host (loopback sources),
+    in place before the real client connects."""
+    argv = [sys.executable, "-m", "netpass.lab.stranger", "--target", f"{MIG_DST}:{AGENT_PORT}",
+            "--count", "200", "--hold-s", "240"]
+    for src in STRANGER_SOURCES:
+        argv += ["--source", src]
+    proc = await asyncio.create_subprocess_exec(*netns.exec_argv(lab.ns("dst"), argv),
+                                                stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(60):
+            line = await proc.stdout.readline()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise LabError("the strangers did not connect within 60 s") from None
+    if not line:
+        await proc.wait()
+        raise LabError(f"the strangers failed (exit {proc.returncode})")
+    say(f"lab: strangers at the agent: {line.decode().strip()}")
+    return proc
+
+
+async def _end_strangers(proc: asyncio.subprocess.Process) -> dict[str, Any]:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.close()
+    try:
+        async with asyncio.timeout(10):
+            out = await proc.stdout.read()
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return {"error": "the strangers did not end"}
+    lines = out.decode().strip().splitlines()
+    return json.loads(lines[-1]) if lines else {"error": f"exit {proc.returncode}"}
 
 
 class _LateLan:
@@ -531,6 +576,8 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say,
     res = MigrationResult()
     metrics_url = f"http://{MIG_DST}:{METRICS_PORT}/metrics"
     migrate_proc = None
+    strangers: asyncio.subprocess.Process | None = None
+    attack: dict[str, Any] | None = None
     try:
         if opts.metrics:
             res.metrics_before = await _curl(lab, metrics_url)
@@ -542,6 +589,8 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say,
             if opts.max_bandwidth_mib:
                 await sw.execute("migrate-set-parameters", {"max-bandwidth": opts.max_bandwidth_mib << 20})
             manager = _Manager(lab, opts, res, sw, dw, say)
+            if opts.fault == "preauth-attack":
+                strangers = await _start_strangers(lab, say)
             migrate_proc = await asyncio.create_subprocess_exec(
                 *_cli(lab, "src", "-v", "migrate", "--qmp", lab.src_vm.qmp, "--uri", lab.migration_uri,
                       "--dest-agent", opts.agent_addr or f"{MIG_DST}:{AGENT_PORT}",
@@ -601,6 +650,8 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say,
         if migrate_proc is not None and migrate_proc.returncode is None:
             migrate_proc.kill()
             await migrate_proc.wait()
+        if strangers is not None:
+            attack = await _end_strangers(strangers)
         await asyncio.to_thread(stop_agent, agent)
     res.dst_leftovers = await asyncio.to_thread(dst_leftovers, lab)
     res.src_leftovers = await asyncio.to_thread(src_leftovers, lab)
@@ -617,6 +668,8 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say,
     if report_path.exists():
         report = json.loads(report_path.read_text())
     report["exit_code"] = migrate_proc.returncode if migrate_proc else None
+    if attack is not None:
+        report["attack"] = attack
     report["logs"] = {"migrate": err.decode(errors="replace")[-20000:],
                       "agent": agent_log.read_text(errors="replace")[-20000:]}
     if res.downtime_ms is None:
