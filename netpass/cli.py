@@ -249,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated, of plain, netpass, strict (default all three)")
     mx.add_argument("--busy-core", action="store_true", help="every run with a busy core")
     mx.add_argument("--json", action="store_true", help="print JSON (with every run) instead of Markdown")
+    mx.add_argument("--save", metavar="PATH", help="write the matrix so far as JSON after every run")
     return ap
 
 
@@ -533,8 +534,14 @@ def cmd_lab(args: argparse.Namespace) -> int:
         with err_console.status("matrix") as status:
             # A spinner on a terminal; one line per step otherwise (a log, CI).
             say = status.update if err_console.is_terminal else err_console.log
+            def save(so_far: dict[str, Any]) -> None:
+                tmp = Path(args.save + ".tmp")
+                tmp.write_text(json.dumps(so_far))
+                tmp.replace(args.save)
+
             result = matrix.run(img, args.runs, args.scenario, modes,
-                                {"busy_core": True} if args.busy_core else {}, say)
+                                {"busy_core": True} if args.busy_core else {}, say,
+                                save if args.save else None)
         print(json.dumps(result) if args.json else matrix.markdown(result))
     else:
         removed = sweep_stale()

@@ -84,8 +84,11 @@ class Cell:
 
 
 def run(image: GuestImage, runs: int, names: list[str] | None, modes: list[str], extra: dict[str, Any],
-        say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    """Run the matrix; returns {scenario: {mode: cell summary, "what": ...}}."""
+        say: Callable[[str], None],
+        partial: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Run the matrix; returns {scenario: {mode: cell summary, "what": ...}}.
+    ``partial`` gets the matrix so far after every run (a long matrix cut
+    short keeps what it measured)."""
     out: dict[str, dict[str, Any]] = {}
     for sc in SCENARIOS:
         if names and sc.name not in names:
@@ -99,8 +102,10 @@ def run(image: GuestImage, runs: int, names: list[str] | None, modes: list[str],
                 res = run_migration_scenario(image, ScenarioOptions(mode=mode, migrate_args=args,
                                                                     **{**sc.knobs, **extra}), say)
                 cells[m].add(res)
-        out[sc.name] = {"what": sc.what, **{m: c.summary() for m, c in cells.items()},
-                        "raw": {m: c.runs for m, c in cells.items()}}
+                out[sc.name] = {"what": sc.what, **{k: c.summary() for k, c in cells.items()},
+                                "raw": {k: c.runs for k, c in cells.items()}}
+                if partial is not None:
+                    partial(out)
     return out
 
 
