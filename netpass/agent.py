@@ -701,6 +701,8 @@ class DestSession:
         while True:
             self._check_vm_alive()
             await self._tell_fed()
+            if not self.running:
+                await self._see_resume()
             if self.strict:
                 if self.hold_closed and self._hold_expired() and not self.hold_timed_out:
                     self.hold_timed_out = True
@@ -894,6 +896,23 @@ class DestSession:
         self.cache_bytes += dn.pending.add_span(batch.body, batch.offsets)
         return True
 
+    async def _see_resume(self) -> None:
+        """The VM here resumed (its own RESUME event): it runs whether or not
+        the source's 'migrated' got here (a link cut at the switchover).  The
+        frames held for it go in from now on, at its pace; waiting for the
+        source, they would wait in the hold until the source is declared
+        lost (5 s)."""
+        if self.mon is None:
+            return
+        try:
+            while (ev := await self.mon.next_event(0)) is not None:
+                if ev.name == "RESUME" and self.resume_t is None:
+                    self.resume_t = ev.emitted
+                    self.running = True
+                    log.info("session=%s the VM resumed here", self.sid)
+        except QMPError as exc:
+            log.debug("session=%s events: %s", self.sid, exc)
+
     async def migrated(self, req: dict[str, Any]) -> dict[str, Any]:
         """The source completed: wait for the destination VM to run.
 
@@ -901,9 +920,7 @@ class DestSession:
         ``-S`` continues it; netpass never resumes a VM on its own.
         """
         assert self.mon is not None
-        while (ev := await self.mon.next_event(0)) is not None:  # events queued since arming
-            if ev.name == "RESUME" and self.resume_t is None:
-                self.resume_t = ev.emitted
+        await self._see_resume()  # events queued since arming
         wait_s = req.get("wait_running_s", 30)
         if not isinstance(wait_s, (int, float)) or not 0 <= wait_s <= 120:
             raise SessionError("bad_request", "wait_running_s must be 0 to 120 seconds")

@@ -36,10 +36,20 @@ def test_without_the_flag_replies_are_reordered(guest_image, no_leftovers) -> No
     destination holds the live frames until the VM runs, and the forwarded
     ones go into its ring ahead of them.  Frames the source still gets
     after the resume are what newer, direct ones overtake.)"""
-    res = run(guest_image, "netpass", **LATE)
-    assert_zero_loss(res)
-    assert res["reordered"] > 0, res
-    assert res["report"]["reordered_estimate"] > 0, res["report"]
+    # Reordering without the flag is a race (frames the source forwards
+    # after the resume against direct ones at the destination): 2 of 12
+    # runs here showed none once the destination's paced release aimed at a
+    # quarter of the ring.  So: up to three migrations, each losing nothing,
+    # and at least one reordered (all three in order: under 1% by that rate).
+    seen = []
+    for _ in range(3):
+        res = run(guest_image, "netpass", **LATE)
+        assert_zero_loss(res)
+        seen.append((res["reordered"], res["report"]["reordered_estimate"]))
+        if res["reordered"] > 0:
+            assert res["report"]["reordered_estimate"] > 0, res["report"]
+            return
+    raise AssertionError(f"no reordering in three migrations without the flag: {seen}")
 
 
 @pytest.mark.parametrize("attempt", [1, 2])
