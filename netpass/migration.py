@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import MigrationFailed, QMPError
+from .errors import MigrationFailed, NetpassError, QMPError
 from .qmp import Event, Monitor
 
 log = logging.getLogger(__name__)
@@ -165,16 +165,23 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
         return res
     finally:
         if dst_task is not None and not dst_task.done():
-            me = asyncio.current_task()
-            before = me.cancelling() if me is not None else 0
-            dst_task.cancel()
-            try:
-                await dst_task
-            except asyncio.CancelledError:
-                if me is not None and me.cancelling() > before:
-                    raise  # (our own cancel, not only the watcher's)
-            except QMPError:
-                pass
+            await stop_task(dst_task)
+
+
+async def stop_task(task: asyncio.Task[Any]) -> None:
+    """Cancel a helper task and wait for it to end, its failure ignored
+    (NetpassError); a cancel of the caller itself that lands meanwhile is
+    not swallowed with the helper's."""
+    me = asyncio.current_task()
+    before = me.cancelling() if me is not None else 0
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        if me is not None and me.cancelling() > before:
+            raise
+    except NetpassError:
+        pass
 
 
 async def _cont_when_paused(dst: Monitor, timeout_s: float) -> None:

@@ -54,7 +54,7 @@ from . import links, nft, pcap, procs, sacrifice, srcguard, tapfd, wire
 from .channel import BATCH, CONTROL, AuthError, Channel, ChannelError, RemoteError, connect
 from .endgame import THROTTLE_BANDWIDTH, Endgame, Sample, Step
 from .errors import FramesLost, KernelError, MigrationFailed, NetpassError, QMPError
-from .migration import progress_line
+from .migration import progress_line, stop_task
 from .nics import Nic, discover, rx_state, virtio_paths
 from .packet import Injector
 from .park import Park
@@ -942,7 +942,7 @@ class SourceSession:
             await self._arm_or_not()
             if self.netpass_active:
                 for coro in (self._receiver(), self._shipper()):
-                    self.undo.push_async_callback(_cancel, asyncio.create_task(coro))
+                    self.undo.push_async_callback(stop_task, asyncio.create_task(coro))
             await self._configure_qemu()
             try:
                 await self._migrate()
@@ -1252,21 +1252,6 @@ def _count(msg: dict[str, Any], key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 53:
         raise ValueError(f"{key} is not a count")
     return value
-
-
-async def _cancel(task: asyncio.Task[Any]) -> None:
-    """Stop a helper task and wait for it; a cancel of the caller itself
-    that lands meanwhile is not swallowed with the helper's."""
-    me = asyncio.current_task()
-    before = me.cancelling() if me is not None else 0
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        if me is not None and me.cancelling() > before:
-            raise
-    except NetpassError:
-        pass
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from netpass.lab.scenario import stop_agent
 from netpass.channel import CONTROL, HELLO, PREFIX, Channel, Wire, _Writer, client_handshake
 
 from .conftest import ROOT
@@ -45,6 +46,30 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _start_agent(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, bytes]:
+    token = secrets.token_hex(32).encode()
+    tokfile = tmp_path / "token"
+    tokfile.write_bytes(token)
+    tokfile.chmod(0o600)
+    port = _free_port()
+    agent = subprocess.Popen([sys.executable, "-m", "netpass.cli", "agent", "--listen", f"127.0.0.1:{port}",
+                              "--token-file", str(tokfile), "--qmp-root", str(tmp_path),
+                              "--state-dir", str(tmp_path / "state")],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return agent, port, token
+
+
+def _wait_listening(agent: subprocess.Popen[bytes], port: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert agent.poll() is None and time.monotonic() < deadline, "the agent did not start"
+            time.sleep(0.1)
+
+
 async def _real_client(port: int, token: bytes) -> dict[str, object]:
     loop = asyncio.get_running_loop()
     transport, wire = await loop.create_connection(Wire, "127.0.0.1", port, local_addr=("127.0.0.2", 0))
@@ -59,25 +84,10 @@ async def _real_client(port: int, token: bytes) -> dict[str, object]:
 
 def test_two_hundred_strangers_cost_little_and_a_real_client_gets_in(root_required: None,
                                                                     tmp_path: Path) -> None:
-    token = secrets.token_hex(32).encode()
-    tokfile = tmp_path / "token"
-    tokfile.write_bytes(token)
-    tokfile.chmod(0o600)
-    port = _free_port()
-    agent = subprocess.Popen([sys.executable, "-m", "netpass.cli", "agent", "--listen", f"127.0.0.1:{port}",
-                              "--token-file", str(tokfile), "--qmp-root", str(tmp_path),
-                              "--state-dir", str(tmp_path / "state")],
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    agent, port, token = _start_agent(tmp_path)
     socks: list[socket.socket] = []
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert agent.poll() is None and time.monotonic() < deadline, "the agent did not start"
-                time.sleep(0.1)
+        _wait_listening(agent, port)
         time.sleep(0.5)
         rss0, fds0 = _rss_kib(agent.pid), _fds(agent.pid)
         for i in range(200):
@@ -107,26 +117,13 @@ def test_two_hundred_strangers_cost_little_and_a_real_client_gets_in(root_requir
     finally:
         for s in socks:
             s.close()
-        agent.terminate()
-        try:
-            agent.wait(10)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
+        stop_agent(agent)
 
 
 def test_a_traversal_session_id_is_refused(root_required: None, tmp_path: Path) -> None:
     """The session id names the hold's state files: ``../..`` or an absolute
     path never becomes one (the agent answers bad_request)."""
-    token = secrets.token_hex(32).encode()
-    tokfile = tmp_path / "token"
-    tokfile.write_bytes(token)
-    tokfile.chmod(0o600)
-    port = _free_port()
-    agent = subprocess.Popen([sys.executable, "-m", "netpass.cli", "agent", "--listen", f"127.0.0.1:{port}",
-                              "--token-file", str(tokfile), "--qmp-root", str(tmp_path),
-                              "--state-dir", str(tmp_path / "state")],
-                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    agent, port, token = _start_agent(tmp_path)
 
     async def attempt(sid: str) -> str:
         from netpass.channel import ChannelError, RemoteError, connect
@@ -146,25 +143,13 @@ def test_a_traversal_session_id_is_refused(root_required: None, tmp_path: Path) 
             await ch.close()
 
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert agent.poll() is None and time.monotonic() < deadline, "the agent did not start"
-                time.sleep(0.1)
+        _wait_listening(agent, port)
         for sid in ("../../outside/x", "/etc/passwd", "ABC", "a" * 65, ""):
             assert asyncio.run(attempt(sid)) == "bad_request", sid
         assert not (tmp_path / "outside").exists()
         assert not list((tmp_path / "state").rglob("*.json")) if (tmp_path / "state").exists() else True
     finally:
-        agent.terminate()
-        try:
-            agent.wait(10)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
+        stop_agent(agent)
 
 
 

@@ -16,6 +16,8 @@ import sys
 import threading
 import time
 
+from .prober import set_at_stdin_end
+
 ETHERTYPE = b"\x88\xb5"
 MAX_PPS = 200_000
 MAX_DURATION = 600.0
@@ -29,13 +31,7 @@ def run(ifname: str, dst_mac: str, src_mac: str, pps: int, duration: float, size
         raise ValueError(f"pps must be in (0, {MAX_PPS}] and duration in (0, {MAX_DURATION}]")
     stop = threading.Event()
     if stop_on_stdin:
-        def watch() -> None:
-            try:
-                sys.stdin.buffer.read()
-            except (OSError, ValueError):
-                pass
-            stop.set()
-        threading.Thread(target=watch, daemon=True).start()
+        set_at_stdin_end(stop)
     head = bytes.fromhex(dst_mac.replace(":", "")) + bytes.fromhex(src_mac.replace(":", "")) + ETHERTYPE
     ring = TxRing(ifname, bypass=False)
     offered = sent = 0

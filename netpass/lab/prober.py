@@ -66,6 +66,18 @@ class ProbeStats:
         return out
 
 
+def set_at_stdin_end(event: threading.Event) -> None:
+    """Set ``event`` once stdin ends (the lab closes it to stop a traffic
+    program early), from a daemon thread."""
+    def watch() -> None:
+        try:
+            sys.stdin.buffer.read()
+        except (OSError, ValueError):
+            pass
+        event.set()
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of an already sorted list."""
     if not sorted_values:
@@ -212,17 +224,10 @@ def run(target: str, rate: float, duration: float, proto: str = "icmp",
                 if pid is not None:
                     replies.append((pid, now))
 
-    def stdin_watch() -> None:
-        try:
-            sys.stdin.buffer.read()
-        except (OSError, ValueError):
-            pass
-        stop.set()
-
     rx_thread = threading.Thread(target=receiver, daemon=True)
     rx_thread.start()
     if stop_on_stdin:
-        threading.Thread(target=stdin_watch, daemon=True).start()
+        set_at_stdin_end(stop)
     start = time.monotonic_ns()
     interval_ns = int(1e9 / rate)
     for pid in range(count):

@@ -25,6 +25,8 @@ import sys
 import threading
 import time
 
+from .prober import set_at_stdin_end
+
 SINK_PORT = 5001
 MAX_DURATION = 600.0
 TCP_INFO_LEN = 232
@@ -76,13 +78,7 @@ def run(target: str, rate_mbit: float, duration: float, stop_on_stdin: bool = Fa
     sock.setblocking(False)
     stop = threading.Event()
     if stop_on_stdin:
-        def watch() -> None:
-            try:
-                sys.stdin.buffer.read()
-            except (OSError, ValueError):
-                pass
-            stop.set()
-        threading.Thread(target=watch, daemon=True).start()
+        set_at_stdin_end(stop)
     data = b"\xa5" * CHUNK
     samples: list[tuple[float, int, int]] = []
     t0 = time.monotonic()
