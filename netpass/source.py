@@ -1014,10 +1014,9 @@ class SourceSession:
         start = time.monotonic()
         quiet, hard = self.o.linger_quiet_ms / 1000, start + self.o.linger_max_ms / 1000
         self._say("the frames still sent here cannot cross: counting them until the network is quiet")
-        self.outq.clear()  # nothing ships any more
         while True:
             self.capture_now()
-            self.outq.clear()
+            self.outq.clear()  # nothing ships any more
             now = time.monotonic()
             if now - max(start, self.last_frame_t) >= quiet:
                 return

@@ -697,8 +697,7 @@ def dst_leftovers(lab: Lab, wait_s: float = 5.0) -> list[str]:
     """
     from .. import hold, tc
 
-    deadline = time.monotonic() + wait_s
-    while True:
+    def scan() -> list[str]:
         found: list[str] = []
         ns = lab.ns("dst")
         if links.exists(ns, "tap0"):
@@ -713,9 +712,8 @@ def dst_leftovers(lab: Lab, wait_s: float = 5.0) -> list[str]:
         state = lab.rundir / "state" / "holds"
         if state.is_dir():
             found += [f"state file {p.name}" for p in state.glob("*.json")]
-        if not found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
+        return found
+    return _once_settled(scan, wait_s)
 
 
 def src_leftovers(lab: Lab, wait_s: float = 5.0) -> list[str]:
@@ -725,8 +723,8 @@ def src_leftovers(lab: Lab, wait_s: float = 5.0) -> list[str]:
     from .. import park
 
     ns = lab.ns("src")
-    deadline = time.monotonic() + wait_s
-    while True:
+
+    def scan() -> list[str]:
         found = [f"link {n}" for n in links.names(ns) if n.startswith(park.PREFIX)]
         tables = subprocess.run(netns.exec_argv(ns, ["nft", "list", "tables"]), capture_output=True,
                                 text=True, timeout=10).stdout
@@ -738,6 +736,16 @@ def src_leftovers(lab: Lab, wait_s: float = 5.0) -> list[str]:
         state = lab.rundir / "src-state" / "sessions"
         if state.is_dir():
             found += [f"state file {p.name}" for p in state.glob("*.json")]
+        return found
+    return _once_settled(scan, wait_s)
+
+
+def _once_settled(scan: Callable[[], list[str]], wait_s: float) -> list[str]:
+    """``scan()`` again every 0.1 s until it finds nothing (a guard may
+    still be undoing) or ``wait_s`` passed; what it found last."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = scan()
         if not found or time.monotonic() > deadline:
             return found
         time.sleep(0.1)
