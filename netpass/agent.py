@@ -31,7 +31,7 @@ from .channel import (BATCH, CONTROL, ERROR, AuthError, Channel, ChannelError, W
                       serve, server_handshake)
 from .errors import KernelError, NetpassError, QMPError, UsageError
 from .metrics import AgentMetrics
-from .nics import Nic, discover
+from .nics import Nic, discover, rss_in_use
 from .packet import Shadow, Tally, TxRing
 from .qmp import Monitor, peer_pid
 from .session import State, StateMachine
@@ -62,6 +62,10 @@ class AgentConfig:
         return self.state_dir / "holds"
 
 
+# Strict ordering, multiqueue: after the tap is given its own queue choice
+# back, how long the held live frames still wait for the VM to handle what
+# queue 0 holds (see _unpin_queues).
+UNPIN_SETTLE_S = 0.02
 HOLD_LIMIT_BYTES = 64 << 20  # per direction and NIC: what a hold queues at most
 MAX_HOLD_TIMEOUT_MS = 60_000
 # Without --strict-ordering the hold is flow control only: live frames wait in
@@ -241,6 +245,8 @@ class DestNic:
     first_read_t: float | None = None  # when QEMU was first seen reading after that
     tx_counter: links.Counter | None = None  # the tap's tx_packets, kept open (polled often)
     watch: tapfd.Watch | None = None  # whether its ring holds a frame
+    pinned_t: float | None = None  # since when every frame toward the VM goes to queue 0
+    pinned_ms: float | None = None  # how long that lasted
 
     def read_tx(self) -> int:
         """QEMU's reads from the tap so far (its tx_packets)."""
@@ -392,6 +398,9 @@ class DestSession:
         else:
             await self._install_flow_holds()
         self._step("holds")
+        for dn in self.nics:
+            if len(dn.fds) > 1:
+                await self._pin_queue(dn, pid)
         loop = asyncio.get_running_loop()
         for dn in self.nics:
             if dn.hold is None:
@@ -405,6 +414,63 @@ class DestSession:
         self.sm.to(State.ARMED)
         return {"nics": [{"mac": d.nic.mac, "tap": d.nic.tap, "ring": d.orig_qlen} for d in self.nics],
                 "strict": self.strict}
+
+    # -- one queue while frames are forwarded -----------------------------------------
+    async def _pin_queue(self, dn: DestNic, qemu_pid: int) -> None:
+        """A multiqueue tap sends each flow to the queue its VM last sent it
+        on (tun's automatic steering).  The VM's first replies after its
+        resume can move a flow to another queue while the forwarded frames
+        still wait in the first, and the VM, reading its queues in any
+        order, then takes later frames first (lab, 4 queues: 437-639
+        replies reordered).  Until the forwarded frames are in, every frame
+        toward the VM goes to queue 0: one queue, one order.  Not done when
+        QEMU may steer the queues itself (virtio-net RSS): its program
+        would be replaced and could not be put back; nor without a hold,
+        whose guard gives the tap its queue choice back should the agent
+        die."""
+        assert self.mon is not None
+        rss = await rss_in_use(self.mon, dn.nic.mac)
+        why = ("QEMU steers them with RSS" if rss else "QEMU cannot say whether it steers them (RSS)"
+               if rss is None else "no hold to guard the change" if dn.hold is None else None)
+        if why is not None:
+            self.hold_notes.append(f"{dn.nic.tap}: {len(dn.fds)} queues and {why}: forwarded "
+                                   "frames may be read out of order across queues")
+            return
+        assert dn.hold is not None
+        try:
+            await asyncio.to_thread(dn.hold.pin_queue, dn.fds[0], qemu_pid, dn.nic.qemu_fds[0])
+        except KernelError as exc:
+            self.hold_notes.append(f"{dn.nic.tap}: cannot keep its queues to one ({exc}): forwarded "
+                                   "frames may be read out of order across queues")
+            return
+        dn.pinned_t = time.monotonic()
+        self._on_exit(f"giving {dn.nic.tap} its automatic queue choice back", self._unpin_queue, dn)
+
+    def _unpin_queue(self, dn: DestNic) -> None:
+        if dn.pinned_t is None or dn.hold is None:
+            return
+        dn.hold.unpin_queue(dn.fds[0])
+        dn.pinned_ms = round((time.monotonic() - dn.pinned_t) * 1000, 1)
+        dn.pinned_t = None
+
+    async def _unpin_queues(self, deadline: float, settle_s: float = 0.0) -> None:
+        """Every forwarded frame is in: the tap chooses queues by itself
+        again, once QEMU has read what queue 0 holds.  A frame sent to
+        another queue after that can still be read by the VM first, if it
+        is slow to handle queue 0: with strict ordering the live frames are
+        still held here, and wait ``settle_s`` more.  Without it they are
+        not, and that one moment may reorder a frame (seen once in the lab
+        with 4 queues: 1 reply)."""
+        unpinned = False
+        for dn in self.nics:
+            if dn.pinned_t is None:
+                continue
+            while self.running and not dn.ring_empty() and time.monotonic() < deadline:
+                await asyncio.sleep(0.001)
+            self._unpin_queue(dn)
+            unpinned = True
+        if unpinned and settle_s:
+            await asyncio.sleep(min(settle_s, max(0.0, deadline - time.monotonic())))
 
     async def _check_vm(self, vm: dict[str, str]) -> None:
         """The session is tied to one VM: the destination QEMU must be the
@@ -970,6 +1036,7 @@ class DestSession:
             while self.running and not all(self._consumed(dn) for dn in self.nics) and \
                     time.monotonic() < deadline:
                 await asyncio.sleep(0.001)
+            await self._unpin_queues(deadline, UNPIN_SETTLE_S)
             await self._release_rx(deadline)
             await self._remove_holds()
         elif self._holding():
@@ -982,6 +1049,7 @@ class DestSession:
                     pass
             # What the hold still has goes in at the VM's pace, then it goes.
             await self._release_rx(min(deadline, time.monotonic() + FLOW_FINISH_S))
+            await self._unpin_queues(deadline)
             await self._remove_holds()
         return self.report()
 
@@ -1006,6 +1074,7 @@ class DestSession:
             "nics": [{"mac": dn.nic.mac, "tap": dn.nic.tap, "replayed": dn.replayed,
                       "duplicates_suppressed": dn.duplicates,
                       "reordered_estimate": dn.reordered,
+                      "one_queue_ms": dn.pinned_ms,
                       "dropped": dict(dn.dropped)} for dn in self.nics],
             "reordered_estimate": sum(dn.reordered for dn in self.nics),
             "dest_ring_overflow": self._ring_overflow(),
@@ -1165,7 +1234,10 @@ class DestSession:
                     continue
                 msg = _control(payload, mtype)
                 op = msg.get("op")
-                if op == "stopped":
+                if op == "prepare":
+                    # The park is near: hold from now on (see the source's _prepare_destination).
+                    await self.close_holds()
+                elif op == "stopped":
                     if self.sm.state is State.ARMED:
                         self.sm.to(State.CAPTURING)
                         self.sm.to(State.SHIPPING)

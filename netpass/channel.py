@@ -26,7 +26,7 @@ under one key, which GCM requires.  (Protocol 1 used a truncated
 HMAC-SHA256: 1.8 GB/s here, against 22 GB/s for GMAC with AES-NI and
 VPCLMULQDQ; at 1500-byte frames it cost 0.9 us per frame at each end.)
 
-Liveness (protocol 3): during a session each end sends a BEAT (an empty,
+Liveness (since protocol 3): during a session each end sends a BEAT (an empty,
 authenticated message) whenever it has sent nothing for
 :data:`BEAT_INTERVAL_S`, and takes :data:`SILENCE_S` without any message as
 the link, or the other host, gone.  TCP keepalive and ``TCP_USER_TIMEOUT``
@@ -62,7 +62,7 @@ from .errors import NetpassError, UsageError
 
 log = logging.getLogger(__name__)
 
-PROTO = 3
+PROTO = 4  # 4: the source's `prepare` (close the destination's hold before the park)
 HELLO, CHALLENGE, AUTH, AUTH_OK, ERROR, CONTROL, BATCH, BEAT = range(1, 9)
 BEAT_INTERVAL_S = 1.0
 SILENCE_S = 5.0

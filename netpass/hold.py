@@ -46,7 +46,7 @@ from pathlib import Path
 
 from . import links, procs, tapfd, tc
 from .errors import KernelError, NetpassError, UsageError
-from .packet import send_frames
+from .packet import Injector
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,9 @@ class HoldSpec:
     made_clsact: bool = False
     phase: str = "installing"
     guard_pid: int | None = None
+    # [QEMU's pid, one of its fds of the tap]: the tap's queues are pinned to
+    # one (agent._pin_queue), to be given back by whoever undoes the hold.
+    queue_pin: list[int] | None = None
 
     @classmethod
     def load(cls, path: Path) -> "HoldSpec":
@@ -116,6 +119,11 @@ class Hold:
         self._guard: subprocess.Popen[bytes] | None = None
         self.mirror_fd: int | None = None
         self.qdiscs = tc.QdiscReader(None)  # polled while held frames leave; closed by remove()
+        # One socket per ifb for the primers, kept until remove(): closing an
+        # AF_PACKET socket waits for an RCU grace period (packet_release ->
+        # synchronize_net), 13-20 ms here, which made closing a strict hold
+        # take 30-60 ms, longer than a fast switchover (the VM resumed first).
+        self._senders: dict[str, Injector] = {}
 
     # -- state file ---------------------------------------------------------------------
     def _save(self, phase: str | None = None) -> None:
@@ -161,6 +169,7 @@ class Hold:
             for ifb in hold.ifbs:
                 links.add_ifb(None, ifb)
                 tc.tbf_open(None, ifb, HANDLE, limit, op="add")
+                hold._senders[ifb] = Injector(ifb, vnet_hdr=False, bypass=False)
             try:
                 tc.add_clsact(None, tap)
                 spec.made_clsact = True
@@ -205,8 +214,16 @@ class Hold:
     def _send(self, ifb: str, frames: list[bytes]) -> None:
         """Frames of our own through an ifb's qdisc; the ifb drops them after
         (it only passes on what tc redirected to it)."""
-        if send_frames(ifb, frames, bypass=False) < len(frames):
+        sender = self._senders.get(ifb)
+        if sender is None:
+            sender = self._senders[ifb] = Injector(ifb, vnet_hdr=False, bypass=False)
+        if not all(sender.send(b"", f) for f in frames):
             raise KernelError(f"{ifb} refused a frame of netpass's own")
+
+    def _close_senders(self) -> None:
+        for sender in self._senders.values():
+            sender.close()
+        self._senders.clear()
 
     def _kick(self, ifb: str) -> None:
         """A ``tc change`` refills the bucket but does not wake the qdisc,
@@ -361,6 +378,40 @@ class Hold:
             time.sleep(0.001)
 
     # -- remove -------------------------------------------------------------------------
+    # -- the tap's queue choice ----------------------------------------------------------
+    def pin_queue(self, fd: int, qemu_pid: int, qemu_fd: int) -> None:
+        """Every frame toward the VM to queue 0 (``fd``: our copy of one of
+        the tap's fds), until unpin_queue() or remove(), from any process."""
+        self.spec.queue_pin = [qemu_pid, qemu_fd]
+        self._save()  # first: a crash in between leaves a harmless reset to do
+        tapfd.steer_to_queue(fd, 0)
+
+    def unpin_queue(self, fd: int | None = None) -> None:
+        """The tap chooses its queues itself again (``fd`` ours, or taken from QEMU)."""
+        pin = self.spec.queue_pin
+        if not pin:
+            return
+        if fd is not None:
+            tapfd.steer_automatically(fd)
+        else:
+            pidfd = None
+            try:
+                pidfd = tapfd.pidfd_open(pin[0])
+                theirs = tapfd.pidfd_getfd(pidfd, pin[1])
+            except (OSError, NetpassError):
+                theirs = None  # QEMU is gone, and its tap with it
+            finally:
+                if pidfd is not None:
+                    os.close(pidfd)
+            if theirs is not None:
+                try:
+                    tapfd.steer_automatically(theirs)
+                finally:
+                    os.close(theirs)
+        self.spec.queue_pin = None
+        if not self.removed:
+            self._save()
+
     def remove(self, vm_running: bool = True) -> None:
         """Undo everything this hold changed, releasing what it still holds.
 
@@ -400,7 +451,9 @@ class Hold:
                 any(q.kind == "clsact" for q in tc.qdiscs(None, spec.tap)):
             if not tc.filter_prefs(None, spec.tap, "ingress") and not tc.filter_prefs(None, spec.tap, "egress"):
                 attempt("remove clsact", tc.del_clsact, None, spec.tap)
+        attempt("give the tap its queue choice back", self.unpin_queue)
         self.close_mirror()
+        self._close_senders()
         self.qdiscs.close()
         self.path.unlink(missing_ok=True)
         self.removed = True

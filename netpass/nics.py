@@ -101,6 +101,22 @@ async def virtio_paths(mon: Monitor) -> dict[str, str]:
     return out
 
 
+async def rss_in_use(mon: Monitor, mac: str) -> bool | None:
+    """Whether QEMU may steer this NIC's queues with its own eBPF program
+    (virtio-net ``rss=on``): None when this QEMU cannot say (no virtio
+    introspection).  Uses an experimental command: only while the VM is
+    not running."""
+    from .errors import QMPError
+
+    path = (await virtio_paths(mon)).get(mac.lower())
+    if path is None:
+        return None
+    try:
+        return bool(await mon.execute("qom-get", {"path": path, "property": "rss"}))
+    except QMPError:
+        return False  # a QEMU without RSS support
+
+
 async def rx_state(mon: Monitor, path: str, queues: int) -> tuple[int, int]:
     """The RX used index (summed over queues, each mod 2^16) and how many RX
     queues had no buffer from the guest.

@@ -1,4 +1,5 @@
-"""Tap file descriptors: /dev/net/tun, fdinfo and pidfd_getfd(2).
+"""Tap file descriptors: /dev/net/tun, fdinfo, pidfd_getfd(2) and the
+tap's queue steering (TUNSETSTEERINGEBPF).
 
 The only module that opens taps or takes fds from another process.
 """
@@ -30,6 +31,10 @@ IFF_VNET_HDR = 0x4000
 IFF_MULTI_QUEUE = 0x0100
 SYS_PIDFD_OPEN = 434
 SYS_PIDFD_GETFD = 438
+TUNSETSTEERINGEBPF = 0x800454E0  # _IOR('T', 224, int)
+SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine)
+BPF_PROG_LOAD = 5
+BPF_PROG_TYPE_SOCKET_FILTER = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -156,3 +161,43 @@ def is_nonblocking(fd: int) -> bool:
     """
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
 
+
+def _queue_program(queue: int) -> int:
+    """A two-instruction eBPF program that answers ``queue``: its fd."""
+    if SYS_BPF is None:
+        raise KernelError(f"no bpf(2) number known for {os.uname().machine}")
+    # r0 = queue; exit  (BPF_ALU64|BPF_MOV|BPF_K, then BPF_JMP|BPF_EXIT)
+    insns = struct.pack("<BBhi", 0xB7, 0, 0, queue) + struct.pack("<BBhi", 0x95, 0, 0, 0)
+    ibuf = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(b"GPL")
+    # union bpf_attr, BPF_PROG_LOAD: prog_type, insn_cnt, insns, license,
+    # log_level, log_size, log_buf, kern_version (the rest zero).
+    attr = ctypes.create_string_buffer(struct.pack(
+        "<IIQQIIQI", BPF_PROG_TYPE_SOCKET_FILTER, 2, ctypes.addressof(ibuf), ctypes.addressof(lic),
+        0, 0, 0, 0), 48)
+    fd = _libc.syscall(SYS_BPF, BPF_PROG_LOAD, attr, 48)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise KernelError(f"cannot load a queue steering program: {os.strerror(err)}")
+    return int(fd)
+
+
+def steer_to_queue(fd: int, queue: int) -> None:
+    """Every frame toward the tap's reader goes to ``queue`` (the tap of
+    ``fd``, all its queues): in place of tun's automatic choice, which
+    follows each flow to the queue its reader last sent it on."""
+    prog = _queue_program(queue)
+    try:
+        fcntl.ioctl(fd, TUNSETSTEERINGEBPF, struct.pack("i", prog))
+    except OSError as exc:
+        raise KernelError(f"cannot set the tap's queue steering: {exc.strerror}") from exc
+    finally:
+        os.close(prog)  # the tap holds its own reference
+
+
+def steer_automatically(fd: int) -> None:
+    """Back to tun's automatic queue choice (no steering program)."""
+    try:
+        fcntl.ioctl(fd, TUNSETSTEERINGEBPF, struct.pack("i", -1))
+    except OSError as exc:
+        raise KernelError(f"cannot reset the tap's queue steering: {exc.strerror}") from exc

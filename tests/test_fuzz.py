@@ -122,7 +122,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_
                                                                                 max_size=5),
                     max_leaves=30)
 FIELDS = st.fixed_dictionaries({}, optional={
-    "op": st.sampled_from(["open", "ack", "fed", "end", "migrated", "stopped", "abort", "x"]) | JSON,
+    "op": st.sampled_from(["open", "ack", "fed", "end", "migrated", "prepare", "stopped", "abort", "x"]) | JSON,
     "dest_qmp": JSON | st.text(max_size=50), "macs": JSON | st.lists(st.text(max_size=20), max_size=3),
     "vm": JSON, "resume": JSON, "strict": JSON, "accepted": JSON, "dropped": JSON, "fed": JSON,
     "skipped": JSON, "seq": JSON, "timeout": JSON, "session": JSON})

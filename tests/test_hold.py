@@ -253,3 +253,69 @@ def test_restarted_agent_undoes_what_a_dead_one_left(rig: Rig, tmp_path: Path) -
     time.sleep(0.1)
     assert rig.to_vm() == list(range(1, 21))
     assert rig.leftovers() == []
+
+
+def _mq_frame(seq: int, reply: bool = False) -> bytes:
+    """An ICMP echo (or its reply) between 198.18.9.1 and the VM, 198.18.9.2:
+    one flow either way (tun hashes it symmetrically)."""
+    a, b = bytes([198, 18, 9, 1]), bytes([198, 18, 9, 2])
+    src, dst = (b, a) if reply else (a, b)
+    icmp = bytes([0 if reply else 8, 0, 0, 0, 0, 77]) + seq.to_bytes(2, "big") + bytes(56)
+    ip = bytes([0x45, 0, 0, 20 + len(icmp), 0, 0, 0, 0, 64, 1, 0, 0]) + src + dst
+    return ((PEER + VM) if reply else (VM + PEER)) + b"\x08\x00" + ip + icmp
+
+
+def test_queue_pin_keeps_a_flow_in_one_queue_and_any_process_undoes_it(root_required: None,
+                                                                       tmp_path: Path) -> None:
+    """tun follows a flow to the queue its VM last sent it on; pinned, every
+    frame goes to queue 0 whatever the VM sends; the pin is undone by a Hold
+    built from the state file alone (what the guard does), via QEMU's pid
+    and fd (here: ours)."""
+    from netpass.packet import TxRing
+
+    ns = f"nptest-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    netns.create(ns)
+    try:
+        with netns.entered(ns):
+            fds = [tapfd.open_tap("tq", vnet_hdr=True, multi_queue=True) for _ in range(4)]
+            for fd in fds:
+                os.set_blocking(fd, False)
+            links.set_up(None, "tq")
+            ring = TxRing("tq")
+
+            def send_and_see(seqs: range) -> set[int]:
+                assert ring.send([bytes(10) + _mq_frame(s) for s in seqs]) == len(seqs)
+                time.sleep(0.02)
+                queues = set()
+                for q, fd in enumerate(fds):
+                    while True:
+                        try:
+                            data = os.read(fd, 4096)[10:]
+                        except BlockingIOError:
+                            break
+                        if data[12:14] == b"\x08\x00" and data[34] == 8:
+                            queues.add(q)
+                return queues
+
+            def vm_sends_on(q: int) -> None:
+                os.write(fds[q], bytes(10) + _mq_frame(0, reply=True))
+
+            vm_sends_on(3)
+            assert send_and_see(range(10)) == {3}, "tun no longer follows the VM's queue: see agent._pin_queue"
+            h = hold.Hold.install("s9", "tq", tmp_path, 1 << 20, 3000, False)
+            try:
+                h.pin_queue(fds[1], os.getpid(), fds[2])
+                vm_sends_on(2)
+                assert send_and_see(range(10, 20)) == {0}
+                spec = hold.HoldSpec.load(h.path)
+                assert spec.queue_pin == [os.getpid(), fds[2]]
+                hold.Hold(spec, tmp_path).remove(False)  # as the guard would
+                vm_sends_on(1)
+                assert send_and_see(range(20, 30)) == {1}, "the pin outlived the hold"
+            finally:
+                h.remove(False)
+            ring.close()
+            for fd in fds:
+                os.close(fd)
+    finally:
+        netns.remove(ns)

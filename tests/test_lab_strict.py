@@ -17,15 +17,20 @@ pytestmark = pytest.mark.lab
 FAST = dict(rate=4000, switchover_pause_ms=200)
 LATE = dict(rate=4000, switchover_pause_ms=100, lan_lag_ms=300, kill_source=True)
 STRICT = ("--strict-ordering",)
+# A fast switchover: the destination VM runs some 40 ms after the park.
+FAST_KILL = dict(rate=2000, switchover_pause_ms=0, kill_source=True)
+QUEUES4 = dict(rate=2000, switchover_pause_ms=200, queues=4)
 
 
-def assert_strict(res: dict[str, Any]) -> None:
+def assert_strict(res: dict[str, Any], tx_held: bool = True) -> None:
     assert_zero_loss(res)
     rep = res["report"]
     assert res["reordered"] == 0, summary(res) + str({k: rep.get(k) for k in (
         "hold_tx_ms", "hold_timeout", "reordered_estimate", "stop_to_resume_ms", "frames_after_resume")})
     assert rep["strict_ordering"] is True and rep["hold_timeout"] is False, rep
-    assert rep["held_tx"] > 0 and rep["held_rx"] > 0, rep  # it did hold both ways
+    # It did hold both ways (a short switchover forwards a few frames, in the
+    # VM before it replies: then its TX had nothing to wait for).
+    assert (rep["held_tx"] > 0 or not tx_held) and rep["held_rx"] > 0, rep
     assert rep["hold_dropped"] == 0 and rep["reordered_estimate"] == 0, rep
     assert res["dst_leftovers"] == [], res["dst_leftovers"]
 
@@ -64,6 +69,25 @@ def test_strict_with_late_lan_and_killed_source(guest_image, no_leftovers) -> No
     assert_strict(res)
     assert res["lost"] == 0, res
     assert res["src_status"] is None  # the source QEMU was killed
+
+
+def test_strict_with_a_kill_at_completion_and_no_pause(guest_image, no_leftovers) -> None:
+    """Closed at the park, the hold came after this VM's resume (43 and 48
+    replies reordered in the matrix): it closes when the endgame throttles."""
+    res = run(guest_image, "netpass", migrate_args=STRICT, **FAST_KILL)
+    assert_strict(res, tx_held=False)
+    assert res["lost"] == 0, res
+    assert res["report"]["hold_late"] is False, res["report"]
+
+
+def test_strict_with_four_queues(guest_image, no_leftovers) -> None:
+    """tun moved the flow to another queue at the VM's first reply while
+    forwarded frames waited in the first (437-639 replies reordered in the
+    matrix): the agent keeps every frame in queue 0 until they are in."""
+    res = run(guest_image, "netpass", migrate_args=STRICT, **QUEUES4)
+    assert_strict(res)
+    assert res["lost"] == 0, res
+    assert res["report"]["dest_one_queue_ms"][0] is not None, res["report"]
 
 
 def test_hold_timeout_releases_everything_and_says_so(guest_image, no_leftovers) -> None:
