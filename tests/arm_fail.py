@@ -4,6 +4,7 @@ one step, clean up, and print what this process still has open."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -20,7 +21,7 @@ def _netlink_inodes() -> set[str]:
 
 def _fds() -> dict[str, str]:
     """This process's open fds; netlink sockets (pyroute2's, cached per
-    thread and namespace) and the epoll of its thread's loop marked as such."""
+    thread and namespace) marked as such."""
     netlink = _netlink_inodes()
     out = {}
     for fd in os.listdir("/proc/self/fd"):
@@ -50,6 +51,12 @@ async def main(qmp: str, mac: str, step: str, strict: bool, state: str) -> dict[
     finally:
         guards = [dn.hold.spec.guard_pid for dn in sess.nics if dn.hold is not None and dn.hold.spec.guard_pid]
         await sess.cleanup()
+    # pyroute2 keeps an event loop (an epoll and a socket pair) in each thread
+    # that used it: the executor's threads live on, and with them their loops
+    # (a busy core made the executor start one more thread: 'eventpoll' and
+    # two sockets were left).  What the session leaks outlives its threads.
+    await asyncio.get_running_loop().shutdown_default_executor()
+    gc.collect()
     after = _fds()
     return {"error": error, "left": {fd: after[fd] for fd in set(after) - set(before)},
             "cleanup_errors": sess.cleanup_errors, "guards": guards}
