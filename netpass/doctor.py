@@ -181,6 +181,24 @@ def check_strict_hold(ns: str) -> Check:
         return Check("strict_hold", False, f"{exc} (only --strict-ordering needs it)")
 
 
+def check_queue_pin(ns: str) -> Check:
+    """The multiqueue pin (agent._pin_queue) on a throw-away 2-queue tap:
+    load the steering program, attach it, take it off."""
+    try:
+        with netns.entered(ns):
+            fds = [tapfd.open_tap("npd-q", multi_queue=True) for _ in range(2)]
+            try:
+                tapfd.steer_to_queue(fds[0], 0)
+                tapfd.steer_automatically(fds[0])
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        return Check("queue_pin", True, "a tun steering eBPF program attaches and detaches")
+    except (NetpassError, OSError) as exc:
+        return Check("queue_pin", False, f"{exc} (multiqueue NICs: forwarded frames may then be "
+                     "read out of order across queues)")
+
+
 def check_vhost() -> Check:
     try:
         fd = os.open("/dev/vhost-net", os.O_RDWR)
@@ -217,6 +235,7 @@ def run() -> Report:
         rep.checks.extend(check_nft(ns))
         rep.checks.append(check_plug(ns))
         rep.checks.append(check_strict_hold(ns))
+        rep.checks.append(check_queue_pin(ns))
     finally:
         for _ in range(3):
             try:
@@ -248,4 +267,7 @@ def decide(rep: Report) -> dict[str, str]:
     else:
         hold = "unavailable: --strict-ordering cannot run here"
     uses["hold (strict ordering)"] = hold
+    uses["multiqueue order"] = ("every frame toward the VM in queue 0 until the forwarded ones are in "
+                                "(tun steering eBPF)" if ok("queue_pin") else
+                                "unavailable: multiqueue NICs may see forwarded frames out of order")
     return uses

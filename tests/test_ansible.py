@@ -91,7 +91,7 @@ def test_role_renders_everything_and_is_idempotent(installed: dict[str, Any]) ->
     assert stat.S_IMODE((prefix / "etc/netpass/tls-key.pem").stat().st_mode) == 0o600
     # Hardened, and systemd accepts every option as written.
     for option in ("NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet=CAP_NET_ADMIN",
-                   "SystemCallFilter=@system-service pidfd_getfd", "DeviceAllow=/dev/net/tun rw"):
+                   "SystemCallFilter=@system-service pidfd_getfd bpf", "CAP_BPF", "DeviceAllow=/dev/net/tun rw"):
         assert option in unit, option
     verify = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit_path)], capture_output=True,
                             text=True, timeout=60)
