@@ -270,7 +270,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _require_root("netpass demo")
     from .errors import LabError
     from .lab import image, scenario
-    from .lab.topology import sweep_stale
+    from .lab.topology import demo_tmp_prefix, sweep_stale
 
     if args.burst > 200_000:
         raise UsageError("--burst is at most 200000 frames")
@@ -292,7 +292,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         runs: dict[str, dict[str, Any]] = {}
         timelines: dict[str, Path] = {}
-        with tempfile.TemporaryDirectory(prefix="netpass-demo-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=demo_tmp_prefix()) as tmp:
             modes = ["baseline", "netpass"] if args.mode == "both" else [args.mode]
             for mode in modes:
                 timelines[mode] = Path(tmp) / f"{mode}.json"

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -104,9 +105,12 @@ def test_killed_lab_is_swept(guest_image, no_leftovers) -> None:
     assert not lab_pids(lambda owner: owner == proc.pid), "QEMU outlived the killed lab"
     mine = [n for n in leftovers() if n.split("-")[1] == str(proc.pid)]
     assert mine, "expected the killed run's namespaces to remain before the sweep"
+    demo_dirs = list(Path(tempfile.gettempdir()).glob(f"netpass-demo-{proc.pid}-*"))
+    assert demo_dirs, "expected the killed demo's temporary directory to remain before the sweep"
     res = run_cli("lab", "cleanup")
     assert res.returncode == 0, res.stderr
     assert not [n for n in leftovers() if n.split("-")[1] == str(proc.pid)]
+    assert not [d for d in demo_dirs if d.exists()], "the killed demo's directory was not swept"
 
 
 def test_demo_cli_json(guest_image, no_leftovers, tmp_path: Path) -> None:

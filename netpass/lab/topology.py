@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import signal
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -147,9 +148,31 @@ def leftovers() -> list[str]:
     return [n for n in netns.list_names() if n.startswith(PREFIX + "-")]
 
 
+DEMO_TMP = "netpass-demo-"
+
+
+def demo_tmp_prefix() -> str:
+    """The prefix of this process's temporary directory for a demo: with its
+    pid, so that a sweep can tell one whose demo was killed."""
+    return f"{DEMO_TMP}{os.getpid()}-"
+
+
+def _sweep_demo_dirs() -> list[str]:
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob(f"{DEMO_TMP}*-*"):
+        try:
+            owner = int(path.name[len(DEMO_TMP):].split("-")[0])
+        except ValueError:
+            continue
+        if path.is_dir() and not procs.alive(owner):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
+    return removed
+
+
 def sweep_stale() -> list[str]:
-    """Remove lab namespaces whose owning lab process is gone."""
-    removed: list[str] = []
+    """Remove lab namespaces, and demo directories, whose owning lab process is gone."""
+    removed: list[str] = _sweep_demo_dirs()
     for name in leftovers():
         try:
             owner = int(name.split("-")[1])
