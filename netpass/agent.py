@@ -430,13 +430,16 @@ class DestSession:
         die."""
         assert self.mon is not None
         rss = await rss_in_use(self.mon, dn.nic.mac)
-        why = ("QEMU steers them with RSS" if rss else "QEMU cannot say whether it steers them (RSS)"
-               if rss is None else "no hold to guard the change" if dn.hold is None else None)
-        if why is not None:
+        if rss or rss is None or dn.hold is None:
+            if rss:
+                why = "QEMU steers them with RSS"
+            elif rss is None:
+                why = "QEMU cannot say whether it steers them (RSS)"
+            else:
+                why = "no hold to guard the change"
             self.hold_notes.append(f"{dn.nic.tap}: {len(dn.fds)} queues and {why}: forwarded "
                                    "frames may be read out of order across queues")
             return
-        assert dn.hold is not None
         try:
             await asyncio.to_thread(dn.hold.pin_queue, dn.fds[0], qemu_pid, dn.nic.qemu_fds[0])
         except KernelError as exc:

@@ -169,7 +169,7 @@ class Hold:
             for ifb in hold.ifbs:
                 links.add_ifb(None, ifb)
                 tc.tbf_open(None, ifb, HANDLE, limit, op="add")
-                hold._senders[ifb] = Injector(ifb, vnet_hdr=False, bypass=False)
+                hold._sender(ifb)  # opened now, not at the close
             try:
                 tc.add_clsact(None, tap)
                 spec.made_clsact = True
@@ -214,11 +214,14 @@ class Hold:
     def _send(self, ifb: str, frames: list[bytes]) -> None:
         """Frames of our own through an ifb's qdisc; the ifb drops them after
         (it only passes on what tc redirected to it)."""
-        sender = self._senders.get(ifb)
-        if sender is None:
-            sender = self._senders[ifb] = Injector(ifb, vnet_hdr=False, bypass=False)
+        sender = self._sender(ifb)
         if not all(sender.send(b"", f) for f in frames):
             raise KernelError(f"{ifb} refused a frame of netpass's own")
+
+    def _sender(self, ifb: str) -> Injector:
+        if ifb not in self._senders:
+            self._senders[ifb] = Injector(ifb, vnet_hdr=False, bypass=False)
+        return self._senders[ifb]
 
     def _close_senders(self) -> None:
         for sender in self._senders.values():
