@@ -62,7 +62,7 @@ from .errors import NetpassError, UsageError
 
 log = logging.getLogger(__name__)
 
-PROTO = 4  # 4: the source's `prepare` (close the destination's hold before the park)
+PROTO = 5  # 4: the source's `prepare` (close the destination's hold before the park); 5: `settled`
 HELLO, CHALLENGE, AUTH, AUTH_OK, ERROR, CONTROL, BATCH, BEAT = range(1, 9)
 BEAT_INTERVAL_S = 1.0
 SILENCE_S = 5.0

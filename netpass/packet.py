@@ -62,6 +62,10 @@ class Injector:
     def __init__(self, ifname: str, vnet_hdr: bool = True, bypass: bool = True, mark: int = 0) -> None:
         self.ifname = ifname
         self.vnet_hdr = vnet_hdr
+        # Sends the device refused (ENOBUFS): each is one in its tx_dropped
+        # (tun's full ring and __dev_direct_xmit's drop both count it), and
+        # none is a loss, since the caller keeps the frame and retries.
+        self.refused = 0
         try:
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             if mark:
@@ -91,6 +95,7 @@ class Injector:
                 self.sock.send(frame)
         except OSError as exc:
             if exc.errno == errno.ENOBUFS:
+                self.refused += 1
                 return False
             raise KernelError(f"replay into {self.ifname} failed: {exc}") from exc
         return True
@@ -143,6 +148,7 @@ class TxRing:
         self.frame_size = frame_size
         self.max_record = frame_size - TP2_DATA
         self.head = 0  # the next slot to fill: also the kernel's next slot to send
+        self._refused = 0  # sends the device refused (see Injector.refused)
         self._big: Injector | None = None
         block = 1 << 16
         try:
@@ -264,6 +270,9 @@ class TxRing:
             if exc.errno not in (errno.ENOBUFS, errno.EAGAIN):
                 self._unmark(0, n)
                 raise KernelError(f"replay into {self.ifname} failed: {exc}") from exc
+            # ENOBUFS: the device dropped the frame it refused (one in its
+            # tx_dropped); EAGAIN: the socket's buffer was full, no drop.
+            self._refused += exc.errno == errno.ENOBUFS
             sent = None
         h = self.head
         # The kernel sends in order and stops where the tap refused one: that
@@ -285,6 +294,12 @@ class TxRing:
         """Give back slots head+first .. head+n-1 that the kernel did not take."""
         if first < n:
             self._status[self.head + first:self.head + n] = 0
+
+    @property
+    def refused(self) -> int:
+        """Sends the device refused and dropped (each one in its tx_dropped);
+        the frames themselves were kept for a retry."""
+        return self._refused + (self._big.refused if self._big is not None else 0)
 
     def _send_big(self, rec: bytes | memoryview) -> bool:
         if self._big is None:

@@ -86,16 +86,43 @@ def test_big_frames_in_order(tap: int) -> None:
 
 def test_refusal_leaves_nothing_half_queued(tap: int) -> None:
     ring = TxRing("tap0")
+    dropped0 = links.info(None, "tap0").tx_dropped
     recs = [record(i) for i in range(300)]
     first = ring.send(recs)
     assert 0 < first < 300  # the tap took what its ring holds, then refused
     assert ring.send(recs, first) == 0  # still full: nothing more, nothing twice
+    # Each refusal is one in the tap's drop counter, and the agent's report
+    # takes them out of the ring's overflow (the frames were kept).
+    assert ring.refused == 2
+    assert links.info(None, "tap0").tx_dropped - dropped0 == ring.refused
     got = read_all(tap)
     rest = ring.send(recs, first)
     got += read_all(tap)
     ring.close()
     assert [g[10:] for g in got][:first + rest] == [r[10:] for r in recs[:first + rest]]
     assert len(got) == first + rest
+
+
+def test_a_gso_frame_the_tap_cannot_take_yet_is_a_refusal(tap: int) -> None:
+    """A tap whose reader has not set its offloads (the destination QEMU
+    before it loads the VM's state) refuses a TCP GSO frame: the kernel
+    drops it in __dev_direct_xmit, counted in tx_dropped; the ring keeps it."""
+    import struct
+
+    payload = 3000
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + 20 + payload, 1, 0x4000, 64, 6, 0,
+                     bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2]))
+    tcp = struct.pack("!HHIIBBHHH", 1000, 2000, 1, 0, 5 << 4, 0x10, 65535, 0, 0)
+    # virtio-net header: NEEDS_CSUM, GSO TCPv4, hdr_len, gso_size 1448, csum at the TCP header
+    vnet = struct.pack("<BBHHHH", 1, 1, 14 + 40, 1448, 14 + 20, 16)
+    frame = vnet + VM + PEER + b"\x08\x00" + ip + tcp + bytes(payload)
+    ring = TxRing("tap0")
+    dropped0 = links.info(None, "tap0").tx_dropped
+    assert ring.send([frame]) == 0
+    assert ring.refused == 1
+    assert links.info(None, "tap0").tx_dropped - dropped0 == 1
+    assert read_all(tap) == []
+    ring.close()
 
 
 def test_shadow_copies_only_what_goes_toward_the_tap(tap: int) -> None:
