@@ -41,6 +41,7 @@ def summary(res: dict[str, Any]) -> str:
     characters, which hid all of this in a CI failure)."""
     rep = res.get("report") or {}
     keys = ("sent", "lost", "reordered", "duplicates", "guest_in_echos", "guest_icmp_out_errors",
+            "guest_rx_dropped",
             "first_lost_id", "last_lost_id", "first_duplicate_id", "first_reordered_id", "first_reordered_rx_ms",
             "src_stop_ms", "dst_resume_ms", "dst_guest_fault", "dst_leftovers",
             "burst_sent")

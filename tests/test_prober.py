@@ -83,6 +83,9 @@ def test_guest_counters_skip_a_line_still_being_written(tmp_path) -> None:
     console = tmp_path / "console"
     console.write_text(stat(100) + stat(250) + "[ 9.1] some kernel message\n" + stat(300)[:40])
     assert guest_counters([console]) == {"guest_in_echos": 250, "guest_icmp_out_msgs": 250,
-                                         "guest_icmp_out_errors": 3}
+                                         "guest_icmp_out_errors": 3, "guest_rx_dropped": None}
+    # With a whole /proc/net/dev line, eth0's receive drops too.
+    console.write_text(stat(100).replace("eth0: 1 2 3", "eth0: 1000 20 0 7 0 0 0 0 500 10"))
+    assert guest_counters([console])["guest_rx_dropped"] == 7
     console.write_text(stat(100) + stat(250)[:30] + "[ 9.2] a message cuts in\n")
     assert guest_counters([console])["guest_in_echos"] == 100

@@ -826,9 +826,16 @@ def guest_counters(consoles: list[Path]) -> dict[str, int | None]:
                 icmp = line.split("Icmp:")[1].split()
                 values = {"guest_in_echos": int(icmp[8]), "guest_icmp_out_msgs": int(icmp[14]),
                           "guest_icmp_out_errors": int(icmp[15])}
-                break
             except (IndexError, ValueError):
                 continue
+            try:
+                # eth0's receive drops (/proc/net/dev: bytes, packets, errs, drop, ...):
+                # a frame that reached the guest's NIC and that the guest dropped.
+                values["guest_rx_dropped"] = int(line.split("eth0:")[1].split()[3])
+            except (IndexError, ValueError):
+                pass
+            break
         for key, value in values.items():
             best[key] = max(best.get(key, 0), value)
-    return {k: best.get(k) for k in ("guest_in_echos", "guest_icmp_out_msgs", "guest_icmp_out_errors")}
+    return {k: best.get(k) for k in ("guest_in_echos", "guest_icmp_out_msgs", "guest_icmp_out_errors",
+                                     "guest_rx_dropped")}
