@@ -137,9 +137,21 @@ def test_netpass_flood_with_a_busy_core_zero_loss(guest_image, no_leftovers) -> 
     ring (5 and 27 probes lost in 2 of 9 runs, 53 in a fresh-clone CI
     with a busy core); they now follow the replay."""
     res = run(guest_image, "netpass", busy_core=True, **FLOOD)
-    assert_zero_loss(res)
+    rep = res["report"]
+    if res["lost"]:
+        # The flooded VM can overflow its own tap's ring while it runs, long
+        # before the switchover (once in CI: 34 probes sent at 1.8 s, the
+        # stop at 3.9 s, tap_ring_overflow 210): its own loss, with or
+        # without netpass, and the report must show it.  Nothing may be
+        # lost from the switchover on.
+        sent_ms = res["last_lost_id"] / FLOOD["rate"] * 1000
+        assert sent_ms < res["src_stop_ms"] - 500, summary(res)
+        assert res["lost"] <= rep["tap_ring_overflow"], summary(res)
+        assert res["duplicates"] == 0 and rep["state"] == "done", summary(res)
+    else:
+        assert_zero_loss(res)
     assert_exact(res)
-    assert res["report"]["dest_ring_overflow"] == 0, summary(res)
+    assert rep["dest_ring_overflow"] == 0, summary(res)
 
 
 # -- a busy core ----------------------------------------------------------------------------
