@@ -585,6 +585,11 @@ class DestSession:
                    dn.hold.stats.rx_release_started_t is None and
                    now > dn.hold.stats.closed_t + dn.hold.tight_s for dn in self.nics)
 
+    def _replay_read(self) -> bool:
+        """Every forwarded frame this agent has is inside the VM: none waits
+        to be fed, and the VM has read the last one fed."""
+        return not any(dn.pending for dn in self.nics) and all(self._consumed(dn) for dn in self.nics)
+
     async def _release_tx_when_ready_locked(self) -> None:
         """Guest TX is held until everything forwarded so far is inside the VM."""
         if not self.hold_closed or not self.running:
@@ -593,7 +598,7 @@ class DestSession:
         if not holds:
             return
         if not self._hold_expired():
-            if any(dn.pending for dn in self.nics) or not all(self._consumed(dn) for dn in self.nics):
+            if not self._replay_read():
                 return
         for h in holds:
             await asyncio.to_thread(h.release_tx)
@@ -674,9 +679,7 @@ class DestSession:
     async def _release_in_order(self, deadline: float) -> None:
         """Strict ordering, once no forwarded frame is still due: the live
         frames go in after the VM has read every forwarded one."""
-        while self.running and (any(dn.pending for dn in self.nics) or
-                                not all(self._consumed(dn) for dn in self.nics)) and \
-                time.monotonic() < deadline:
+        while self.running and not self._replay_read() and time.monotonic() < deadline:
             await asyncio.sleep(0.001)
         await self._unpin_queues(deadline, UNPIN_SETTLE_S)
         await self._release_rx(deadline)
@@ -687,8 +690,7 @@ class DestSession:
         counted as reordered): the held live frames may go in as soon as the
         forwarded ones are read, bounded like flow control."""
         if self.strict and self.running and self.strict_release is None:
-            bound = min(self._flow_bound(), time.monotonic() + FLOW_HOLD_TIMEOUT_MS / 1000)
-            self.strict_release = self._task(self._release_in_order(bound), "settled release")
+            self.strict_release = self._task(self._release_in_order(self._flow_bound()), "settled release")
 
     async def _flow_control(self) -> None:
         """Without strict ordering: the live frames held since the park go in
@@ -704,8 +706,7 @@ class DestSession:
         core) to overflow the rest (lab, the flood with a busy core: 5 and
         27 probes lost in 2 of 9 runs; 0 in 8 runs since).  The VM reads
         no less for it; the replay, older, just goes first."""
-        while not self.finishing and not self._hold_expired() and (
-                any(dn.pending for dn in self.nics) or not all(self._consumed(dn) for dn in self.nics)):
+        while not self.finishing and not self._hold_expired() and not self._replay_read():
             await asyncio.sleep(RELEASE_STEP_S / 4)
         if self.finishing:
             return

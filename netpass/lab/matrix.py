@@ -125,7 +125,7 @@ def markdown(result: dict[str, dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in result.items():
         p, n, s = row.get("plain", {}), row.get("netpass", {}), row.get("strict", {})
-        tcp = row.get("what", "").startswith("TCP")
+        tcp = name == "tcp"
 
         def g(cell: dict[str, Any], key: str) -> str:
             v = cell.get(key)
