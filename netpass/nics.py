@@ -117,26 +117,37 @@ async def rss_in_use(mon: Monitor, mac: str) -> bool | None:
         return False  # a QEMU without RSS support
 
 
-async def rx_state(mon: Monitor, path: str, queues: int) -> tuple[int, int]:
-    """The RX used index (summed over queues, each mod 2^16) and how many RX
-    queues had no buffer from the guest.
+async def virtio_backend(mon: Monitor, mac: str) -> str | None:
+    """QOM path of the virtio device behind the NIC with ``mac`` (what the
+    virtio queue queries take), found with stable QOM commands only, so it
+    can be asked while the VM runs; None if it is not a virtio-net NIC
+    plugged as a device QEMU lists under ``/machine/peripheral*``."""
+    from .errors import QMPError
 
-    ``x-query-virtio-queue-element`` reads the rings' indexes from guest
-    memory (the status query's ``shadow-avail-idx`` is QEMU's cache, equal
-    to ``last-avail-idx`` whenever QEMU has caught up, buffers or not).  A
-    queue with a buffer holds no frame waiting inside QEMU: QEMU queues a
-    frame only after finding no buffer, and delivers it when the guest
-    signals a new one.  A queue without one may hold a frame.
-    """
-    total = starved = 0
-    for q in range(queues):
+    for base in ("/machine/peripheral", "/machine/peripheral-anon"):
         try:
-            el = await mon.execute("x-query-virtio-queue-element", {"path": path, "queue": 2 * q})
-            total += int(el["used"]["idx"])
-            if (int(el["avail"]["idx"]) - int(el["index"])) % 65536 == 0:
-                starved += 1
-        except (QMPError, KeyError, TypeError, ValueError):
-            st = await mon.execute("x-query-virtio-queue-status", {"path": path, "queue": 2 * q})
-            total += int(st["used-idx"])
-            starved += 1  # unknown: the frame may be there
-    return total, starved
+            children = await mon.execute("qom-list", {"path": base})
+        except QMPError:
+            continue
+        for child in children:
+            kind = str(child.get("type", ""))
+            if not kind.startswith("child<virtio-net"):
+                continue
+            path = f"{base}/{child['name']}"
+            try:
+                if str(await mon.execute("qom-get", {"path": path, "property": "mac"})).lower() != mac.lower():
+                    continue
+            except QMPError:
+                continue
+            return path if kind == "child<virtio-net-device>" else f"{path}/virtio-backend"
+    return None
+
+
+async def rx_without_buffer(mon: Monitor, path: str, queue: int) -> bool:
+    """Whether the guest had no free RX buffer on ``queue``: QEMU then held
+    the frame it last read for the guest, and purged it when the VM stopped.
+    Reads the guest's available index from guest memory
+    (``x-query-virtio-queue-element``, experimental): only with the VM
+    stopped."""
+    el = await mon.execute("x-query-virtio-queue-element", {"path": path, "queue": 2 * queue})
+    return (int(el["avail"]["idx"]) - int(el["index"])) % 65536 == 0

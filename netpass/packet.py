@@ -462,3 +462,132 @@ class Shadow:
 
     def close(self) -> None:
         self.sock.close()
+
+
+PACKET_RX_RING = 5
+TPACKET_V3 = 2
+TP_STATUS_KERNEL = 0
+TP_STATUS_USER = 1
+SKF_AD_QUEUE = 0xFFFFF000 + 24
+V3_STATS = struct.Struct("III")  # struct tpacket_stats_v3: tp_packets, tp_drops, tp_freeze_q_cnt
+# struct tpacket_block_desc: version, offset_to_priv, then tpacket_hdr_v1:
+# block_status (+8), num_pkts (+12), offset_to_first_pkt (+16), blk_len
+# (+20), seq_num (+24, u64).  struct tpacket3_hdr: tp_next_offset (+0),
+# tp_sec, tp_nsec, tp_snaplen (+12), tp_len (+16), tp_status, tp_mac (+24).
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_PKT = struct.Struct("<IIIII")  # next_offset, sec, nsec, snaplen, len
+_MAC = struct.Struct("<H")
+VNET_LEN = 10  # struct virtio_net_hdr, written just before each frame (PACKET_VNET_HDR)
+
+
+def outgoing_on_queue(queue: int | None) -> list[tuple[int, int, int, int]]:
+    """Classic BPF: keep a frame the kernel sends out of the device (to its
+    reader), and, with ``queue``, only one it queues on that queue
+    (skb->queue_mapping, which tun's transmit uses as the queue's index)."""
+    if queue is None:
+        return OUTGOING_ONLY
+    return [
+        (0x20, 0, 0, SKF_AD_PKTTYPE),  # ld  [pkttype]
+        (0x15, 0, 3, PACKET_OUTGOING),  # jeq #OUTGOING, next, drop
+        (0x20, 0, 0, SKF_AD_QUEUE),  # ld  [queue]
+        (0x15, 0, 1, queue),  # jeq #queue, keep, drop
+        (0x06, 0, 0, 0xFFFFFFFF),  # keep
+        (0x06, 0, 0, 0),  # drop
+    ]
+
+
+class ShadowRing:
+    """The last frames the host queued toward a tap (one queue of it), kept
+    by the kernel: no frame is read while the VM runs.
+
+    A ``PACKET_RX_RING`` of TPACKET_V3 blocks mapped into this process: the
+    kernel copies each frame sent toward the tap into the current block (its
+    virtio-net header just before it) and hands the block over when it is
+    full or ``RETIRE_MS`` old.  :meth:`keep_recent` hands the oldest blocks
+    back so that the kernel always has room: the cost is per block, not per
+    frame.  Should it fall behind anyway, the kernel drops frames and counts
+    them (:attr:`dropped`): the copy is then not trusted where it has a gap.
+
+    AF_PACKET sees a frame in the transmit path just before tun queues it in
+    its ring, so the copy is in ring order.
+    """
+
+    BLOCK_SIZE = 128 << 10  # a 64 KiB GSO frame and its headers fit one block
+    BLOCKS = 48
+    FREE = 16  # blocks left to the kernel at every keep_recent()
+    RETIRE_MS = 4
+
+    def __init__(self, ifname: str, queue: int | None = None) -> None:
+        self.ifname = ifname
+        self.queue = queue
+        self.dropped = 0  # frames the kernel could not copy (no free block)
+        self.map: mmap.mmap | None = None
+        try:
+            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            _attach_filter(self.sock, outgoing_on_queue(queue))
+            self.sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+            self.sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+            frame = 2048
+            req = struct.pack("7I", self.BLOCK_SIZE, self.BLOCKS, frame,
+                              self.BLOCK_SIZE // frame * self.BLOCKS, self.RETIRE_MS, 0, 0)
+            self.sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
+            self.map = mmap.mmap(self.sock.fileno(), self.BLOCK_SIZE * self.BLOCKS,
+                                 mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self.sock.bind((ifname, ETH_P_ALL))
+        except OSError as exc:
+            self.close()
+            raise KernelError(f"cannot open a shadow ring on {ifname}: {exc}") from exc
+
+    def _user_blocks(self) -> list[tuple[int, int]]:
+        """(seq_num, block) of the blocks the kernel handed over, oldest first."""
+        assert self.map is not None
+        mm, out = self.map, []
+        for b in range(self.BLOCKS):
+            off = b * self.BLOCK_SIZE
+            if _U32.unpack_from(mm, off + 8)[0] & TP_STATUS_USER:
+                out.append((_U64.unpack_from(mm, off + 24)[0], b))
+        out.sort()
+        return out
+
+    def _count_drops(self) -> None:
+        _packets, drops, _freezes = V3_STATS.unpack(self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS,
+                                                                          V3_STATS.size))
+        self.dropped += drops  # (reading the statistics resets them)
+
+    def keep_recent(self) -> None:
+        """Hand the oldest full blocks back, leaving ``FREE`` to the kernel."""
+        assert self.map is not None
+        self._count_drops()
+        full = self._user_blocks()
+        for _seq, b in full[:max(0, len(full) - (self.BLOCKS - self.FREE))]:
+            _U32.pack_into(self.map, b * self.BLOCK_SIZE + 8, TP_STATUS_KERNEL)
+
+    def frames(self) -> list[tuple[bytes, bytes]]:
+        """Every frame (virtio-net header, frame) in the handed-over blocks,
+        oldest first.  The block being filled is handed over ``RETIRE_MS``
+        after its first frame: read this that long after the last frame."""
+        assert self.map is not None
+        self._count_drops()
+        mm, out = self.map, []
+        for _seq, b in self._user_blocks():
+            base = b * self.BLOCK_SIZE
+            n = _U32.unpack_from(mm, base + 12)[0]
+            off = base + _U32.unpack_from(mm, base + 16)[0]
+            for _ in range(n):
+                nxt, _sec, _nsec, snap, length = _PKT.unpack_from(mm, off)
+                mac = off + _MAC.unpack_from(mm, off + 24)[0]
+                if snap == length:  # (a truncated copy is no copy)
+                    out.append((mm[mac - VNET_LEN:mac], mm[mac:mac + snap]))
+                else:
+                    out.append((b"", b""))
+                if not nxt:
+                    break
+                off += nxt
+        return out
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+        self.sock.close()

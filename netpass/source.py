@@ -50,13 +50,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import links, nft, pcap, procs, sacrifice, srcguard, tapfd, wire
+from . import links, nft, pcap, procs, sacrifice, srcguard, stopaccount, tapfd, wire
 from .channel import BATCH, CONTROL, AuthError, Channel, ChannelError, RemoteError, connect
 from .endgame import THROTTLE_BANDWIDTH, Endgame, Sample, Step
 from .errors import FramesLost, KernelError, MigrationFailed, NetpassError, QMPError
 from .migration import progress_line, stop_task
-from .nics import Nic, discover, rx_state, virtio_paths
-from .packet import Injector
+from .nics import Nic, discover, rx_without_buffer, virtio_backend
+from .packet import Injector, ShadowRing
 from .park import Park
 from .qmp import Event, Monitor, peer_pid
 from .session import Phase, Phases
@@ -71,11 +71,19 @@ _SRC_MAC = operator.itemgetter(slice(6, 12))
 # so that the cap bounds memory, not only frame bytes (4.5x at 64 B without).
 CACHE_FRAME_OVERHEAD = 256
 VERIFY_BOUND_S = 2.0  # QEMU reads the sacrificial frames within this, or netpass says it did not
-QEMU_TOOK_BOUND_S = 0.5
+# After a stop netpass did not foresee: a frame on its way into the VM's
+# ring when the park went on gets there within this.
+PARK_SETTLE_S = 0.001
+# ... and QEMU's main loop answers this many QMP commands, one after the
+# other, with netpass's frame in a queue's ring: a reader still free has
+# taken it by then (QEMU reads a readable tap in the same loop iteration).
+SETTLE_ROUNDS = 2
+SETTLE_BOUND_S = 60.0  # (a management layer's pause can be long; QEMU answers meanwhile)
+SHADOW_KEEP_S = 0.02  # how often the shadow rings hand old blocks back to the kernel
 # The source's setup steps, in order; a test makes the session fail right
 # after each (SourceSession.fail_after) and checks that nothing is left.
-ARM_STEPS = ("channel", "monitor", "opened", "guard", "steering", "fds", "park", "inject", "readers",
-             "qemu")
+ARM_STEPS = ("channel", "monitor", "opened", "guard", "steering", "fds", "park", "inject", "shadow",
+             "readers", "qemu")
 GIVE_BACK_ROUNDS = 4  # after an unforeseen stop: QEMU's free readers take a frame within this
 ACTIVE = ("setup", "active", "pre-switchover", "device", "cancelling")
 # At the engage, how long the bandwidth waits for QEMU to read the sacrificial
@@ -92,6 +100,9 @@ ENGAGE_VERIFY_BOUND_S = 0.5
 SETTLE_QUIET_S = 0.05
 
 Progress = Callable[[str, dict[str, Any]], None]
+# The lab's way to have every stop come unforeseen, as a management layer's
+# or a last window's would: netpass never plans the park.
+_ENDGAME_OFF = os.environ.get("NETPASS_ENDGAME") == "off"
 _TRACE = open(os.environ["NETPASS_ENDGAME_TRACE"], "a") if os.environ.get("NETPASS_ENDGAME_TRACE") else None
 
 
@@ -127,7 +138,6 @@ class SourceNic:
     park: Park  # (the bench reads a tap it filled instead)
     inject: Injector | None  # netpass's own frames into the VM's ring, past the parking (made at arm: 7 ms)
     sacrificial: list[bytes] = field(default_factory=list)  # one per attached queue
-    virtio_path: str | None = None
     bridge: str | None = None
     pinned: bool = False
     captured: int = 0
@@ -138,8 +148,15 @@ class SourceNic:
     tx_dropped0: int = 0  # the VM ring's drop counter at arm time
     ring_overflow: int | None = None
     park_overflow: int | None = None
-    qemu_took: int | None = None  # unforeseen stop: queues whose reader took a frame after the stop
-    starved: int | None = None  # unforeseen stop: RX queues the guest had no buffer on
+    shadows: list[ShadowRing] = field(default_factory=list)  # per queue: what was queued toward it
+    drained: dict[int, list[bytes]] = field(default_factory=dict)  # per fd: real frames read after the stop
+    qemu_held: int | None = None  # after the stop: queues whose reader held a real frame
+    recovered: int = 0  # ... of which netpass had the frame in its shadow ring, and sends it on
+    undecided: int = 0  # queues whose reader's state the source QEMU took with it
+    vdev: str | None = None  # QOM path of its virtio device (for the RX queues' state after a stop)
+    starved: dict[int, bool] = field(default_factory=dict)  # after a stop: queue -> the guest had no RX buffer
+    tx_at_stop: int | None = None  # the tap's tx_packets (frames read from its rings) when netpass saw the stop
+    reads_after_stop: int = 0  # frames netpass itself read from the VM's rings since
     own_set: set[bytes] = field(default_factory=set)  # netpass's own frames (sacrificial, first and second)
     own_seen: set[bytes] = field(default_factory=set)  # those netpass read back from the VM's ring
 
@@ -206,6 +223,11 @@ class SourceSession:
         self.src_pid: int | None = None
         self.direct_seen = False
         self.drain_readers: list[int] = []
+        self.settling = False  # after a stop netpass did not foresee: nothing ships until it is settled
+        self.settle_task: asyncio.Task[None] | None = None
+        self.starve_task: asyncio.Task[None] | None = None
+        self.stopped_by_migration = False  # (after an unforeseen stop) QEMU's own, to complete
+        self.vm_rings_drained = False  # netpass reads what reaches the VM's own rings (after such a stop)
         self.steering: nft.Steering | None = None
         self.guard: srcguard.Guard | None = None
         self.final_report: dict[str, Any] | None = None
@@ -313,6 +335,15 @@ class SourceSession:
         if info.master:
             sn.bridge = links.name_of(None, info.master)
         self.nics.append(sn)
+        try:
+            sn.vdev = await virtio_backend(self.mon, nic.mac) if self.mon is not None else None
+        except QMPError as exc:
+            log.info("session=%s no virtio device found for %s: %s", self.sid, nic.mac, exc)
+        for q in range(queues):
+            # (the kernel fills it: nothing per frame here until a stop netpass did not foresee)
+            sn.shadows.append(ShadowRing(nic.tap, q if queues > 1 else None))
+            self.undo.callback(sn.shadows[-1].close)
+        self._step("shadow")
 
     def _step(self, name: str) -> None:
         """A test hook: fail right after the named setup step (ARM_STEPS)."""
@@ -333,6 +364,10 @@ class SourceSession:
     def _on_vm_ring(self, sn: SourceNic, fd: int) -> None:
         bufs = tapfd.drain(fd, 256)
         sn.vm_ring_drained += len(bufs)
+        sn.reads_after_stop += len(bufs)
+        if bufs and self.stop_t is not None:
+            hdr, own = sn.hdr_size, sn.own_set
+            sn.drained.setdefault(fd, []).extend(d for d in (b[hdr:] for b in bufs) if d not in own)
         self._take(sn, bufs, sn.hdr_size)
 
     def _take(self, sn: SourceNic, bufs: list[bytes], hdr: int) -> None:
@@ -344,7 +379,7 @@ class SourceSession:
         for buf in bufs:
             data = buf[hdr:]
             if data in sn.own_set:
-                sn.own_seen.add(data)  # our own, back from the VM's ring (see _account_stop)
+                sn.own_seen.add(data)  # our own, back from the VM's ring (see _settle_stop)
                 continue
             self._capture(sn, buf[:wire.VNET_HDR_LEN] if hdr else b"", data)
 
@@ -404,7 +439,7 @@ class SourceSession:
                 if not bufs:
                     break
                 self._take(sn, bufs, wire.VNET_HDR_LEN)
-            if self.drain_readers:
+            if self.vm_rings_drained and not self.settling:
                 for fd in sn.fds:
                     self._on_vm_ring(sn, fd)
 
@@ -431,10 +466,19 @@ class SourceSession:
             await self.ch.send(BATCH, blob)
             self.shipped += n
 
+    async def _keep_shadows(self) -> None:
+        """Until the stop: the shadow rings keep only their recent blocks."""
+        while self.stop_t is None:
+            for sn in self.nics:
+                for shadow in sn.shadows:
+                    shadow.keep_recent()
+            await asyncio.sleep(SHADOW_KEEP_S)
+
     async def _shipper(self) -> None:
         while True:
             try:
-                await self.ship_pending()
+                if not self.settling:
+                    await self.ship_pending()
             except ChannelError as exc:
                 self.channel_error = exc
                 return
@@ -557,7 +601,7 @@ class SourceSession:
         assert self.mon is not None
         self.migrate_issued = True
         await self.mon.execute("migrate", {"uri": self.o.uri})
-        if self.netpass_active:
+        if self.netpass_active and not _ENDGAME_OFF:
             self.endgame = Endgame(int(self.qemu_params.get("max-bandwidth", 0)))
         try:
             await self._watch()
@@ -753,8 +797,15 @@ class SourceSession:
         self.stop_t = emitted if emitted is not None else now
         if not self.netpass_active:
             return
+        if self.parked_t is None or not self.verified_before_stop():
+            for sn in self.nics:  # (first: QEMU may read its one frame any moment)
+                try:
+                    sn.tx_at_stop, sn.reads_after_stop = links.tx_packets(sn.nic.tap), 0
+                except NetpassError:
+                    sn.tx_at_stop = None
         if self.parked_t is None:
             self.unforeseen = True
+            self.settling = True
             await self._park_all()
             self._drain_vm_rings()
             self._say(f"the VM stopped before netpass parked its frames ({why}): parked now; "
@@ -764,13 +815,23 @@ class SourceSession:
             # Parked, but QEMU had not read every sacrificial frame: what is
             # still in its rings after the one frame a queue's reader takes
             # at the stop is netpass's to carry.
+            self.settling = True
             self._drain_vm_rings()
+        if self.settling:
+            loop = asyncio.get_running_loop()
+            # Asked now, answered as soon as QEMU's main loop runs again: the
+            # source may be killed right after it completes.
+            self.starve_task = loop.create_task(self._ask_starved())
+            self.undo.push_async_callback(stop_task, self.starve_task)
+            self.settle_task = loop.create_task(self._settle_stop())
+            self.undo.push_async_callback(stop_task, self.settle_task)
         self.phases.reach(Phase.STOPPED, why)
 
     def verified_before_stop(self) -> bool:
         return self.verified_t is not None and self.stop_t is not None and self.verified_t <= self.stop_t
 
     def _drain_vm_rings(self) -> None:
+        self.vm_rings_drained = True
         loop = asyncio.get_running_loop()
         for sn in self.nics:
             for fd in sn.fds:
@@ -801,65 +862,198 @@ class SourceSession:
         raise MigrationFailed("lost the source QEMU's monitor before the migration ended"
                               + ("; QEMU exited" if gone else ""))
 
-    async def _account_stop(self) -> None:
+    async def _settle_stop(self) -> None:
         """After a stop QEMU made before it had read every sacrificial frame
-        (or before netpass parked at all): what did it swallow?
+        (or before netpass parked at all): which real frame does it hold?
 
-        * After its stop, QEMU's reader of each queue reads one more frame, if
-          its ring holds one, and keeps it.  netpass sends a second
-          sacrificial frame into each queue: a reader still free takes it, a
-          holding one leaves it in the ring, where netpass reads it back.
-          What a holding reader took is the first sacrificial frame, unless
-          netpass read that one back too: then it took a real frame, lost,
-          and counted (``taken_by_qemu_at_its_stop``).
-        * A frame QEMU held for want of a guest buffer at the stop was
-          purged: possible only if the guest had no RX buffer then, which
-          the RX queue's indexes tell once the VM is stopped (the one place
-          netpass issues x- QMP commands, and only with the VM stopped).
+        After its stop QEMU's reader of each queue reads one more frame, if
+        the ring holds one, and keeps it; one that held a frame for want of
+        a guest buffer reads nothing more.  So netpass empties the rings at
+        once (what they hold is netpass's to carry) and puts a second
+        sacrificial frame into each queue: a free reader takes it, and so
+        swallowed nothing real; a holding reader leaves it.  A reader that
+        leaves it while QEMU answers ``SETTLE_ROUNDS`` QMP commands holds a
+        frame: netpass's own first sacrificial frame, unless netpass read
+        that one back, or else the real frame it read last
+        (:mod:`stopaccount`), which the queue's shadow ring has a copy of:
+        it goes across first.  Should the source QEMU go before its readers
+        decided, the report says so (``swallowed_account: unknown``).
+
+        Meanwhile nothing ships, so that the frame QEMU holds goes before
+        the ones netpass read after it.
         """
-        for fd in self.drain_readers:  # QEMU alone reads the rings while it may take a frame
-            self._remove_reader(fd)
-        self.drain_readers.clear()
-        self.capture_now()
-        alive = self.src_pid is not None and procs.alive(self.src_pid)
-        paths: dict[str, str] = {}
-        if alive and self.mon is not None:
-            try:  # (x- commands: only now, with the VM stopped)
-                paths = await virtio_paths(self.mon)
-            except QMPError as exc:
-                log.info("session=%s cannot list the virtio devices after the stop: %s", self.sid, exc)
-        for sn in self.nics:
-            sn.virtio_path = paths.get(sn.nic.mac)
-            second = [sacrifice.second(f) for f in sn.sacrificial]
-            sn.own_set.update(second)
-            if not alive:
-                self.notes.append(f"{sn.nic.tap}: the source QEMU is gone: whether it took a frame at "
-                                  "its stop is unknown")
-                continue
-            try:
-                before = links.info(None, sn.nic.tap).tx_packets
-                sent = [f for f in second if sn.own.send(bytes(wire.VNET_HDR_LEN), f)]
-                deadline = time.monotonic() + QEMU_TOOK_BOUND_S
-                while links.info(None, sn.nic.tap).tx_packets - before < len(sent) and \
-                        time.monotonic() < deadline:
-                    await asyncio.sleep(0.002)
+        self.settling = True
+        try:
+            await asyncio.sleep(PARK_SETTLE_S)
+            for fd in self.drain_readers:  # from here on QEMU alone reads the rings
+                self._remove_reader(fd)
+            self.drain_readers.clear()
+            for sn in self.nics:
                 for fd in sn.fds:
-                    self._on_vm_ring(sn, fd)  # what QEMU left: the seconds it could not take
-                holding = [q for q, f in enumerate(second) if f in sn.own_seen]
-                lost = [q for q in holding if self.unforeseen or sn.sacrificial[q] in sn.own_seen]
-                sn.qemu_took = len(lost)
-                if lost:
-                    self._drop(sn, "taken_by_qemu_at_its_stop", len(lost))
-            except NetpassError as exc:
-                self.notes.append(f"{sn.nic.tap}: cannot tell what QEMU took at its stop: {exc}")
-            if sn.virtio_path is not None and self.mon is not None:
+                    self._on_vm_ring(sn, fd)
+            seconds: dict[bytes, tuple[SourceNic, int]] = {}
+            for sn in self.nics:
+                for q, first in enumerate(sn.sacrificial):
+                    f = sacrifice.second(first)
+                    sn.own_set.add(f)
+                    if sn.own.send(bytes(wire.VNET_HDR_LEN), f):
+                        seconds[f] = (sn, q)
+            decided = await self._readers_decided([fd for sn in self.nics for fd in sn.fds])
+            left: dict[tuple[int, int], int] = {}  # (nic, queue) whose reader left its second frame -> fd
+            for sn in self.nics:
+                for fd in sn.fds:
+                    rest = []
+                    bufs = tapfd.drain(fd, 4096)
+                    sn.reads_after_stop += len(bufs)
+                    for buf in bufs:
+                        owner = seconds.get(buf[sn.hdr_size:])
+                        if owner is not None:
+                            left[(owner[0].index, owner[1])] = fd
+                        else:
+                            rest.append(buf)
+                    self._take(sn, rest, sn.hdr_size)
+            if self.starve_task is not None:
+                try:  # (asked at the stop; answered once QEMU's main loop ran, or failed with QEMU gone)
+                    async with asyncio.timeout(2):
+                        await asyncio.shield(self.starve_task)
+                except TimeoutError:
+                    pass
+            self.stopped_by_migration = await self._stopped_by_migration()
+            if self.stopped_by_migration:
+                self.notes.append("QEMU stopped the VM to complete the migration before netpass parked: a frame "
+                                  "its tap reader took while the vCPUs stopped (at most one per queue) is "
+                                  "dropped at the stop, and cannot be named")
+            await asyncio.sleep(2 * ShadowRing.RETIRE_MS / 1000 + 0.002)  # the last blocks handed over
+            recovered: list[wire.Frame] = []
+            for sn in self.nics:
+                mine = {q: fd for (n, q), fd in left.items() if n == sn.index}
+                holding = self._holding(sn, mine, seconds, decided)
+                sn.qemu_held = 0 if holding is not None else None
+                for q in range(len(sn.sacrificial)):
+                    held = holding is not None and q in holding and \
+                        (self.unforeseen or sn.sacrificial[q] in sn.own_seen)
+                    if holding is None and q in mine:
+                        sn.undecided += 1
+                    if held:
+                        sn.qemu_held = (sn.qemu_held or 0) + 1
+                    if held or sn.starved.get(q):
+                        recovered += self._recover(sn, q, mine.get(q), held)
+                if sn.undecided:
+                    self.notes.append(f"{sn.nic.tap}: the source QEMU went before netpass could tell whether "
+                                      f"it kept a frame at its stop ({sn.undecided} queue(s))")
+            self.outq.extendleft(reversed(recovered))
+        finally:
+            self.settling = False
+
+    async def _stopped_by_migration(self) -> bool:
+        """Whether QEMU's migration stopped the VM (to complete), rather than
+        a management layer's ``stop`` while it ran: the migration has left
+        'active' by now (or QEMU is gone).  QEMU's migration thread stops the
+        vCPUs without holding QEMU's main lock, so its tap reader may take a
+        frame meanwhile, which the stop then drops (seen in the lab: one or
+        two lost per such stop, the second the one its reader then holds)."""
+        if self.completed or self.mon is None:
+            return True
+        try:
+            info = await self.mon.execute("query-migrate", timeout=1)
+        except QMPError:
+            return True
+        return info.get("status") != "active"
+
+    def _holding(self, sn: SourceNic, left: dict[int, int], seconds: dict[bytes, tuple[SourceNic, int]],
+                 decided: bool) -> set[int] | None:
+        """The queues whose reader holds a frame (it left its second
+        sacrificial frame), or None when that cannot be told: the source
+        QEMU went first, and its reads since the stop do not settle it.
+        Those reads are the tap's ``tx_packets`` since netpass saw the stop,
+        less netpass's own: one per second frame taken, one per real frame
+        taken (its reader took it after netpass saw the stop, if it did not
+        read it before, which those counts cannot tell)."""
+        if decided:
+            return set(left)
+        if not self.unforeseen or sn.tx_at_stop is None:
+            return None
+        try:
+            qemu_reads = links.tx_packets(sn.nic.tap) - sn.tx_at_stop - sn.reads_after_stop
+        except NetpassError:
+            return None
+        taken = sum(1 for owner in seconds.values() if owner[0] is sn) - len(left)
+        if left and qemu_reads - taken == len(left):
+            return set(left)  # (each reader took one real frame after netpass saw the stop)
+        return None  # (none since then: any it took came before, or never)
+
+    def _recover(self, sn: SourceNic, q: int, fd: int | None, held: bool) -> list[wire.Frame]:
+        """From queue ``q``'s shadow ring: the frame its reader holds after
+        the stop (``held``), after the one QEMU purged at the stop if the
+        guest had no RX buffer then; what cannot be named is counted lost.
+        ``fd``: the queue's (None if unknown: its reader took its frame)."""
+        starved = bool(sn.starved.get(q))
+        want = int(held) + int(starved)
+        shadow = sn.shadows[q] if q < len(sn.shadows) else None
+        kept = [(v, d) for v, d in shadow.frames() if d not in sn.own_set] \
+            if shadow is not None and shadow.map is not None else []
+        datas = [d for _v, d in kept]
+        answers: set[tuple[int, ...]] = set()
+        if shadow is not None and shadow.dropped:
+            self.notes.append(f"{sn.nic.tap}: its shadow ring missed {shadow.dropped} frame(s): what QEMU "
+                              "kept at its stop cannot be named")
+        elif kept:
+            for f in [fd] if fd is not None else sn.fds:
+                drained = sn.drained.get(f, [])
+                found = [stopaccount.last_read_before_stop(datas, drained, held)] if starved else []
+                if held:
+                    found.append(stopaccount.last_read_by_qemu(datas, drained))
+                if None not in found:
+                    answers.add(tuple(i for i in found if i is not None))
+        chosen = answers.pop() if len(answers) == 1 else ()
+        if len(chosen) < want:
+            self._drop(sn, "taken_by_qemu_at_its_stop", want - len(chosen))
+            self.notes.append(f"{sn.nic.tap}: {want - len(chosen)} frame(s) QEMU kept at its stop could not "
+                              "be named from its shadow ring")
+        out = []
+        now = int((time.monotonic() - self.t0) * 1e6)
+        for i in chosen:
+            vnet, data = kept[i]
+            sn.captured += 1
+            sn.bytes_captured += len(data)
+            sn.recovered += 1
+            out.append(wire.Frame(sn.index, vnet, data, now))
+            log.info("session=%s %s: QEMU kept a frame at its stop (queue %d, %d of %d kept%s): sent on from "
+                     "the shadow ring (%s)", self.sid, sn.nic.tap, q, i + 1, len(kept),
+                     ", the guest had no RX buffer" if starved else "", data[:48].hex())
+        return out
+
+    async def _ask_starved(self) -> None:
+        """Whether the guest had an RX buffer on each queue at the stop (see
+        :meth:`_recover`): the VM is stopped when this is asked."""
+        for sn in self.nics:
+            if sn.vdev is None or self.mon is None:
+                continue
+            for q in range(len(sn.sacrificial)):
                 try:
-                    _used, sn.starved = await rx_state(self.mon, sn.virtio_path, len(sn.sacrificial))
-                except QMPError as exc:
-                    log.info("session=%s cannot read the RX queue after the stop: %s", self.sid, exc)
-            if sn.starved:
-                self.notes.append(f"{sn.nic.tap}: the guest had no RX buffer on {sn.starved} queue(s) at "
-                                  "the stop: a frame QEMU held for it then was purged, if one was")
+                    sn.starved[q] = await rx_without_buffer(self.mon, sn.vdev, q)
+                except (QMPError, KeyError, TypeError, ValueError) as exc:
+                    log.info("session=%s cannot read RX queue %d of %s after the stop: %s", self.sid, q,
+                             sn.nic.mac, exc)
+                    return
+
+    async def _readers_decided(self, fds: list[int]) -> bool:
+        """Wait until QEMU's readers have taken the second sacrificial frames
+        or QEMU's main loop has run ``SETTLE_ROUNDS`` times since they were
+        queued (a free reader has then taken its own); False if the source
+        QEMU went first."""
+        watch = tapfd.Watch(fds)
+        deadline = time.monotonic() + SETTLE_BOUND_S
+        rounds = 0
+        while watch.readable() and rounds < SETTLE_ROUNDS:
+            if self.mon is None or time.monotonic() > deadline:
+                return False
+            try:  # (answered by QEMU's main loop, once the migration thread lets it run)
+                await self.mon.execute("query-status", timeout=max(0.1, deadline - time.monotonic()))
+            except QMPError:
+                return not watch.readable()
+            rounds += 1
+        return True
 
     # -- after completion -----------------------------------------------------------------
     async def _linger(self) -> None:
@@ -930,6 +1124,12 @@ class SourceSession:
                 await self.ch.send_json(CONTROL, {"op": "abort", "reason": "migration failed"})
             except ChannelError:
                 pass
+        if self.settle_task is not None:  # (the VM runs again: its readers take their frames)
+            try:
+                async with asyncio.timeout(5):
+                    await asyncio.shield(self.settle_task)
+            except (TimeoutError, NetpassError) as exc:
+                log.info("session=%s the stop's account did not finish: %s", self.sid, exc)
         self.outq.clear()
         for fd in self.drain_readers:
             self._remove_reader(fd)
@@ -977,7 +1177,7 @@ class SourceSession:
         try:
             await self._arm_or_not()
             if self.netpass_active:
-                for coro in (self._receiver(), self._shipper()):
+                for coro in (self._receiver(), self._shipper(), self._keep_shadows()):
                     self.undo.push_async_callback(stop_task, asyncio.create_task(coro))
             await self._configure_qemu()
             try:
@@ -1097,8 +1297,8 @@ class SourceSession:
         """The source completed: everything parked goes across, the
         destination resumes, the late tail is caught, and the agent reports."""
         assert self.ch is not None
-        if self.unforeseen or not self.verified_before_stop():
-            await self._account_stop()
+        if self.settle_task is not None:
+            await self.settle_task
         # Everything captured so far goes before the 'migrated' notice.
         self.capture_now()
         await self.ship_pending()
@@ -1162,13 +1362,18 @@ class SourceSession:
     def swallowed_account(self) -> str | None:
         """How sure netpass is of what QEMU swallowed at its stop: ``exact``
         when QEMU had read every sacrificial frame before it stopped;
-        ``inferred`` when the second sacrificial frames and the RX queue's
-        state after the stop settled it; ``unknown`` when they could not."""
+        ``inferred`` when QEMU's readers and the guest's RX queues settled
+        it after the stop (each reader took netpass's second sacrificial
+        frame, or left it: then it held a frame; a queue the guest had no
+        buffer on lost the frame QEMU held for it at the stop; each such
+        frame is sent on from the shadow ring, or counted lost);
+        ``unknown`` when the source QEMU went before they could say."""
         if self.stop_path() is None:
             return None
         if not self.unforeseen and self.verified_before_stop():
             return "exact"
-        if all(sn.qemu_took is not None and sn.starved == 0 for sn in self.nics):
+        if not self.stopped_by_migration and all(sn.qemu_held is not None and sn.undecided == 0 and
+               all(q in sn.starved for q in range(len(sn.sacrificial))) for sn in self.nics):
             return "inferred"
         return "unknown"
 
@@ -1204,8 +1409,11 @@ class SourceSession:
                             "vm_ring_drained": sn.vm_ring_drained,
                             "tap_ring_overflow": sn.ring_overflow,
                             "parking_ring_overflow": sn.park_overflow,
-                            "qemu_took_at_its_stop": sn.qemu_took,
-                            "rx_queues_without_buffer_at_stop": sn.starved,
+                            "qemu_held_at_its_stop": sn.qemu_held,
+                            "recovered_from_shadow": sn.recovered,
+                            "rx_queues_without_buffer_at_stop": (sum(sn.starved.values())
+                                                                 if sn.starved else None),
+                            "shadow_dropped": sum(r.dropped for r in sn.shadows),
                             "frames_dropped": nic_dropped})
         captured = sum(sn.captured for sn in self.nics)
         if self.completed and self.dest_report == {} and self.netpass_active:
@@ -1230,6 +1438,7 @@ class SourceSession:
             "stop_path": self.stop_path(),
             "swallowed_account": self.swallowed_account(),
             "frames_captured": captured,
+            "frames_recovered_from_shadow": sum(sn.recovered for sn in self.nics),
             "frames_replayed": replayed_total,
             "frames_returned_to_source": self.returned_to_source,
             "straggler_frames": self.straggler_frames,

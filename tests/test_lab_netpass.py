@@ -48,7 +48,8 @@ def summary(res: dict[str, Any]) -> str:
     out = {k: res.get(k) for k in keys}
     out["report"] = {k: rep.get(k) for k in ("exit_code", "error", "stop_path", "swallowed_account",
                                               "frames_captured", "frames_replayed",
-                                              "duplicates_suppressed", "frames_dropped", "notes",
+                                              "duplicates_suppressed", "frames_recovered_from_shadow",
+                                              "frames_dropped", "notes",
                                               "held_rx", "held_tx", "hold_ms", "replay_delay_ms",
                                               "tap_ring_overflow", "park_to_stop_ms", "verified_to_stop_ms",
                                               "dest_ring_overflow", "frames_after_resume",

@@ -60,6 +60,7 @@ class ScenarioOptions:
     # "external": the lab, as a management layer, stops the source VM itself
     # mid-migration (at a third of the RAM left) and resumes the destination.
     stopper: str = "netpass"
+    endgame: bool = True  # False: netpass does not plan the park, so QEMU's own stop comes unforeseen
     fault: str | None = None  # one of FAULTS (netpass mode)
 
     @property
@@ -598,6 +599,7 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say,
                       "--token-file", str(client_token), "--report", str(report_path), "--json",
                       "--state-dir", str(lab.rundir / "src-state"),
                       *opts.migrate_args),
+                env={**os.environ, **({} if opts.endgame else {"NETPASS_ENDGAME": "off"})},
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE)
             communicate = asyncio.create_task(migrate_proc.communicate())

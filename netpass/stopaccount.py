@@ -1,0 +1,52 @@
+"""Which frame QEMU's reader of a tap queue holds after the VM stopped.
+Pure: no kernel, no QMP.
+
+After its stop QEMU reads one more frame from each queue whose ring holds
+one, cannot hand it to the stopped guest, and keeps it until the source is
+gone: lost, unless netpass has a copy.  A reader that already held a frame
+before the stop (the guest had no buffer for it) reads nothing more.  Either
+way the frame a holding reader keeps is the last one it read.
+
+netpass knows, for each queue, the frames the host queued toward it up to
+the park (its shadow ring, oldest first) and the real frames it read from
+the ring itself after the stop (drained, in order).  QEMU had read every
+frame before the drained ones, and perhaps one in their midst (its reader
+and netpass's raced for the ring after the stop).  So the shadow ends with
+the drained frames and at most one more among them; that one, or else the
+frame just before them, is the one QEMU read last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def last_read_by_qemu(shadow: Sequence[bytes], drained: Sequence[bytes]) -> int | None:
+    """Index in ``shadow`` of the last frame QEMU read; None when the shadow
+    does not end with ``drained`` (give or take that one frame), or holds
+    nothing before them: then the copy cannot name it."""
+    i, j = len(shadow) - 1, len(drained) - 1
+    skipped: int | None = None
+    while j >= 0:
+        if i < 0:
+            return None
+        if shadow[i] == drained[j]:
+            i, j = i - 1, j - 1
+        elif skipped is None:
+            skipped, i = i, i - 1  # the one QEMU took while netpass drained
+        else:
+            return None
+    if skipped is not None:
+        return skipped
+    return i if i >= 0 else None
+
+
+def last_read_before_stop(shadow: Sequence[bytes], drained: Sequence[bytes], held: bool) -> int | None:
+    """Index in ``shadow`` of the last frame QEMU read before its stop: the
+    one it held for want of a guest buffer, if it held one then (it purges
+    that at the stop, and its reader then takes the next).  ``held``: its
+    reader also holds a frame it read after the stop."""
+    if last_read_by_qemu(shadow, drained) is None:
+        return None
+    i = len(shadow) - len(drained) - (2 if held else 1)
+    return i if i >= 0 else None
