@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netpass.endgame import (FINE_POLL_S, LEAD_SAFETY_S, PERIOD_S, Endgame, Phase, Sample, Step)
+from netpass.endgame import (FINE_POLL_S, LEAD_SAFETY_S, MAX_ALARMS, PERIOD_S, Endgame, Phase, Sample, Step)
 
 pytestmark = pytest.mark.unit
 
@@ -184,3 +184,91 @@ def test_never_engages_after_the_window_it_aims_at(ram_mib: int, burst_ms: int, 
             assert t + eg.lead_s <= real_next + 1e-9, (t, real_next)
             return
         assert t < throttled_in + 1.0, "never engaged"
+
+
+def zero_windows(ram: int, mix: float, burst_s: float = 0.012, poll: float = 0.002):
+    """A migration whose windows clear ``mix`` bytes of RAM per wire byte
+    (zero pages: some 455), each sending its quota over ``burst_s``."""
+    t, sent, remaining, w_start = 0.0, 0, ram, 0.05
+    while True:
+        while t < w_start + PERIOD_S:
+            frac = min(1.0, max(0.0, (t - w_start) / burst_s))
+            wire = int(QUOTA_WIRE * frac)
+            r = max(0, remaining - int(wire * mix))
+            yield Sample(t, "active" if r > 0 else "completed", r, sent + wire)
+            if r == 0:
+                return
+            t += poll
+        sent += QUOTA_WIRE
+        remaining = max(0, remaining - int(QUOTA_WIRE * mix))
+        w_start += PERIOD_S
+
+
+class Qemu:
+    """A rate-limited migration, page by page: RAM scanned in order, a zero
+    page 9 bytes on the wire, one that holds data 4105; each window sends
+    until its bytes (max-bandwidth / 10) are used, over ``burst_s``."""
+
+    def __init__(self, zero: list[bool], bw: int = BW, burst_s: float = 0.012) -> None:
+        self.zero, self.bw, self.burst_s = zero, bw, burst_s
+        self.page, self.sent, self.t = 0, 0, 0.0
+        self.w_start = 0.05
+        self.plan: list[tuple[int, int]] = []  # this window's (page, sent) after each page
+
+    def _window(self) -> None:
+        quota, used, self.plan = self.bw // 10, 0, []
+        page, sent = self.page, self.sent
+        while page < len(self.zero) and used <= quota:
+            cost = 9 if self.zero[page] else 4105
+            used, sent, page = used + cost, sent + cost, page + 1
+            self.plan.append((page, sent))
+
+    def run(self, eg: Endgame, poll: float = 0.002) -> list[Step]:
+        steps: list[Step] = []
+        self._window()
+        while True:
+            if self.t >= self.w_start + PERIOD_S:
+                self.page, self.sent = self.plan[-1] if self.plan else (self.page, self.sent)
+                self.w_start += PERIOD_S
+                self._window()
+            done = min(1.0, max(0.0, (self.t - self.w_start) / self.burst_s))
+            k = int(len(self.plan) * done)
+            page, sent = self.plan[k - 1] if k else (self.page, self.sent)
+            left = (len(self.zero) - page) * 4096
+            step = eg.feed(Sample(self.t, "active" if left else "completed", left, sent))
+            steps.append(step)
+            if step is Step.BANDWIDTH or step is Step.THROTTLE:
+                # applies at once: this window's pages from here on count against it
+                self.bw = eg.bandwidth if step is Step.BANDWIDTH else 10
+                used = sent - (self.plan[0][1] - (9 if self.zero[self.page] else 4105)) if self.plan else 0
+                self.plan = self.plan[:max(k, 1)] if used > self.bw // 10 else self.plan
+            if step in (Step.ENGAGE, Step.OVER):
+                return steps
+            self.t += poll
+
+
+def test_a_burst_of_zero_pages_never_finishes_the_ram_by_surprise() -> None:
+    """The lab's case: 148 MiB left, nearly all zero pages, which one 12.8 MB
+    window would clear.  The burst's mix gives the alarm; windows that
+    cannot finish follow, until the RAM left fits a window; then the usual
+    throttle and park."""
+    ram = [False] * 2000 + [True] * 37_000 + [False] * 500
+    blind = Endgame(BW)
+    blind.alarms = MAX_ALARMS  # (no alarm left: the window clears the rest unforeseen)
+    assert Qemu(ram).run(blind)[-1] is Step.OVER
+    eg = Endgame(BW)
+    steps = Qemu(ram).run(eg)
+    assert steps[-1] is Step.ENGAGE, steps[-5:]
+    assert eg.alarms >= 1 and Step.THROTTLE in steps
+
+
+def test_zero_pages_then_data_give_the_bandwidth_back() -> None:
+    """A burst that starts with zero pages and goes on with data: the alarm
+    was false; probing ends at the first window of data, and the operator's
+    bandwidth comes back (the migration only lost some windows)."""
+    ram = [True] * 3000 + [False] * 30_000
+    eg = Endgame(BW)
+    steps = Qemu(ram).run(eg)
+    assert steps[-1] is Step.ENGAGE
+    assert eg.alarms >= 1
+    assert Step.BANDWIDTH in steps
