@@ -24,25 +24,10 @@ it stops, so netpass makes the moment predictable:
   out continuously; netpass throttles when the RAM left would be gone
   within :data:`HORIZON_S` at the recent pace, which creates the windows.
 
-Zero pages cost 9 bytes on the wire, against 4 KiB: a window can clear far
-more RAM than its bytes (lab: one 12.8 MB window cleared 146 MiB).  So the
-planner also follows the *mix* of each burst, the RAM it clears per byte it
-sends.  When the bytes a burst has left could, at its mix so far, clear the
-rest (with a margin: the mix can grow), it throttles QEMU at once and
-*probes*: each following window gets half the bytes that all the RAM left
-would take were it all zero pages, so no window can finish it.  A window
-that clears zero pages halves the rest; one that sends pages that hold data
-says the zero run is over, and the operator's bandwidth comes back.  Once
-the RAM left is an eighth of a window's bytes, the usual throttle and park
-follow.
-This costs the migration some windows (100 ms each), never the network a
-longer pause: parking instead, with bytes for all the rest (a boost), cost
-the lab 10-30 ms more pause in 4 of 5 runs, since most such bursts clear
-zero pages and then data.
-
-What this cannot foresee: a burst that clears the rest in less than a
-polling interval.  Then QEMU stops the VM without warning, and the source
-takes its fallback (``source.py``), which the report names.
+What this cannot foresee: a window that starts with more RAM than it can
+send and still finishes it, because the rest is zero pages (9 bytes each on
+the wire, against 4 KiB).  Then QEMU stops the VM without warning, and the
+source takes its fallback (``source.py``), which the report names.
 """
 
 from __future__ import annotations
@@ -60,17 +45,10 @@ BURST_OVER_S = 0.015  # no byte for this long: the burst has used its window's b
 # max-bandwidth is divided by 10 per window, and a limit of 0 means none: 10
 # bytes/s is the smallest throttle, and lets one page out per window.
 THROTTLE_BANDWIDTH = 10
+PAGE = 4096
+RELEASE_MARGIN = 1.06  # (>= 1 / QUOTA_MARGIN: page headers, and the page after the limit)
 QUOTA_MARGIN = 0.95  # page headers: RAM that fits a window's bytes, with room for them
 NEAR_WINDOWS = 4  # poll finely once the RAM left is within this many windows
-MIX_ZERO = 1.5  # RAM cleared per wire byte above which a window was mostly zero pages
-MIX_MARGIN = 1.5  # a burst's mix can grow as it goes
-MIX_MIN_SENT = 8 << 10  # a burst's mix is measured once it sent this many bytes
-ALARM_REACH = 32  # a burst of zero pages is watched for within this many windows' bytes of the end
-MID_POLL_S = 0.002  # ... by polling this often
-ZERO_PAGE_WIRE = 9  # the fewest bytes a page takes on the wire (a zero page's header and fill byte)
-PROBE_MIN = 16 << 10  # a probing window's fewest bytes (enough to measure its mix)
-PROBE_END = 8  # probing ends with this fraction of a window's bytes of RAM left
-MAX_ALARMS = 10  # the probing costs the migration windows: at most this many alarms
 HORIZON_S = 0.05  # unlimited bandwidth: throttle when the RAM left goes within this
 COARSE_POLL_S = 0.005
 FINE_POLL_S = 0.001
@@ -85,14 +63,12 @@ ACTIVE = ("active", "setup")
 class Step(enum.Enum):
     WAIT = "wait"
     THROTTLE = "throttle"  # set max-bandwidth to THROTTLE_BANDWIDTH now
-    BANDWIDTH = "bandwidth"  # set max-bandwidth to Endgame.bandwidth now (probing for zero pages)
     ENGAGE = "engage"  # park, restore max-bandwidth, send the sacrificial frames: now
     OVER = "over"  # the migration left 'active' before netpass engaged
 
 
 class Phase(enum.Enum):
     WATCHING = "watching"
-    PROBING = "probing"  # a burst of zero pages could have finished the RAM: windows that cannot
     THROTTLED = "throttled"
     ENGAGED = "engaged"
     OVER = "over"
@@ -117,7 +93,6 @@ class Window:
     lo: float
     hi: float
     sent0: int = 0
-    rem0: int | None = None  # the RAM left before it
 
 
 @dataclass
@@ -135,10 +110,18 @@ class Endgame:
     _gap: float = 0.0  # between the last two samples
     _pace: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=16))
     _rtts: deque[float] = field(default_factory=lambda: deque(maxlen=64))
-    bandwidth: int = 0  # what Step.BANDWIDTH sets
-    alarms: int = 0  # bursts of zero pages that could have finished the RAM
-    _mix_now: float | None = None  # the current window's RAM cleared per wire byte
-    _probed_at: float | None = None  # the burst a probing decision was made after
+
+    @property
+    def reach(self) -> int:
+        """RAM of data one window could clear: its bytes, and a page more."""
+        return int(self.max_bandwidth * PERIOD_S) + 2 * PAGE
+
+    def release_bandwidth(self) -> int:
+        """``max-bandwidth`` for the window after the park: the operator's,
+        and enough more that it surely sends up to :attr:`reach` of RAM with
+        its page headers (else it could leave a little, and the stop come a
+        whole window later)."""
+        return int(self.max_bandwidth * RELEASE_MARGIN) if self.max_bandwidth > 0 else 0
 
     @property
     def quota(self) -> int | None:
@@ -153,13 +136,8 @@ class Endgame:
         if prev is not None and s.transferred is not None and prev.transferred is not None and \
                 s.transferred != prev.transferred:
             if self._last_move is None or s.t - self._last_move >= QUIET_S:
-                self.windows.append(Window(lo=prev.t, hi=s.t, sent0=prev.transferred, rem0=prev.remaining))
-                self._mix_now = None
+                self.windows.append(Window(lo=prev.t, hi=s.t, sent0=prev.transferred))
             self._last_move = s.t
-            w = self.windows[-1] if self.windows else None
-            if w is not None and w.rem0 is not None and s.remaining is not None and \
-                    s.transferred - w.sent0 >= MIX_MIN_SENT:
-                self._mix_now = max(0, w.rem0 - s.remaining) / (s.transferred - w.sent0)
         if s.remaining is not None:
             self._pace.append((s.t, s.remaining))
         if prev is not None:
@@ -203,16 +181,11 @@ class Endgame:
             return Step.WAIT
         if self.phase is Phase.WATCHING:
             if self._should_throttle(s):
-                return self._throttle(s)
-            if self._zero_alarm(s):
-                self.phase = Phase.PROBING
-                self.alarms += 1
-                self._probed_at = None
-                self.bandwidth = THROTTLE_BANDWIDTH
-                return Step.BANDWIDTH
+                self.phase = Phase.THROTTLED
+                self.throttled_t = s.t
+                self.throttle_remaining = s.remaining
+                return Step.THROTTLE
             return Step.WAIT
-        if self.phase is Phase.PROBING:
-            return self._probe(s)
         # THROTTLED: engage just before the next window, which will finish the
         # RAM: at the last sample before it that leaves the lead (the next
         # sample comes about one polling gap later, and could be too late).
@@ -225,46 +198,6 @@ class Endgame:
             return Step.ENGAGE
         return Step.WAIT
 
-    def _throttle(self, s: Sample) -> Step:
-        self.phase = Phase.THROTTLED
-        self.throttled_t = s.t
-        self.throttle_remaining = s.remaining
-        return Step.THROTTLE
-
-    def _burst_over(self, s: Sample) -> bool:
-        return self._last_move is None or s.t - self._last_move >= BURST_OVER_S
-
-    def _zero_alarm(self, s: Sample) -> bool:
-        """In a burst: could the bytes its window has left, at its mix so
-        far, clear the RAM left?"""
-        quota, w, mix = self.quota, self.windows[-1] if self.windows else None, self._mix_now
-        if quota is None or w is None or mix is None or mix <= MIX_ZERO or self._burst_over(s) or \
-                s.transferred is None or s.remaining is None or self.alarms >= MAX_ALARMS:
-            return False
-        left = int(self.max_bandwidth * PERIOD_S) - (s.transferred - w.sent0)
-        return s.remaining <= left * mix * MIX_MARGIN
-
-    def _probe(self, s: Sample) -> Step:
-        """Once per burst, after it: the next window's bytes."""
-        quota = self.quota
-        assert quota is not None and s.remaining is not None
-        if not self._burst_over(s) or self._probed_at == self._last_move:
-            return Step.WAIT
-        self._probed_at = self._last_move
-        if s.remaining <= quota // PROBE_END:
-            # (the usual end, with little left for the window after the park:
-            # the bandwidth is already the throttle's.  Up to a window's bytes
-            # left here had the lab's parked window send 3-12 MB: 10-22 ms.)
-            return self._throttle(s)
-        mix = self._mix_now
-        if mix is not None and mix <= MIX_ZERO:
-            self.phase = Phase.WATCHING  # pages that hold data: the zero run is over
-            self.bandwidth = self.max_bandwidth
-            return Step.BANDWIDTH
-        budget = max(PROBE_MIN, min(quota, s.remaining // 4096 * ZERO_PAGE_WIRE // 2))
-        self.bandwidth = int(budget / PERIOD_S)
-        return Step.BANDWIDTH
-
     def _phase_known(self) -> bool:
         return len(self.windows) >= 1
 
@@ -273,8 +206,12 @@ class Endgame:
         assert s.remaining is not None
         if quota is not None:
             if self._last_move is None or s.t - self._last_move >= BURST_OVER_S:
-                # The burst used its window's bytes: the next window finishes what is left.
-                return s.remaining <= quota
+                # The burst used its window's bytes: the next window could
+                # finish what is left if it fits the window's bytes, and one
+                # page more (QEMU checks its limit after each page).  Not
+                # ``quota``: RAM of data between the two (5% of a window)
+                # was finished by a window netpass did not throttle.
+                return s.remaining <= self.reach
             # In the middle of a burst: throttle only if what this window may
             # still send surely finishes the RAM (the race is then near);
             # otherwise let the burst use its bytes, and the last window
@@ -291,15 +228,11 @@ class Endgame:
         """How long until the next sample: finely near the end."""
         if self.phase is Phase.THROTTLED:
             return FINE_POLL_S
-        if self.phase is Phase.PROBING:
-            return MID_POLL_S
         last = self._last
         quota = self.quota
-        if last is not None and last.remaining is not None:
-            if quota is None or last.remaining <= NEAR_WINDOWS * quota:
-                return FINE_POLL_S
-            if last.remaining <= ALARM_REACH * quota:
-                return MID_POLL_S
+        if last is not None and last.remaining is not None and \
+                (quota is None or last.remaining <= NEAR_WINDOWS * quota):
+            return FINE_POLL_S
         return COARSE_POLL_S
 
     def engaged(self, took_s: float) -> None:

@@ -650,10 +650,6 @@ class SourceSession:
                     await self._set_param("max-bandwidth", THROTTLE_BANDWIDTH)
                     log.info("session=%s %d bytes of RAM left: QEMU throttled until the park",
                              self.sid, ram.get("remaining"))
-                elif step is Step.BANDWIDTH:
-                    await self._set_param("max-bandwidth", self.endgame.bandwidth)
-                    log.info("session=%s %d bytes of RAM left, zero pages: max-bandwidth %d for the next window",
-                             self.sid, ram.get("remaining"), self.endgame.bandwidth)
                 elif step is Step.ENGAGE:
                     await self._engage()
             if status == "completed":
@@ -715,8 +711,7 @@ class SourceSession:
         if not watch.readable():
             self.verified_t = t_ver
         # (a failure here fails the migration: the parked frames go back)
-        await self.mon.execute("migrate-set-parameters",
-                               {"max-bandwidth": int(self.qemu_params.get("max-bandwidth", 0))})
+        await self.mon.execute("migrate-set-parameters", {"max-bandwidth": self.endgame.release_bandwidth()})
         t_end = time.monotonic()
         self.qmp_rtt_s = 0.7 * self.qmp_rtt_s + 0.3 * (t_end - t_ver)
         self.endgame.engaged(t_end - t)
@@ -1473,8 +1468,7 @@ class SourceSession:
                          "throttle_to_park_ms": self._ms(self.parked_t, eg.throttled_t)
                          if eg.throttled_t and self.parked_t else None,
                          "lead_ms": round(eg.lead_s * 1000, 2),
-                         "missed_windows": eg.missed_windows(self.stop_t) if self.stop_t else None,
-                         "zero_page_alarms": eg.alarms}
+                         "missed_windows": eg.missed_windows(self.stop_t) if self.stop_t else None}
                         if eg is not None else None),
             "replay_delay_ms": self.dest_report.get("replay_delay_ms"),
             "vm_replay_read_fps": self.dest_report.get("vm_replay_read_fps"),
