@@ -13,13 +13,14 @@ it stops, so netpass makes the moment predictable:
   it sends up to ``max-bandwidth / 10`` bytes, then sleeps until the next.
   A window that starts with at most that much RAM left finishes it and QEMU
   switches over right then.
-* When the RAM left fits one window (measured in the quiet time after a
-  window's burst), netpass *throttles* the migration (``max-bandwidth`` of
-  10 bytes/s: one page a window), so no window can finish it by surprise.
-  The windows keep their rhythm, and netpass learns their phase from
-  ``transferred``.  Just before the next window starts it parks the frames,
-  restores the bandwidth, and that window finishes the RAM: QEMU stops the
-  VM a few milliseconds after the park.
+* When the RAM left fits what one window could clear (its bytes and a
+  page more; measured in the quiet time after a window's burst), netpass
+  *throttles* the migration (``max-bandwidth`` of 10 bytes/s: one page a
+  window), so no window can finish it by surprise.  The windows keep their
+  rhythm, and netpass learns their phase from ``transferred``.  Just
+  before the next window starts it parks the frames, restores the
+  bandwidth (6% over, for the page headers), and that window finishes the
+  RAM: QEMU stops the VM a few milliseconds after the park.
 * Without a rate limit (``max-bandwidth`` 0, as libvirt sets it), RAM goes
   out continuously; netpass throttles when the RAM left would be gone
   within :data:`HORIZON_S` at the recent pace, which creates the windows.
