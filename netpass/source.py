@@ -156,7 +156,7 @@ class SourceNic:
     vdev: str | None = None  # QOM path of its virtio device (for the RX queues' state after a stop)
     starved: dict[int, bool] = field(default_factory=dict)  # after a stop: queue -> the guest had no RX buffer
     tx_at_stop: int | None = None  # the tap's tx_packets (frames read from its rings) when netpass saw the stop
-    reads_after_stop: int = 0  # frames netpass itself read from the VM's rings since
+    reads_at_stop: int = 0  # vm_ring_drained then (netpass's own reads count in tx_packets too)
     own_set: set[bytes] = field(default_factory=set)  # netpass's own frames (sacrificial, first and second)
     own_seen: set[bytes] = field(default_factory=set)  # those netpass read back from the VM's ring
 
@@ -364,7 +364,6 @@ class SourceSession:
     def _on_vm_ring(self, sn: SourceNic, fd: int) -> None:
         bufs = tapfd.drain(fd, 256)
         sn.vm_ring_drained += len(bufs)
-        sn.reads_after_stop += len(bufs)
         if bufs and self.stop_t is not None:
             hdr, own = sn.hdr_size, sn.own_set
             sn.drained.setdefault(fd, []).extend(d for d in (b[hdr:] for b in bufs) if d not in own)
@@ -796,15 +795,15 @@ class SourceSession:
         self.stop_t = emitted if emitted is not None else now
         if not self.netpass_active:
             return
-        if self.parked_t is None or not self.verified_before_stop():
+        self.settling = self.parked_t is None or not self.verified_before_stop()
+        if self.settling:
             for sn in self.nics:  # (first: QEMU may read its one frame any moment)
                 try:
-                    sn.tx_at_stop, sn.reads_after_stop = links.tx_packets(sn.nic.tap), 0
+                    sn.tx_at_stop, sn.reads_at_stop = links.tx_packets(sn.nic.tap), sn.vm_ring_drained
                 except NetpassError:
                     sn.tx_at_stop = None
         if self.parked_t is None:
             self.unforeseen = True
-            self.settling = True
             await self._park_all()
             self._drain_vm_rings()
             self._say(f"the VM stopped before netpass parked its frames ({why}): parked now; "
@@ -814,7 +813,6 @@ class SourceSession:
             # Parked, but QEMU had not read every sacrificial frame: what is
             # still in its rings after the one frame a queue's reader takes
             # at the stop is netpass's to carry.
-            self.settling = True
             self._drain_vm_rings()
         if self.settling:
             loop = asyncio.get_running_loop()
@@ -881,7 +879,6 @@ class SourceSession:
         Meanwhile nothing ships, so that the frame QEMU holds goes before
         the ones netpass read after it.
         """
-        self.settling = True
         try:
             await asyncio.sleep(PARK_SETTLE_S)
             for fd in self.drain_readers:  # from here on QEMU alone reads the rings
@@ -903,7 +900,7 @@ class SourceSession:
                 for fd in sn.fds:
                     rest = []
                     bufs = tapfd.drain(fd, 4096)
-                    sn.reads_after_stop += len(bufs)
+                    sn.vm_ring_drained += len(bufs)
                     for buf in bufs:
                         owner = seconds.get(buf[sn.hdr_size:])
                         if owner is not None:
@@ -973,7 +970,8 @@ class SourceSession:
         if not self.unforeseen or sn.tx_at_stop is None:
             return None
         try:
-            qemu_reads = links.tx_packets(sn.nic.tap) - sn.tx_at_stop - sn.reads_after_stop
+            ours = sn.vm_ring_drained - sn.reads_at_stop
+            qemu_reads = links.tx_packets(sn.nic.tap) - sn.tx_at_stop - ours
         except NetpassError:
             return None
         taken = sum(1 for owner in seconds.values() if owner[0] is sn) - len(left)
