@@ -229,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache-cap-mib", type=_positive(int, "--cache-cap-mib"), metavar="MIB",
                        help="instead: fill the agent's cache (a paused VM) past a cap of MIB "
                             "and report whether the cap and the RSS bound hold")
+    bench.add_argument("--live", action="store_true",
+                       help="instead: netpass's CPU per frame before the stop (the shadow ring), with "
+                            "frames offered to a real tap at 50,000 and 200,000 a second")
+    bench.add_argument("--seconds", type=_positive(float, "--seconds"), default=2.0,
+                       help="with --live: how long each rate is offered (default 2)")
     bench.add_argument("--repeat", type=_positive(int, "--repeat"), default=1, metavar="N",
                        help="run N times and report each field's median, and every run (with --json)")
     bench.add_argument("--json", action="store_true")
@@ -484,10 +489,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _require_root("netpass bench")
     from .bench import cache_cap, medians, run
 
+    if args.live and args.cache_cap_mib:
+        raise UsageError("--live and --cache-cap-mib are two different benches: choose one")
     runs: list[dict[str, Any]] = []
     for i in range(args.repeat):
         of = f" (run {i + 1} of {args.repeat})" if args.repeat > 1 else ""
-        if args.cache_cap_mib:
+        if args.live:
+            from . import livebench
+
+            with err_console.status(f"bench: the live phase, {args.size}-byte frames offered at "
+                                    f"50k and 200k a second{of}"):
+                runs.append(livebench.run(args.size, args.seconds))
+        elif args.cache_cap_mib:
             with err_console.status(f"bench: filling a {args.cache_cap_mib} MiB agent cache with "
                                     f"{args.size}-byte frames{of}"):
                 runs.append(cache_cap(args.cache_cap_mib, args.size))

@@ -17,6 +17,8 @@ import logging
 import mmap
 import socket
 import struct
+import time
+from collections import deque
 from collections.abc import Sequence
 
 import numpy as np
@@ -475,7 +477,6 @@ V3_STATS = struct.Struct("III")  # struct tpacket_stats_v3: tp_packets, tp_drops
 # (+20), seq_num (+24, u64).  struct tpacket3_hdr: tp_next_offset (+0),
 # tp_sec, tp_nsec, tp_snaplen (+12), tp_len (+16), tp_status, tp_mac (+24).
 _U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
 _PKT = struct.Struct("<IIIII")  # next_offset, sec, nsec, snaplen, len
 _MAC = struct.Struct("<H")
 VNET_LEN = 10  # struct virtio_net_hdr, written just before each frame (PACKET_VNET_HDR)
@@ -513,16 +514,22 @@ class ShadowRing:
     its ring, so the copy is in ring order.
     """
 
-    BLOCK_SIZE = 128 << 10  # a 64 KiB GSO frame and its headers fit one block
-    BLOCKS = 48
-    FREE = 16  # blocks left to the kernel at every keep_recent()
+    BLOCK_SIZE = 256 << 10  # a 64 KiB GSO frame and its headers fit one block
+    BLOCKS = 64  # 16 MiB of kernel memory a queue
+    HISTORY = 16  # blocks kept: 4 MiB, some 2,600 frames of 1500 bytes (a tap ring is 1,000)
     RETIRE_MS = 4
+    MIN_KEEP_S, MAX_KEEP_S = 0.002, 0.02  # (20 ms of 2.4 Gbit/s is half the free blocks)
 
     def __init__(self, ifname: str, queue: int | None = None) -> None:
         self.ifname = ifname
         self.queue = queue
         self.dropped = 0  # frames the kernel could not copy (no free block)
         self.map: mmap.mmap | None = None
+        self._next = 0  # the next block the kernel hands over (it fills them in turn)
+        self._owned: deque[tuple[int, int]] = deque()  # (serial, block) handed over and kept, oldest first
+        self._taken = 0  # blocks handed over so far (the next one's serial)
+        self._clean_from = 0  # the first serial known to follow every drop
+        self._kept_t = time.monotonic()
         try:
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
             _attach_filter(self.sock, outgoing_on_queue(queue))
@@ -539,38 +546,68 @@ class ShadowRing:
             self.close()
             raise KernelError(f"cannot open a shadow ring on {ifname}: {exc}") from exc
 
-    def _user_blocks(self) -> list[tuple[int, int]]:
-        """(seq_num, block) of the blocks the kernel handed over, oldest first."""
+    def _take_handed_over(self) -> int:
+        """Add the blocks the kernel handed over since the last look to the
+        kept ones; how many.  The kernel fills and hands over blocks in turn,
+        so a cursor finds them: the cost is per block handed over, not per
+        block of the ring."""
         assert self.map is not None
-        mm, out = self.map, []
-        for b in range(self.BLOCKS):
-            off = b * self.BLOCK_SIZE
-            if _U32.unpack_from(mm, off + 8)[0] & TP_STATUS_USER:
-                out.append((_U64.unpack_from(mm, off + 24)[0], b))
-        out.sort()
-        return out
+        mm, size, status = self.map, self.BLOCK_SIZE, TP_STATUS_USER
+        b, n = self._next, 0
+        for _ in range(self.BLOCKS - len(self._owned)):
+            if not _U32.unpack_from(mm, b * size + 8)[0] & status:
+                break
+            self._owned.append((self._taken + n, b))
+            b = (b + 1) % self.BLOCKS
+            n += 1
+        self._next = b
+        self._taken += n
+        return n
 
-    def _count_drops(self) -> None:
+    def _look(self) -> int:
+        """Count the kernel's drops, then take the blocks handed over.  A drop
+        leaves a gap somewhere before the blocks handed over after it: every
+        block taken so far is then behind a gap (``_clean_from``)."""
         _packets, drops, _freezes = V3_STATS.unpack(self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS,
                                                                           V3_STATS.size))
         self.dropped += drops  # (reading the statistics resets them)
+        n = self._take_handed_over()
+        if drops:
+            self._clean_from = self._taken
+        return n
 
-    def keep_recent(self) -> None:
-        """Hand the oldest full blocks back, leaving ``FREE`` to the kernel."""
+    def keep_recent(self) -> float:
+        """Hand all but the ``HISTORY`` newest handed-over blocks back; the
+        seconds the kernel's free blocks last at the pace since the last
+        call, a quarter of it: when to call again (2 to 20 ms: traffic can
+        start at full pace between two calls)."""
         assert self.map is not None
-        self._count_drops()
-        full = self._user_blocks()
-        for _seq, b in full[:max(0, len(full) - (self.BLOCKS - self.FREE))]:
-            _U32.pack_into(self.map, b * self.BLOCK_SIZE + 8, TP_STATUS_KERNEL)
+        now = time.monotonic()
+        n = self._look()
+        owned, mm, size = self._owned, self.map, self.BLOCK_SIZE
+        while len(owned) > self.HISTORY:
+            _U32.pack_into(mm, owned.popleft()[1] * size + 8, TP_STATUS_KERNEL)
+        rate = n / max(now - self._kept_t, 1e-3)
+        self._kept_t = now
+        return min(self.MAX_KEEP_S, max(self.MIN_KEEP_S, (self.BLOCKS - self.HISTORY) / max(rate, 1.0) / 4))
+
+    @staticmethod
+    def keep_all(rings: Sequence[ShadowRing]) -> float:
+        """:meth:`keep_recent` on each ring: when to call again, for the
+        fastest of them (``MAX_KEEP_S`` with none)."""
+        return min((ring.keep_recent() for ring in rings), default=ShadowRing.MAX_KEEP_S)
 
     def frames(self) -> list[tuple[bytes, bytes]]:
-        """Every frame (virtio-net header, frame) in the handed-over blocks,
-        oldest first.  The block being filled is handed over ``RETIRE_MS``
-        after its first frame: read this that long after the last frame."""
+        """Every frame (virtio-net header, frame) in the handed-over blocks
+        that follow the last gap (see :attr:`dropped`), oldest first.  The
+        block being filled is handed over ``RETIRE_MS`` after its first
+        frame: read this that long after the last frame."""
         assert self.map is not None
-        self._count_drops()
+        self._look()
         mm, out = self.map, []
-        for _seq, b in self._user_blocks():
+        for serial, b in self._owned:
+            if serial < self._clean_from:
+                continue
             base = b * self.BLOCK_SIZE
             n = _U32.unpack_from(mm, base + 12)[0]
             off = base + _U32.unpack_from(mm, base + 16)[0]

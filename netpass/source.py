@@ -79,7 +79,6 @@ PARK_SETTLE_S = 0.001
 # taken it by then (QEMU reads a readable tap in the same loop iteration).
 SETTLE_ROUNDS = 2
 SETTLE_BOUND_S = 60.0  # (a management layer's pause can be long; QEMU answers meanwhile)
-SHADOW_KEEP_S = 0.02  # how often the shadow rings hand old blocks back to the kernel
 # The source's setup steps, in order; a test makes the session fail right
 # after each (SourceSession.fail_after) and checks that nothing is left.
 ARM_STEPS = ("channel", "monitor", "opened", "guard", "steering", "fds", "park", "inject", "shadow",
@@ -468,10 +467,7 @@ class SourceSession:
     async def _keep_shadows(self) -> None:
         """Until the stop: the shadow rings keep only their recent blocks."""
         while self.stop_t is None:
-            for sn in self.nics:
-                for shadow in sn.shadows:
-                    shadow.keep_recent()
-            await asyncio.sleep(SHADOW_KEEP_S)
+            await asyncio.sleep(ShadowRing.keep_all([r for sn in self.nics for r in sn.shadows]))
 
     async def _shipper(self) -> None:
         while True:

@@ -73,3 +73,29 @@ def test_medians_of_runs() -> None:
             {"fps": 2, "ratio": 0.6, "cpu": {"src": 2.0}, "compress": "auto", "cap": True, "d": {}}]
     assert medians(runs) == {"fps": 2, "ratio": 0.6, "cpu": {"src": 2.0}, "compress": "auto",
                              "cap": [True, False, True], "d": {}}
+
+
+@pytest.mark.parametrize("size", [64, 1500])
+def test_live_bench_offers_the_rate_and_the_shadow_keeps_its_tail(root_required: None, size: int) -> None:
+    """``bench --live``: the rate is offered, netpass's CPU is counted, and
+    the shadow ring kept the newest offered frames in order (checked frame
+    by frame against what the sender sent), none dropped at this pace."""
+    from netpass import livebench
+
+    before = set(netns.list_names())
+    res = livebench.run(size, 0.5, rates=(20_000,))
+    assert 18_000 <= res["live_offered_fps_20k"] <= 22_000
+    assert res["live_refused_20k"] == 0
+    assert res["live_us_per_frame_20k"] > 0
+    assert res["live_shadow_dropped_20k"] == 0
+    assert res["live_shadow_kept_20k"] > 100 and res["live_shadow_tail_ok_20k"] is True
+    assert set(netns.list_names()) == before
+
+
+def test_live_bench_refuses_bad_arguments() -> None:
+    from netpass import livebench
+
+    with pytest.raises(LabError, match="--seconds is 0.2 to 60"):
+        livebench.run(64, 0.1)
+    with pytest.raises(LabError, match="--size is a frame size"):
+        livebench.run(40, 1.0)
