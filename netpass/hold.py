@@ -33,11 +33,9 @@ agent undoes what a dead one left (:func:`recover`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import select
 import subprocess
 import sys
 import time
@@ -119,6 +117,8 @@ class Hold:
         self._guard: subprocess.Popen[bytes] | None = None
         self.mirror_fd: int | None = None
         self.qdiscs = tc.QdiscReader(None)  # polled while held frames leave; closed by remove()
+        self._avg = 1514  # bytes a held frame takes, as last known (see _frame_bytes)
+        self._sent = (0, 0)  # the RX ifb's sent packets and bytes at the last look
         # One socket per ifb for the primers, kept until remove(): closing an
         # AF_PACKET socket waits for an RCU grace period (packet_release ->
         # synchronize_net), 13-20 ms here, which made closing a strict hold
@@ -311,19 +311,37 @@ class Hold:
     def rx_backlog(self) -> tuple[int, int]:
         return self._backlog(self.spec.ifb_rx)
 
+    def _frame_bytes(self) -> int:
+        """The bytes of a held frame, on average, to turn a pace in frames
+        into the token bucket's bytes: of what is held now, else of what
+        went through since the last look, else as last known (at first, the
+        largest frame: with nothing held there is nothing to pace yet).  An
+        empty hold taken as 128 bytes a frame once paced 1442-byte frames
+        at a ninth of the pace asked: the hold grew for 3 s and was let go
+        at once into the ring, 2,435 probes of 2,000 a second lost."""
+        q = self.qdiscs.root(self.spec.ifb_rx)
+        if q is not None:
+            if q.backlog_packets:
+                self._avg = q.backlog_bytes // q.backlog_packets
+            elif q.sent_packets > self._sent[0]:
+                self._avg = (q.sent_bytes - self._sent[1]) // (q.sent_packets - self._sent[0])
+            self._sent = (q.sent_packets, q.sent_bytes)
+        self._avg = max(60, self._avg)
+        return self._avg
+
     def release_rx(self, rate_fps: float, keep: bool = False) -> None:
         """Start letting the held live frames into the tap, in order, paced
         at ``rate_fps``; with ``keep`` the hold stays even when it holds
         nothing (flow control: frames keep coming through it, paced)."""
         if self.stats.rx_released_t is not None or self.stats.rx_release_started_t is not None:
             return
-        pkts, nbytes = self.rx_backlog()
+        pkts, _nbytes = self.rx_backlog()
         self.stats.held_rx = pkts
         self.stats.rx_release_started_t = time.monotonic()
         if pkts == 0 and not keep:
             self._open_rx()
             return
-        avg = max(60, nbytes // pkts) if pkts else 128
+        avg = self._frame_bytes()
         tc.tbf_pace(None, self.spec.ifb_rx, HANDLE, int(rate_fps * avg), max(self.spec.burst, 32 * avg),
                     self.spec.limit)
         self._kick(self.spec.ifb_rx)
@@ -332,10 +350,9 @@ class Hold:
     def repace(self, rate_fps: float) -> None:
         """Change the pace of a release in progress (live frames keep arriving:
         a pace below their rate would never empty the hold)."""
-        pkts, nbytes = self.rx_backlog()
         if self.stats.rx_released_t is not None:
             return
-        avg = max(60, nbytes // pkts) if pkts else 128
+        avg = self._frame_bytes()
         tc.tbf_pace(None, self.spec.ifb_rx, HANDLE, int(rate_fps * avg), max(self.spec.burst, 32 * avg),
                     self.spec.limit)
         self._kick(self.spec.ifb_rx)
@@ -483,12 +500,13 @@ class Hold:
 
     # -- guard --------------------------------------------------------------------------
     def start_guard(self) -> None:
-        """A separate process that undoes the hold if this agent dies."""
+        """A separate process that undoes the hold if this agent dies
+        (``netpass.holdguard``: light until it has something to undo)."""
         # Isolated (-I: no working directory, no PYTHON* variables, no user
         # site on the path) and from /: a netpass/ planted in the agent's
         # working directory ran as root otherwise.
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-m", "netpass.hold", "guard", str(self.path), str(os.getpid())],
+            [sys.executable, "-I", "-m", "netpass.holdguard", str(self.path), str(os.getpid())],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True, cwd="/")
         self.spec.guard_pid = proc.pid
         self._save()
@@ -532,43 +550,3 @@ def recover(state_dir: Path) -> list[str]:
             links.delete(None, name)
             done.append(f"deleted {name}, left by a hold nobody owns")
     return done
-
-
-def guard(state: Path, owner: int) -> int:
-    """Wait for the agent ``owner``; if it dies while ``state`` exists, undo the hold."""
-    try:
-        pidfd: int | None = os.pidfd_open(owner)
-    except ProcessLookupError:
-        pidfd = None
-    while state.exists() and pidfd is not None:
-        ready, _, _ = select.select([pidfd], [], [], 0.1)
-        if ready:
-            break
-    if pidfd is not None:
-        os.close(pidfd)
-    if not state.exists():
-        return 0
-    try:
-        spec = HoldSpec.load(state)
-        log.warning("agent %d died holding %s: undoing the hold", owner, spec.tap)
-        Hold(spec, state.parent).remove()
-    except (NetpassError, OSError, ValueError) as exc:
-        log.error("%s", exc)
-        state.unlink(missing_ok=True)
-        return 1
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m netpass.hold")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("guard", help="undo a hold if its agent dies")
-    g.add_argument("state", type=Path)
-    g.add_argument("owner", type=int)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="netpass hold guard: %(message)s")
-    return guard(args.state, args.owner)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

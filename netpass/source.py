@@ -184,6 +184,7 @@ class SourceSession:
         self.was_running = True
         self.t0 = time.monotonic()
         self.t0_wall = time.time()
+        self.cpu0 = time.process_time()
         self.unacked: dict[int, list[wire.Frame]] = {}
         self.pcap_frames: list[wire.Frame] = []
         self.pcap_written: int | None = None
@@ -1467,6 +1468,7 @@ class SourceSession:
             "replay_delay_ms": self.dest_report.get("replay_delay_ms"),
             "vm_replay_read_fps": self.dest_report.get("vm_replay_read_fps"),
             "agent_cpu_ms": self.dest_report.get("agent_cpu_ms"),
+            "migrate_cpu_ms": round((time.process_time() - self.cpu0) * 1000, 1),
             "frames_after_resume": late_frames,
             "last_frame_after_resume_ms": last_late_ms,
             "destination_status": self.dest_status,

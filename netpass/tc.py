@@ -99,6 +99,7 @@ class QdiscInfo:
     backlog_bytes: int = 0
     backlog_packets: int = 0
     sent_packets: int = 0
+    sent_bytes: int = 0
     drops: int = 0
 
 
@@ -209,6 +210,7 @@ class QdiscReader:
                              backlog_bytes=int(queue["backlog"]) if queue else 0,
                              backlog_packets=int(queue["qlen"]) if queue else 0,
                              sent_packets=int(basic["packets"]) if basic else 0,
+                             sent_bytes=int(basic["bytes"]) if basic else 0,
                              drops=int(queue["drops"]) if queue else 0)
         return None
 

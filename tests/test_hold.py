@@ -135,6 +135,37 @@ def test_rx_forwarded_frames_go_before_held_live_ones(rig: Rig) -> None:
     assert not any(q.kind == "clsact" for q in tc.qdiscs(None, "tap0"))
 
 
+def test_a_paced_release_counts_big_frames_as_big(rig: Rig) -> None:
+    """Flow control paces in frames, the token bucket in bytes.  With the
+    hold empty (nothing to measure), 1442-byte frames arriving at 1,500 a
+    second through a release paced at 2,000 must pass as they come, before
+    and after a change of pace (taken as 128 bytes each, they passed at a
+    ninth of that and the hold grew)."""
+    h = hold.Hold.install("s1", "tap0", rig.state, 1 << 22, 3000, tx=False)
+    try:
+        h.close()
+        h.release_tx()
+        h.release_rx(2000.0, keep=True)
+        got: list[int] = []
+        n = 0
+        for rate_change in (False, True):
+            if rate_change:
+                h.repace(2000.0)
+            t0 = time.monotonic()
+            for i in range(600):  # 1,500 a second for 0.4 s
+                while time.monotonic() < t0 + i / 1500:
+                    time.sleep(0.0005)
+                n += 1
+                rig.live.send(b"", frame(VM, PEER, n) + bytes(1442 - 68))
+                got += rig.to_vm()
+            time.sleep(0.05)
+            got += rig.to_vm()
+            assert h.rx_backlog()[0] < 100, f"the hold grew to {h.rx_backlog()[0]} frames"
+        assert got == list(range(1, n + 1))
+    finally:
+        h.remove(vm_running=True)
+
+
 def test_tx_held_then_released_in_order_and_bridge_learns_then(rig: Rig) -> None:
     h = hold.Hold.install("s2", "tap0", rig.state, 1 << 20, 3000)
     subprocess.run(["bridge", "fdb", "del", VM.hex(":"), "dev", "tap0", "master"], capture_output=True)
