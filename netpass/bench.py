@@ -79,7 +79,7 @@ def _cpu() -> float:
     return time.process_time()
 
 
-def _quiet_namespace() -> None:
+def quiet_namespace() -> None:
     """No IPv6 on taps made from now on in this namespace: the kernel's own
     chatter (router solicitations) would otherwise join the bench's frames."""
     with open("/proc/sys/net/ipv6/conf/default/disable_ipv6", "w") as fh:
@@ -428,7 +428,7 @@ def run(size: int, count: int, batch_frames: int = 512, verify: bool = False,
                 raise LabError("the bench receiver did not start")
             time.sleep(0.02)
         with netns.entered(a):
-            _quiet_namespace()
+            quiet_namespace()
             raw = raw_drain(frames)
             session_us = asyncio.run(session_capture(frames))
             res = asyncio.run(_send(frames, token, batch_frames, compress))
@@ -570,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with open(args.serve[0], "rb") as fh:
         token = fh.read()
-    _quiet_namespace()
+    quiet_namespace()
     asyncio.run(_serve(token, args.serve[1], args.expect, args.verify))
     return 0
 

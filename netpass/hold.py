@@ -311,15 +311,15 @@ class Hold:
     def rx_backlog(self) -> tuple[int, int]:
         return self._backlog(self.spec.ifb_rx)
 
-    def _frame_bytes(self) -> int:
+    def _frame_bytes(self, q: tc.QdiscInfo | None) -> int:
         """The bytes of a held frame, on average, to turn a pace in frames
         into the token bucket's bytes: of what is held now, else of what
         went through since the last look, else as last known (at first, the
         largest frame: with nothing held there is nothing to pace yet).  An
         empty hold taken as 128 bytes a frame once paced 1442-byte frames
         at a ninth of the pace asked: the hold grew for 3 s and was let go
-        at once into the ring, 2,435 probes of 2,000 a second lost."""
-        q = self.qdiscs.root(self.spec.ifb_rx)
+        at once into the ring, 2,435 probes of 2,000 a second lost.  ``q``:
+        the RX ifb's root qdisc, as just read."""
         if q is not None:
             if q.backlog_packets:
                 self._avg = q.backlog_bytes // q.backlog_packets
@@ -335,13 +335,14 @@ class Hold:
         nothing (flow control: frames keep coming through it, paced)."""
         if self.stats.rx_released_t is not None or self.stats.rx_release_started_t is not None:
             return
-        pkts, _nbytes = self.rx_backlog()
+        q = self.qdiscs.root(self.spec.ifb_rx)
+        pkts = q.backlog_packets if q is not None else 0
         self.stats.held_rx = pkts
         self.stats.rx_release_started_t = time.monotonic()
         if pkts == 0 and not keep:
             self._open_rx()
             return
-        avg = self._frame_bytes()
+        avg = self._frame_bytes(q)
         tc.tbf_pace(None, self.spec.ifb_rx, HANDLE, int(rate_fps * avg), max(self.spec.burst, 32 * avg),
                     self.spec.limit)
         self._kick(self.spec.ifb_rx)
@@ -352,7 +353,7 @@ class Hold:
         a pace below their rate would never empty the hold)."""
         if self.stats.rx_released_t is not None:
             return
-        avg = self._frame_bytes()
+        avg = self._frame_bytes(self.qdiscs.root(self.spec.ifb_rx))
         tc.tbf_pace(None, self.spec.ifb_rx, HANDLE, int(rate_fps * avg), max(self.spec.burst, 32 * avg),
                     self.spec.limit)
         self._kick(self.spec.ifb_rx)

@@ -33,6 +33,7 @@ import time
 from typing import Any
 
 from . import links, netns, tapfd
+from .bench import mixed_frames, quiet_namespace
 from .errors import LabError
 from .packet import ShadowRing, TxRing
 
@@ -42,14 +43,23 @@ RATES = (50_000, 200_000)
 TICK_S = 0.001  # the sender offers rate/1000 frames each millisecond
 
 
+def _offer(rate: int, size: int) -> tuple[list[bytes], int]:
+    """What the sender offers: a pool of frames, and how many of them a tick."""
+    return mixed_frames(4096, size), max(1, rate // 1000)
+
+
+def _tick(i: int, pool: list[bytes], per_tick: int) -> slice:
+    """The frames of the pool tick ``i`` offers."""
+    start = (i * per_tick) % (len(pool) - per_tick)
+    return slice(start, start + per_tick)
+
+
 def _sender(tap: str, rate: int, seconds: float, size: int) -> dict[str, Any]:
     """Offer ``rate`` frames a second to ``tap`` for ``seconds``: batches of a
     millisecond's frames on an absolute schedule (a late tick catches up, at
     most one tick's worth more at once)."""
-    from .bench import mixed_frames
-
-    per_tick = max(1, rate // 1000)
-    pool = [bytes(HDR) + f for f in mixed_frames(4096, size)]
+    frames, per_tick = _offer(rate, size)
+    pool = [bytes(HDR) + f for f in frames]
     ring = TxRing(tap, bypass=False)
     sent = refused = 0
     try:
@@ -60,8 +70,8 @@ def _sender(tap: str, rate: int, seconds: float, size: int) -> dict[str, Any]:
             now = time.monotonic()
             if now < due:
                 time.sleep(due - now)
-            start = (i * per_tick) % (len(pool) - per_tick)
-            k = ring.send(pool, start, start + per_tick)
+            part = _tick(i, pool, per_tick)
+            k = ring.send(pool, part.start, part.stop)
             sent += k
             refused += per_tick - k
         elapsed = time.monotonic() - t0
@@ -73,14 +83,10 @@ def _sender(tap: str, rate: int, seconds: float, size: int) -> dict[str, Any]:
 
 def _offered_tail(size: int, rate: int, ticks: int, count: int) -> list[bytes]:
     """The last ``count`` frames :func:`_sender` offered (all of them taken)."""
-    from .bench import mixed_frames
-
-    per_tick = max(1, rate // 1000)
-    pool = mixed_frames(4096, size)
+    pool, per_tick = _offer(rate, size)
     out: list[bytes] = []
     for i in range(ticks - 1, -1, -1):
-        start = (i * per_tick) % (len(pool) - per_tick)
-        out[:0] = pool[start:start + per_tick]
+        out[:0] = pool[_tick(i, pool, per_tick)]
         if len(out) >= count:
             break
     return out[len(out) - count:] if count else []
@@ -165,8 +171,7 @@ def run(size: int = 64, seconds: float = 2.0, rates: tuple[int, ...] = RATES) ->
     out: dict[str, Any] = {"size": size, "seconds": seconds}
     try:
         with netns.entered(ns):
-            with open("/proc/sys/net/ipv6/conf/default/disable_ipv6", "w") as fh:
-                fh.write("1")  # no kernel chatter among the bench's frames
+            quiet_namespace()  # no kernel chatter among the bench's frames
             vm = subprocess.Popen([sys.executable, "-m", "netpass.livebench", "--vm", TAP,
                                    str(seconds * 2 * len(rates) + 60)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
