@@ -42,8 +42,9 @@ def summary(res: dict[str, Any]) -> str:
     rep = res.get("report") or {}
     keys = ("sent", "lost", "reordered", "duplicates", "guest_in_echos", "guest_icmp_out_errors",
             "guest_rx_dropped",
-            "first_lost_id", "last_lost_id", "first_duplicate_id", "first_reordered_id", "first_reordered_rx_ms",
-            "src_stop_ms", "dst_resume_ms", "dst_guest_fault", "dst_leftovers",
+            "first_lost_id", "last_lost_id", "last_lost_sent_ms", "first_duplicate_id", "first_reordered_id",
+            "first_reordered_rx_ms",
+            "src_stop_ms", "pause_start_ms", "dst_resume_ms", "dst_guest_fault", "dst_leftovers",
             "burst_sent")
     out = {k: res.get(k) for k in keys}
     out["report"] = {k: rep.get(k) for k in ("exit_code", "error", "stop_path", "swallowed_account",

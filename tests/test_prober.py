@@ -28,6 +28,7 @@ def test_burst_loss_and_gap() -> None:
     s = prober.analyse(tx, rx)
     assert s.lost == 20 and s.max_burst_lost == 20
     assert (s.first_lost_id, s.last_lost_id) == (40, 59)
+    assert s.last_lost_sent_ns == tx[59]  # when it went, for the lab to set against its own times
     assert abs(s.gap_ms - 21 * 0.5) < 1e-6
 
 

@@ -51,6 +51,7 @@ class ProbeStats:
     max_burst_lost: int = 0
     first_lost_id: int | None = None
     last_lost_id: int | None = None
+    last_lost_sent_ns: int | None = None  # when that probe went (monotonic clock, ns)
     latency_p50_ms: float = 0.0
     latency_p99_ms: float = 0.0
     latency_max_ms: float = 0.0
@@ -126,6 +127,7 @@ def analyse(send_ns: list[int], replies: list[tuple[int, int]], rate: float = 0.
         if st.first_lost_id is None:
             st.first_lost_id = pid
         st.last_lost_id = pid
+        st.last_lost_sent_ns = send_ns[pid]
     latencies.sort()
     st.latency_p50_ms = round(percentile(latencies, 50), 3)
     st.latency_p99_ms = round(percentile(latencies, 99), 3)

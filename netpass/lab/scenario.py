@@ -223,6 +223,12 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
             stats["metrics_before"], stats["metrics_after"] = result.metrics_before, result.metrics_after
         stats["dst_guest_fault"] = dst_fault
         stats["src_stop_ms"] = rel(result.src_stop_t)
+        # The traffic programs' own times, on this clock (they start a little
+        # after probe_t0: their own offsets would be early by that much).
+        if stats.get("last_lost_sent_ns") is not None:
+            stats["last_lost_sent_ms"] = rel(stats["last_lost_sent_ns"] / 1e9)
+        if stats.get("stall_start_mono") is not None:
+            stats["stall_start_ms"] = rel(stats.pop("stall_start_mono"))
         if opts.burst_frames:
             stats["burst_sent"] = result.burst_sent
             stats["burst_end_ms"] = rel(result.burst_end_t)

@@ -105,6 +105,7 @@ def run(target: str, rate_mbit: float, duration: float, stop_on_stdin: bool = Fa
     return {"duration_s": round(end - t0, 3), "bytes_acked": info["bytes_acked"],
             "mbit_per_s": round(info["bytes_acked"] * 8 / (end - t0) / 1e6, 2),
             "stall_ms": round(stall * 1000, 1), "stall_start_ms": round(stall_at * 1000, 1),
+            "stall_start_mono": t0 + stall_at,
             "retransmits": info["total_retrans"], "bytes_retrans": info["bytes_retrans"],
             "dsack_dups": info["dsack_dups"], "rate_mbit": rate_mbit}
 
