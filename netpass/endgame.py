@@ -71,6 +71,13 @@ ZERO_RUN_RATIO = 4.0
 ZERO_RUN_WINDOWS = 3
 ZERO_RUN_POLL_WINDOWS = 16  # and poll finely in such a run from this far (7 MB/ms seen)
 HORIZON_S = 0.05  # unlimited bandwidth: throttle when the RAM left goes within this
+MAX_BANDWIDTH = 2 ** 63 - 1
+# No limit that binds: for the last LIMIT_HORIZON_S of RAM at the recent pace,
+# netpass sets one at LIMIT_SHARE of the pace on the wire, so that QEMU sends
+# in windows again and the end can be planned by them.
+LIMIT_HORIZON_S = 0.3
+LIMIT_SHARE = 0.5
+MIN_LIMIT = 8 << 20
 COARSE_POLL_S = 0.005
 FINE_POLL_S = 0.001
 DEFAULT_LEAD_S = 0.004  # park + restore, before a window starts (learned, see engaged())
@@ -83,6 +90,7 @@ ACTIVE = ("active", "setup")
 
 class Step(enum.Enum):
     WAIT = "wait"
+    LIMIT = "limit"  # set max-bandwidth to ``max_bandwidth`` now (a limit that binds, for the end)
     THROTTLE = "throttle"  # set max-bandwidth to THROTTLE_BANDWIDTH now
     ENGAGE = "engage"  # park, restore max-bandwidth, send the sacrificial frames: now
     OVER = "over"  # the migration left 'active' before netpass engaged
@@ -131,6 +139,8 @@ class Endgame:
     _gap: float = 0.0  # between the last two samples
     _ratio: float = 0.0  # RAM cleared per wire byte between the last two samples (0: none sent)
     _pace: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=16))
+    _wire: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=16))
+    limited_to: int | None = None  # the limit netpass set, if it set one (LIMIT)
     _rtts: deque[float] = field(default_factory=lambda: deque(maxlen=64))
 
     @property
@@ -150,7 +160,8 @@ class Endgame:
         # (once, up to ZERO_RUN_WINDOWS windows' worth), rather than leave
         # some and have the stop come a whole window later.
         rest = self.throttle_remaining or 0
-        return int(max(self.max_bandwidth, rest / PERIOD_S) * RELEASE_MARGIN)
+        value = int(max(self.max_bandwidth, rest / PERIOD_S) * RELEASE_MARGIN)
+        return min(value, max(self.max_bandwidth, MAX_BANDWIDTH))  # (QMP's max-bandwidth is a uint64)
 
     @property
     def quota(self) -> int | None:
@@ -169,6 +180,8 @@ class Endgame:
             self._last_move = s.t
         if s.remaining is not None:
             self._pace.append((s.t, s.remaining))
+        if s.transferred is not None:
+            self._wire.append((s.t, s.transferred))
         if prev is not None:
             self._gap = s.t - prev.t
             self._ratio = 0.0
@@ -202,6 +215,36 @@ class Endgame:
             return None
         return (r0 - r1) / (t1 - t0)
 
+    def wire_pace(self) -> float | None:
+        """Bytes per second on the wire lately."""
+        if len(self._wire) < 2:
+            return None
+        (t0, b0), (t1, b1) = self._wire[0], self._wire[-1]
+        if t1 - t0 < 0.004 or b1 <= b0:
+            return None
+        return (b1 - b0) / (t1 - t0)
+
+    def _should_limit(self, s: Sample) -> bool:
+        """QEMU sends all along (no limit, or one the link never reaches) and
+        the RAM would end within LIMIT_HORIZON_S: have a limit that binds
+        (``max_bandwidth`` is then netpass's).  Planned by the pace alone,
+        runs of zero pages make the end come early or late by a lot (lab,
+        libvirt's 8 EiB/s: throttled at 54-110 MB left, then parked for
+        30-234 ms while it went)."""
+        assert s.remaining is not None
+        if self.limited_to is not None or not (self.max_bandwidth <= 0 or self.continuous(s.t)):
+            return False
+        pace, wire = self.unlimited_pace(), self.wire_pace()
+        if pace is None or wire is None or s.remaining > pace * LIMIT_HORIZON_S:
+            return False
+        limit = max(MIN_LIMIT, int(wire * LIMIT_SHARE))
+        if self.max_bandwidth > 0 and limit >= self.max_bandwidth:
+            return False
+        self.max_bandwidth = self.limited_to = limit
+        self.windows.clear()
+        self._last_move = None
+        return True
+
     # -- deciding ---------------------------------------------------------------------
     def feed(self, s: Sample) -> Step:
         """Take one sample; say what to do now."""
@@ -214,6 +257,8 @@ class Endgame:
         if s.status != "active" or s.remaining is None:
             return Step.WAIT
         if self.phase is Phase.WATCHING:
+            if self._should_limit(s):
+                return Step.LIMIT
             if self._should_throttle(s):
                 self.phase = Phase.THROTTLED
                 self.throttled_t = s.t
@@ -235,10 +280,28 @@ class Endgame:
     def _phase_known(self) -> bool:
         return len(self.windows) >= 1
 
+    def rate_limited(self, t: float) -> bool:
+        """Whether QEMU's ``max-bandwidth`` binds: a burst has ended in a
+        quiet time (QEMU slept out its window) and the current one has not
+        gone on for longer than a window.  A limit above what the link
+        carries (libvirt sets about 8 EiB/s; or a slow link) never binds:
+        QEMU sends all along, and a window's bytes say nothing of when the
+        RAM ends (planned by them, such a migration was throttled at its
+        first sample and then parked for all of it, or never throttled)."""
+        if self.quota is None or len(self.windows) < 2 or self._last_move is None:
+            return False
+        return not self.continuous(t)
+
+    def continuous(self, t: float) -> bool:
+        """QEMU has sent without a quiet time for longer than a window."""
+        if not self.windows or self._last_move is None:
+            return False
+        return t - self._last_move < QUIET_S and t - self.windows[-1].hi > PERIOD_S + QUIET_S
+
     def _should_throttle(self, s: Sample) -> bool:
         quota = self.quota
         assert s.remaining is not None
-        if quota is not None:
+        if quota is not None and self.rate_limited(s.t):
             if self._last_move is None or s.t - self._last_move >= BURST_OVER_S:
                 # The burst used its window's bytes: the next window could
                 # finish what is left if it fits the window's bytes, and one
@@ -257,8 +320,12 @@ class Endgame:
                 return False
             left = int(self.max_bandwidth * PERIOD_S) - (s.transferred - w.sent0)
             return s.remaining + s.remaining // 256 + 4096 <= left
+        # No limit, one that does not bind, or none seen to bind yet: the
+        # recent pace says when the RAM ends (and, with a limit, no sooner
+        # than a window could clear it: a first burst runs at the link's pace).
         pace = self.unlimited_pace()
-        return pace is not None and s.remaining <= pace * HORIZON_S
+        return pace is not None and s.remaining <= pace * HORIZON_S and \
+            (quota is None or s.remaining <= self.reach)
 
     def poll_interval(self) -> float:
         """How long until the next sample: finely near the end."""
@@ -266,9 +333,14 @@ class Endgame:
             return FINE_POLL_S
         last = self._last
         quota = self.quota
-        if last is not None and last.remaining is not None and \
-                (quota is None or last.remaining <= NEAR_WINDOWS * quota
-                 or (self._ratio >= ZERO_RUN_RATIO and last.remaining <= ZERO_RUN_POLL_WINDOWS * quota)):
+        if last is None or last.remaining is None:
+            return COARSE_POLL_S
+        if quota is None or not self.rate_limited(last.t):
+            pace = self.unlimited_pace()
+            near = pace is None or last.remaining <= pace * NEAR_WINDOWS * PERIOD_S
+            return FINE_POLL_S if near else COARSE_POLL_S
+        if last.remaining <= NEAR_WINDOWS * quota or \
+                (self._ratio >= ZERO_RUN_RATIO and last.remaining <= ZERO_RUN_POLL_WINDOWS * quota):
             return FINE_POLL_S
         return COARSE_POLL_S
 

@@ -641,7 +641,11 @@ class SourceSession:
                 if _TRACE:
                     _TRACE.write(f"{now:.6f} {status} {ram.get('remaining')} {ram.get('transferred')} "
                                  f"{self.endgame.phase.value} {len(self.endgame.windows)} {step.value}\n")
-                if step is Step.THROTTLE:
+                if step is Step.LIMIT:
+                    await self._set_param("max-bandwidth", self.endgame.max_bandwidth)
+                    log.info("session=%s %d bytes of RAM left, sent all along: QEMU limited to %d bytes/s "
+                             "to plan the end", self.sid, ram.get("remaining"), self.endgame.max_bandwidth)
+                elif step is Step.THROTTLE:
                     await self._prepare_destination()
                     await self._set_param("max-bandwidth", THROTTLE_BANDWIDTH)
                     log.info("session=%s %d bytes of RAM left: QEMU throttled until the park",
@@ -1463,6 +1467,7 @@ class SourceSession:
                          "throttle_to_park_ms": self._ms(self.parked_t, eg.throttled_t)
                          if eg.throttled_t and self.parked_t else None,
                          "lead_ms": round(eg.lead_s * 1000, 2),
+                         "limited_to": eg.limited_to,
                          "missed_windows": eg.missed_windows(self.stop_t) if self.stop_t else None}
                         if eg is not None else None),
             "replay_delay_ms": self.dest_report.get("replay_delay_ms"),

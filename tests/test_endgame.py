@@ -95,10 +95,12 @@ def test_a_burst_that_could_finish_the_ram_is_throttled_in_its_middle() -> None:
 
 def test_a_burst_without_enough_bytes_left_is_let_run() -> None:
     eg = Endgame(BW)
-    eg.feed(Sample(0.0, "active", 24 << 20, 0))
-    eg.feed(Sample(0.05, "active", 23 << 20, 1 << 20))
+    eg.feed(Sample(0.0, "active", 40 << 20, 0))
+    eg.feed(Sample(0.002, "active", 27 << 20, 13 << 20))  # a window's burst
+    eg.feed(Sample(0.05, "active", 27 << 20, 13 << 20))  # its quiet time
+    eg.feed(Sample(0.102, "active", 26 << 20, 14 << 20))  # the next window starts
     # 12 MiB of the window's bytes used, 10 MiB of RAM (of data) left: it cannot finish it.
-    assert eg.feed(Sample(0.052, "active", 10 << 20, 13 << 20)) is Step.WAIT
+    assert eg.feed(Sample(0.104, "active", 10 << 20, 26 << 20)) is Step.WAIT
 
 
 def test_leaving_active_before_the_engage_is_over() -> None:
@@ -109,17 +111,68 @@ def test_leaving_active_before_the_engage_is_over() -> None:
     assert eg.feed(Sample(0.02, "active", 0, 10)) is Step.WAIT
 
 
-def test_unlimited_bandwidth_throttles_when_the_ram_would_be_gone_within_the_horizon() -> None:
-    eg = Endgame(0)
-    assert eg.quota is None
-    t, r = 0.0, 1 << 30
-    step = Step.WAIT
-    while step is Step.WAIT and r > 0:
-        step = eg.feed(Sample(t, "active", r, (1 << 30) - r))
-        t += 0.005
-        r -= 10 << 20  # 2 GB/s
-    assert step is Step.THROTTLE
-    assert 0 < r + (10 << 20) <= 2 * (10 << 20) * 0.05 / 0.005  # within the 50 ms horizon at that pace
+class Link:
+    """QEMU sending RAM of data over a link of ``pace`` bytes/s: with a
+    limit, each window of 100 ms sends until its bytes are used and then
+    sleeps; without one (0), or with one the link never reaches, it sends
+    all along.  The planner's steps apply at once; it polls as it says."""
+
+    def __init__(self, ram: int, pace: float, bw: int) -> None:
+        self.left, self.sent, self.pace, self.bw = ram, 0, pace, bw
+        self.t, self.w_start, self.used = 0.0, 0.0, 0
+
+    def advance(self, dt: float) -> None:
+        end = self.t + dt
+        while self.t < end and self.left > 0:
+            while self.t >= self.w_start + PERIOD_S - 1e-12:
+                self.w_start += PERIOD_S
+                self.used = 0
+            step = max(1e-6, min(end, self.w_start + PERIOD_S) - self.t)
+            can = int(self.pace * step)
+            if self.bw > 0:
+                can = min(can, max(0, self.bw // 10 - self.used))
+            n = min(can, self.left)
+            self.left, self.sent, self.used = self.left - n, self.sent + n, self.used + n
+            self.t += step
+
+    def run(self, eg: Endgame) -> tuple[list[Step], int]:
+        """The planner's steps until it engages (or the RAM ends), and the RAM left then."""
+        steps: list[Step] = []
+        while True:
+            step = eg.feed(Sample(self.t, "active" if self.left else "completed", self.left, self.sent))
+            if step is not Step.WAIT:
+                steps.append(step)
+            if step is Step.LIMIT:
+                self.bw = eg.max_bandwidth
+            elif step is Step.THROTTLE:
+                self.bw = 10
+            elif step in (Step.ENGAGE, Step.OVER):
+                return steps, self.left
+            self.advance(eg.poll_interval())
+
+
+@pytest.mark.parametrize("bw", [0, (2 ** 63 - 1) // (1 << 20) * (1 << 20), 8 << 50, 2 << 30])
+def test_a_limit_that_never_binds_is_made_to_bind_near_the_end(bw: int) -> None:
+    """No limit (0), libvirt's (about 8 EiB/s), or one over what the link
+    carries: QEMU sends all along, and a window's bytes say nothing of when
+    the RAM ends.  Planned by them, libvirt's was throttled at its first
+    sample and parked for the whole migration, and a limit over the link's
+    pace was never throttled.  Now netpass sets a limit at half the pace for
+    the last 0.3 s of RAM, and then plans by the windows: it engages with
+    what one window sends left."""
+    eg = Endgame(bw)
+    steps, left = Link(1 << 30, 1e9, bw).run(eg)
+    assert steps == [Step.LIMIT, Step.THROTTLE, Step.ENGAGE], steps
+    assert eg.limited_to is not None and abs(eg.limited_to - 5e8) < 5e7
+    assert 0 < left <= eg.release_bandwidth() * PERIOD_S
+    assert eg.release_bandwidth() <= 2 ** 64 - 1
+
+
+def test_a_limit_that_binds_is_left_alone() -> None:
+    eg = Endgame(BW)
+    steps, left = Link(1 << 30, 1e9, BW).run(eg)
+    assert steps == [Step.THROTTLE, Step.ENGAGE] and eg.limited_to is None
+    assert 0 < left <= eg.reach
 
 
 def test_missed_windows_counts_whole_periods_after_the_aimed_start() -> None:
@@ -329,3 +382,13 @@ def test_a_throttle_in_a_run_of_zero_pages_gives_the_parked_window_bytes_for_all
     assert eg.release_bandwidth() * PERIOD_S * 4096 / 4105 >= 3 * eg.reach
     eg.throttle_remaining = eg.reach // 2
     assert eg.release_bandwidth() == int(BW * 1.06)
+
+
+
+def test_a_continuous_migration_is_polled_finely_only_near_its_end() -> None:
+    eg = Endgame(8 << 50)
+    t, r = 0.0, 1 << 30
+    for _ in range(40):
+        eg.feed(Sample(t, "active", r, (1 << 30) - r))
+        t, r = t + 0.005, r - 5_000_000
+    assert eg.poll_interval() > FINE_POLL_S  # 800 MB left at 1 GB/s
