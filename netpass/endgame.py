@@ -103,6 +103,15 @@ class Phase(enum.Enum):
     OVER = "over"
 
 
+def _rise(points: deque[tuple[float, int]]) -> float | None:
+    """Change per second from the oldest point kept to the newest (None over
+    less than 4 ms)."""
+    if len(points) < 2:
+        return None
+    (t0, v0), (t1, v1) = points[0], points[-1]
+    return None if t1 - t0 < 0.004 else (v1 - v0) / (t1 - t0)
+
+
 @dataclass(frozen=True)
 class Sample:
     """What one ``query-migrate`` said, and when (monotonic seconds)."""
@@ -208,21 +217,13 @@ class Endgame:
 
     def unlimited_pace(self) -> float | None:
         """RAM bytes per second leaving lately, when there is no rate limit."""
-        if len(self._pace) < 2:
-            return None
-        (t0, r0), (t1, r1) = self._pace[0], self._pace[-1]
-        if t1 - t0 < 0.004 or r0 <= r1:
-            return None
-        return (r0 - r1) / (t1 - t0)
+        pace = _rise(self._pace)
+        return -pace if pace is not None and pace < 0 else None
 
     def wire_pace(self) -> float | None:
         """Bytes per second on the wire lately."""
-        if len(self._wire) < 2:
-            return None
-        (t0, b0), (t1, b1) = self._wire[0], self._wire[-1]
-        if t1 - t0 < 0.004 or b1 <= b0:
-            return None
-        return (b1 - b0) / (t1 - t0)
+        pace = _rise(self._wire)
+        return pace if pace is not None and pace > 0 else None
 
     def _should_limit(self, s: Sample) -> bool:
         """QEMU sends all along (no limit, or one the link never reaches) and
