@@ -21,9 +21,12 @@ it stops, so netpass makes the moment predictable:
   before the next window starts it parks the frames, restores the
   bandwidth (6% over, for the page headers), and that window finishes the
   RAM: QEMU stops the VM a few milliseconds after the park.
-* Without a rate limit (``max-bandwidth`` 0, as libvirt sets it), RAM goes
-  out continuously; netpass throttles when the RAM left would be gone
-  within :data:`HORIZON_S` at the recent pace, which creates the windows.
+* Without a limit that binds (``max-bandwidth`` 0, libvirt's 8 EiB/s, or a
+  link slower than the limit), RAM goes out all along.  For the last
+  :data:`LIMIT_HORIZON_S` of it at the recent pace, netpass sets a limit at
+  half the pace on the wire (``Step.LIMIT``), and the windows come back.
+  Should one still not bind, netpass throttles when the RAM left would be
+  gone within :data:`HORIZON_S`, which creates them.
 
 Zero pages (9 bytes each on the wire, against 4 KiB) let a window clear far
 more RAM than its bytes.  A lab guest's RAM ends in 60-110 MB of them and a
