@@ -34,8 +34,8 @@ tail of 2-8 MB of data: the window that reaches them clears the zero pages in
 8-15 ms and then the tail.  So, during a burst, netpass watches how much RAM
 each wire byte clears, polls finely while a run of zero pages goes on near
 the end, and throttles in the run once the RAM left is within a few windows'
-reach (the parked window then carries the rest of the run and the tail; if
-more data follows than it can send, the stop comes a window later).
+reach (the parked window then carries the rest of the run and the tail, and
+gets the bytes to send all of it as data).
 
 What this cannot foresee: a window that clears a run of zero pages and a
 short tail behind it within one poll and QMP round trip, or that starts with
@@ -228,26 +228,23 @@ class Endgame:
         pace = _rise(self._wire)
         return pace if pace is not None and pace > 0 else None
 
-    def _should_limit(self, s: Sample) -> bool:
-        """QEMU sends all along (no limit, or one the link never reaches) and
-        the RAM would end within LIMIT_HORIZON_S: have a limit that binds
-        (``max_bandwidth`` is then netpass's).  Planned by the pace alone,
-        runs of zero pages make the end come early or late by a lot (lab,
-        libvirt's 8 EiB/s: throttled at 54-110 MB left, then parked for
-        30-234 ms while it went)."""
+    def _limit_wanted(self, s: Sample) -> int | None:
+        """A limit that binds, if one is due now: QEMU sends all along (no
+        limit, or one the link never reaches) and the RAM would end within
+        LIMIT_HORIZON_S.  Planned by the pace alone, runs of zero pages make
+        the end come early or late by a lot (lab, libvirt's 8 EiB/s:
+        throttled at 54-110 MB left, then parked for 30-234 ms while it
+        went)."""
         assert s.remaining is not None
         if self.limited_to is not None or not (self.max_bandwidth <= 0 or self.continuous(s.t)):
-            return False
+            return None
         pace, wire = self.unlimited_pace(), self.wire_pace()
         if pace is None or wire is None or s.remaining > pace * LIMIT_HORIZON_S:
-            return False
+            return None
         limit = max(MIN_LIMIT, int(wire * LIMIT_SHARE))
         if self.max_bandwidth > 0 and limit >= self.max_bandwidth:
-            return False
-        self.max_bandwidth = self.limited_to = limit
-        self.windows.clear()
-        self._last_move = None
-        return True
+            return None
+        return limit
 
     # -- deciding ---------------------------------------------------------------------
     def feed(self, s: Sample) -> Step:
@@ -261,7 +258,12 @@ class Endgame:
         if s.status != "active" or s.remaining is None:
             return Step.WAIT
         if self.phase is Phase.WATCHING:
-            if self._should_limit(s):
+            limit = self._limit_wanted(s)
+            if limit is not None:
+                # From now on the windows are netpass's limit's, seen afresh.
+                self.max_bandwidth = self.limited_to = limit
+                self.windows.clear()
+                self._last_move = None
                 return Step.LIMIT
             if self._should_throttle(s):
                 self.phase = Phase.THROTTLED
@@ -305,7 +307,7 @@ class Endgame:
     def _should_throttle(self, s: Sample) -> bool:
         quota = self.quota
         assert s.remaining is not None
-        if quota is not None and self.rate_limited(s.t):
+        if self.rate_limited(s.t):  # (so quota is not None)
             if self._last_move is None or s.t - self._last_move >= BURST_OVER_S:
                 # The burst used its window's bytes: the next window could
                 # finish what is left if it fits the window's bytes, and one
@@ -339,7 +341,7 @@ class Endgame:
         quota = self.quota
         if last is None or last.remaining is None:
             return COARSE_POLL_S
-        if quota is None or not self.rate_limited(last.t):
+        if quota is None or not self.rate_limited(last.t):  # (quota: for the type checker)
             pace = self.unlimited_pace()
             near = pace is None or last.remaining <= pace * NEAR_WINDOWS * PERIOD_S
             return FINE_POLL_S if near else COARSE_POLL_S
