@@ -103,6 +103,19 @@ SOURCE_LOST_WAIT_S = 30.0
 ARM_STEPS = ("monitor", "checked", "fds", "ring", "tally", "holds", "shadow")
 RELEASE_SETTLE_S = 0.1
 RELEASE_FLOOR_FPS = 200
+# While a hold is in place the tap's ring is grown to this many frames (never
+# shrunk), and given its size back before the hold goes: pacing still aims at
+# a quarter of the ring the tap had, and the rest is headroom for a VM that
+# stalls with the pace running (lab, a 10,000 frames/s flood with the two
+# cores busy: the VM read at 6,800 frames/s, stalled, and its 1,000-frame
+# ring dropped 248 frames, 33 of them probes).
+GROWN_RING = 4096
+
+
+def grown_ring(size: int) -> int:
+    """The ring a held tap of ``size`` frames gets: four times, up to
+    GROWN_RING (each frame in it may be a 64 KiB GSO frame)."""
+    return max(size, min(4 * size, GROWN_RING))
 
 
 def next_release_pace(read_fps: float, level: int, ring: int) -> float:
@@ -421,8 +434,8 @@ class DestSession:
                              mac_bytes=bytes.fromhex(nic.mac.replace(":", "")), tally=tally)
                 self._on_exit(f"closing {nic.tap}'s counter", self._close_counter, dn)
                 self.nics.append(dn)
-                # The ring is used at its size: changing txqueuelen on a live
-                # tap drops frames; what does not fit is fed as the VM reads.
+                # The ring's size is only changed with a hold (Hold._grow_ring);
+                # what does not fit is fed as the VM reads.
                 dn.mark_tx = dn.tx0 = info.tx_packets
                 dn.tx_dropped0 = info.tx_dropped
         finally:
@@ -539,9 +552,11 @@ class DestSession:
         for dn in self.nics:
             try:
                 dn.hold = await asyncio.to_thread(holdmod.Hold.install, self.sid, dn.nic.tap,
-                                                  self.cfg.holds_dir, HOLD_LIMIT_BYTES, timeout_ms)
+                                                  self.cfg.holds_dir, HOLD_LIMIT_BYTES, timeout_ms,
+                                                  True, grown_ring(dn.orig_qlen))
             except NetpassError as exc:
                 raise SessionError("strict", f"strict ordering is not possible on {dn.nic.tap}: {exc}") from exc
+            self._held(dn)
             dn.hold.start_guard()
             if dn.hold.mirror_fd is not None:
                 asyncio.get_running_loop().add_reader(dn.hold.mirror_fd, self._pull_mirror, dn)
@@ -558,17 +573,27 @@ class DestSession:
                 # (The timeout given is the plug's, before the VM runs; the
                 # paced release after it is bounded by FLOW_HOLD_TIMEOUT_MS.)
                 dn.hold = await asyncio.to_thread(holdmod.Hold.install, self.sid, dn.nic.tap,
-                                                  self.cfg.holds_dir, HOLD_LIMIT_BYTES, 1000, False)
+                                                  self.cfg.holds_dir, HOLD_LIMIT_BYTES, 1000, False,
+                                                  grown_ring(dn.orig_qlen))
             except NetpassError as exc:
                 self.hold_notes.append(f"no flow control on {dn.nic.tap}: {exc}")
                 log.warning("session=%s no flow control on %s: %s", self.sid, dn.nic.tap, exc)
                 continue
+            self._held(dn)
             dn.hold.start_guard()
             if dn.hold.mirror_fd is not None:
                 asyncio.get_running_loop().add_reader(dn.hold.mirror_fd, self._pull_mirror, dn)
         # Closed at once: until the VM runs nothing reads the tap anyway, and
         # the source's park may come a few milliseconds before the resume.
         await self.close_holds()
+
+    def _held(self, dn: DestNic) -> None:
+        """A hold is in place on ``dn``: it may look into the tap's ring (a
+        poll of its own, used from the threads hold calls run in), and the
+        drops of the ring it grew count from now."""
+        assert dn.hold is not None
+        dn.hold.ring_readable = tapfd.Watch(dn.fds).readable
+        dn.tx_dropped0 = links.tx_dropped(dn.nic.tap)
 
     def _holding(self) -> bool:
         return any(dn.hold is not None for dn in self.nics)
@@ -1171,6 +1196,7 @@ class DestSession:
                       "dropped": dict(dn.dropped)} for dn in self.nics],
             "reordered_estimate": sum(dn.reordered for dn in self.nics),
             "dest_ring_overflow": self._ring_overflow(),
+            "dest_ring_overflow_after_hold": self._ring_overflow_after_hold(),
             "replay_refused": sum(dn.ring.refused for dn in self.nics),
             **self._hold_report(),
         }
@@ -1183,9 +1209,27 @@ class DestSession:
         frame the tap could not take before QEMU set its offloads), and
         those frames were kept and sent again: they are not in it."""
         try:
-            return sum(links.tx_dropped(dn.nic.tap) - dn.tx_dropped0 - dn.ring.refused for dn in self.nics)
+            return sum(self._dropped_by(dn, caught_up=True) - dn.tx_dropped0 - dn.ring.refused for dn in self.nics)
         except NetpassError:
             return None
+
+    def _ring_overflow_after_hold(self) -> int | None:
+        """What the rings dropped after their holds opened because the VM
+        had caught up: the VM's own, as without netpass (a VM that stalls
+        for longer than its ring lasts at its traffic's rate)."""
+        try:
+            return sum(self._dropped_by(dn, caught_up=False) - self._dropped_by(dn, caught_up=True)
+                       for dn in self.nics)
+        except NetpassError:
+            return None
+
+    @staticmethod
+    def _dropped_by(dn: DestNic, caught_up: bool) -> int:
+        """The tap's drop counter when its hold opened with the VM caught up
+        (``caught_up``), or now."""
+        if caught_up and dn.hold is not None and dn.hold.stats.tap_dropped_caught_up is not None:
+            return dn.hold.stats.tap_dropped_caught_up
+        return links.tx_dropped(dn.nic.tap)
 
     def _hold_report(self) -> dict[str, Any]:
         holds = [dn.hold.stats for dn in self.nics if dn.hold is not None]
@@ -1195,6 +1239,10 @@ class DestSession:
         hold_ms = None
         if self.resume_t is not None and released:
             hold_ms = round(max(0.0, max(released) - self.resume_t) * 1000, 1)
+        caught = [h.rx_caught_up_t for h in holds if h.rx_caught_up_t is not None]
+        caught_ms = None
+        if self.resume_t is not None and caught and len(caught) == len(holds):
+            caught_ms = round(max(0.0, max(caught) - self.resume_t) * 1000, 1)
         tx_ms = None
         tx_rel = [h.tx_released_t for h in holds if h.tx_released_t is not None]
         if self.resume_t is not None and tx_rel:
@@ -1202,11 +1250,14 @@ class DestSession:
         notes = list(self.hold_notes)
         for h in holds:
             notes += h.notes
+        grown = [dn.hold.spec.ring_to for dn in self.nics if dn.hold is not None and dn.hold.spec.ring_to]
         return {"strict_ordering": self.strict, "held_tx": sum(h.held_tx for h in holds),
-                "held_rx": sum(h.held_rx for h in holds), "hold_ms": hold_ms, "hold_tx_ms": tx_ms,
+                "held_rx": sum(h.held_rx for h in holds), "hold_ms": hold_ms,
+                "hold_caught_up_ms": caught_ms, "hold_tx_ms": tx_ms,
                 "hold_timeout": self.hold_timed_out,
                 "hold_dropped": sum(h.dropped_rx + h.dropped_tx for h in holds),
-                "hold_late": any(h.late for h in holds), "hold_notes": notes}
+                "hold_late": any(h.late for h in holds), "hold_ring": max(grown, default=None),
+                "hold_notes": notes}
 
     def abort(self, reason: str = "aborted") -> dict[str, Any]:
         for dn in self.nics:

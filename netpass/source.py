@@ -1479,6 +1479,7 @@ class SourceSession:
             "destination_status": self.dest_status,
             "reordered_estimate": self.dest_report.get("reordered_estimate"),
             "dest_ring_overflow": self.dest_report.get("dest_ring_overflow"),
+            "dest_ring_overflow_after_hold": self.dest_report.get("dest_ring_overflow_after_hold"),
             "dest_replay_refused": self.dest_report.get("replay_refused"),
             # Multiqueue: how long every frame toward the VM went to its queue 0 (agent._pin_queue).
             "dest_one_queue_ms": [n.get("one_queue_ms") for n in self.dest_report.get("nics", [])
@@ -1487,7 +1488,8 @@ class SourceSession:
                if self.o.save_pcap else {}),
             "strict_ordering": self.o.strict_ordering,
             **{k: self.dest_report.get(k) for k in ("held_tx", "held_rx", "hold_ms", "hold_tx_ms",
-                                                     "hold_timeout", "hold_dropped", "hold_late")},
+                                                     "hold_timeout", "hold_dropped", "hold_late", "hold_ring",
+                                                     "hold_caught_up_ms")},
             "nics": per_nic,
             "notes": self.notes + list(self.dest_report.get("hold_notes", [])),
             "states": [s for _, s in self.phases.history],

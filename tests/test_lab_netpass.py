@@ -42,10 +42,10 @@ def summary(res: dict[str, Any]) -> str:
     rep = res.get("report") or {}
     keys = ("sent", "lost", "reordered", "duplicates", "guest_in_echos", "guest_icmp_out_errors",
             "guest_rx_dropped",
-            "first_lost_id", "last_lost_id", "last_lost_sent_ms", "first_duplicate_id", "first_reordered_id",
+            "first_lost_id", "last_lost_id", "first_lost_sent_ms", "last_lost_sent_ms", "first_duplicate_id", "first_reordered_id",
             "first_reordered_rx_ms",
             "src_stop_ms", "pause_start_ms", "dst_resume_ms", "dst_guest_fault", "dst_leftovers",
-            "burst_sent")
+            "burst_sent", "dst_tap_dropped")
     out = {k: res.get(k) for k in keys}
     out["report"] = {k: rep.get(k) for k in ("exit_code", "error", "stop_path", "swallowed_account",
                                               "frames_captured", "frames_replayed",
@@ -55,7 +55,9 @@ def summary(res: dict[str, Any]) -> str:
                                               "tap_ring_overflow", "park_to_stop_ms", "verified_to_stop_ms",
                                               "dest_ring_overflow", "frames_after_resume",
                                               "reordered_estimate", "network_pause_ms", "endgame",
-                                              "vm_replay_read_fps", "batches")}
+                                              "vm_replay_read_fps", "batches", "hold_ring",
+                                              "dest_replay_refused", "dest_ring_overflow_after_hold",
+                                              "hold_caught_up_ms")}
     # The source's account of the stop: which frames QEMU read and never
     # delivered (a loss or a duplicate of one is decided there).
     log_text = (rep.get("logs") or {}).get("migrate", "")

@@ -29,6 +29,10 @@ def test_burst_loss_and_gap() -> None:
     assert s.lost == 20 and s.max_burst_lost == 20
     assert (s.first_lost_id, s.last_lost_id) == (40, 59)
     assert s.last_lost_sent_ns == tx[59]  # when it went, for the lab to set against its own times
+    assert s.first_lost_sent_ns == tx[40]
+    assert s.lost_runs == [[tx[40], tx[59], 20]]
+    two = prober.analyse(tx, [(i, t + 50_000) for i, t in enumerate(tx) if i not in (10, 11, 99)])
+    assert two.lost_runs == [[tx[10], tx[11], 2], [tx[99], tx[99], 1]]
     assert abs(s.gap_ms - 21 * 0.5) < 1e-6
 
 

@@ -37,6 +37,9 @@ MAX_DURATION = 600.0
 SO_RCVBUFFORCE = 33
 
 
+MAX_LOST_RUNS = 500
+
+
 @dataclass
 class ProbeStats:
     sent: int = 0
@@ -52,6 +55,10 @@ class ProbeStats:
     first_lost_id: int | None = None
     last_lost_id: int | None = None
     last_lost_sent_ns: int | None = None  # when that probe went (monotonic clock, ns)
+    first_lost_sent_ns: int | None = None  # when the first lost one went
+    # Each run of consecutive lost probes: [first sent, last sent (ns), count];
+    # the first MAX_LOST_RUNS of them.
+    lost_runs: list[list[int]] = field(default_factory=list)
     latency_p50_ms: float = 0.0
     latency_p99_ms: float = 0.0
     latency_max_ms: float = 0.0
@@ -124,8 +131,13 @@ def analyse(send_ns: list[int], replies: list[tuple[int, int]], rate: float = 0.
             continue
         burst += 1
         st.max_burst_lost = max(st.max_burst_lost, burst)
+        if burst == 1 and len(st.lost_runs) < MAX_LOST_RUNS:
+            st.lost_runs.append([send_ns[pid], send_ns[pid], 0])
+        if st.lost_runs and st.lost_runs[-1][0] == send_ns[pid - burst + 1]:
+            st.lost_runs[-1][1:] = [send_ns[pid], burst]
         if st.first_lost_id is None:
             st.first_lost_id = pid
+            st.first_lost_sent_ns = send_ns[pid]
         st.last_lost_id = pid
         st.last_lost_sent_ns = send_ns[pid]
     latencies.sort()

@@ -163,6 +163,7 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE)
         probe_t0 = time.monotonic()
+        dst_dropped0 = links.info(lab.ns("dst"), "tap0").tx_dropped
         try:
             time.sleep(opts.warmup_s)
             say("migrating" + (" with netpass" if opts.mode == "netpass" else ""))
@@ -193,6 +194,9 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
                 busy.wait()
         if prober.returncode != 0:
             raise LabError(f"prober failed: {err.decode()[-500:]}")
+        # Everything the destination tap's ring dropped during the run, the
+        # session's share (dest_ring_overflow) and the VM's own after it.
+        dst_dropped = links.info(lab.ns("dst"), "tap0").tx_dropped - dst_dropped0
         dst_exit = lab.dst_vm.proc.poll() if lab.dst_vm.proc else None
         _await_fresh_counters([vm for vm in (lab.src_vm, lab.dst_vm) if vm.alive()])
         guest = guest_counters([lab.src_vm.console, lab.dst_vm.console])
@@ -217,6 +221,7 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
         def rel(t: float | None) -> float | None:
             return None if t is None else round((t - probe_t0) * 1000, 1)
 
+        stats["dst_tap_dropped"] = dst_dropped
         stats["dst_leftovers"] = result.dst_leftovers
         stats["src_leftovers"] = result.src_leftovers
         if opts.metrics:
@@ -225,8 +230,10 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
         stats["src_stop_ms"] = rel(result.src_stop_t)
         # The traffic programs' own times, on this clock (they start a little
         # after probe_t0: their own offsets would be early by that much).
-        if stats.get("last_lost_sent_ns") is not None:
-            stats["last_lost_sent_ms"] = rel(stats["last_lost_sent_ns"] / 1e9)
+        stats["lost_runs_ms"] = [[rel(a / 1e9), rel(b / 1e9), n] for a, b, n in stats.pop("lost_runs", [])]
+        for edge in ("first", "last"):
+            if stats.get(f"{edge}_lost_sent_ns") is not None:
+                stats[f"{edge}_lost_sent_ms"] = rel(stats[f"{edge}_lost_sent_ns"] / 1e9)
         if stats.get("stall_start_mono") is not None:
             stats["stall_start_ms"] = rel(stats.pop("stall_start_mono"))
         if opts.burst_frames:
