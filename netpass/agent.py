@@ -24,11 +24,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from . import heap, links, tapfd, wire
 from . import hold as holdmod
-from .channel import (BATCH, CONTROL, ERROR, AuthError, Channel, ChannelError, Wire, parse_hostport,
-                      serve, server_handshake)
+from .channel import (
+    BATCH,
+    CONTROL,
+    ERROR,
+    AuthError,
+    Channel,
+    ChannelError,
+    Wire,
+    parse_hostport,
+    serve,
+    server_handshake,
+)
 from .errors import KernelError, NetpassError, QMPError, UsageError
 from .metrics import AgentMetrics
 from .nics import Nic, discover, rss_in_use
@@ -103,20 +114,6 @@ SOURCE_LOST_WAIT_S = 30.0
 ARM_STEPS = ("monitor", "checked", "fds", "ring", "tally", "holds", "shadow")
 RELEASE_SETTLE_S = 0.1
 RELEASE_FLOOR_FPS = 200
-# While a hold is in place the tap's ring is grown to this many frames (never
-# shrunk), and given its size back before the hold goes: pacing still aims at
-# a quarter of the ring the tap had, and the rest is headroom for a VM that
-# stalls with the pace running (lab, a 10,000 frames/s flood with the two
-# cores busy: the VM read at 6,800 frames/s, stalled, and its 1,000-frame
-# ring dropped 248 frames, 33 of them probes).
-GROWN_RING = 4096
-
-
-def grown_ring(size: int) -> int:
-    """The ring a held tap of ``size`` frames gets: four times, up to
-    GROWN_RING (each frame in it may be a 64 KiB GSO frame)."""
-    return max(size, min(4 * size, GROWN_RING))
-
 
 def next_release_pace(read_fps: float, level: int, ring: int) -> float:
     """The pace of a release for the next step.
@@ -225,7 +222,7 @@ class Pending:
         self.frames += len(records)
         return int(offs[-1]) + offs.nbytes
 
-    def add_span(self, body: memoryview, offsets: Sequence[int]) -> int:
+    def add_span(self, body: memoryview, offsets: Sequence[int] | npt.NDArray[np.int64]) -> int:
         """Records already back to back in ``body`` (a received batch kept
         whole): ``body[offsets[i]:offsets[i + 1]]``, no copy."""
         if len(offsets) < 2:
@@ -434,8 +431,8 @@ class DestSession:
                              mac_bytes=bytes.fromhex(nic.mac.replace(":", "")), tally=tally)
                 self._on_exit(f"closing {nic.tap}'s counter", self._close_counter, dn)
                 self.nics.append(dn)
-                # The ring's size is only changed with a hold (Hold._grow_ring);
-                # what does not fit is fed as the VM reads.
+                # The ring is used at its size: changing txqueuelen on a live
+                # tap drops frames; what does not fit is fed as the VM reads.
                 dn.mark_tx = dn.tx0 = info.tx_packets
                 dn.tx_dropped0 = info.tx_dropped
         finally:
@@ -552,11 +549,9 @@ class DestSession:
         for dn in self.nics:
             try:
                 dn.hold = await asyncio.to_thread(holdmod.Hold.install, self.sid, dn.nic.tap,
-                                                  self.cfg.holds_dir, HOLD_LIMIT_BYTES, timeout_ms,
-                                                  True, grown_ring(dn.orig_qlen))
+                                                  self.cfg.holds_dir, HOLD_LIMIT_BYTES, timeout_ms)
             except NetpassError as exc:
                 raise SessionError("strict", f"strict ordering is not possible on {dn.nic.tap}: {exc}") from exc
-            self._held(dn)
             dn.hold.start_guard()
             if dn.hold.mirror_fd is not None:
                 asyncio.get_running_loop().add_reader(dn.hold.mirror_fd, self._pull_mirror, dn)
@@ -573,27 +568,17 @@ class DestSession:
                 # (The timeout given is the plug's, before the VM runs; the
                 # paced release after it is bounded by FLOW_HOLD_TIMEOUT_MS.)
                 dn.hold = await asyncio.to_thread(holdmod.Hold.install, self.sid, dn.nic.tap,
-                                                  self.cfg.holds_dir, HOLD_LIMIT_BYTES, 1000, False,
-                                                  grown_ring(dn.orig_qlen))
+                                                  self.cfg.holds_dir, HOLD_LIMIT_BYTES, 1000, False)
             except NetpassError as exc:
                 self.hold_notes.append(f"no flow control on {dn.nic.tap}: {exc}")
                 log.warning("session=%s no flow control on %s: %s", self.sid, dn.nic.tap, exc)
                 continue
-            self._held(dn)
             dn.hold.start_guard()
             if dn.hold.mirror_fd is not None:
                 asyncio.get_running_loop().add_reader(dn.hold.mirror_fd, self._pull_mirror, dn)
         # Closed at once: until the VM runs nothing reads the tap anyway, and
         # the source's park may come a few milliseconds before the resume.
         await self.close_holds()
-
-    def _held(self, dn: DestNic) -> None:
-        """A hold is in place on ``dn``: it may look into the tap's ring (a
-        poll of its own, used from the threads hold calls run in), and the
-        drops of the ring it grew count from now."""
-        assert dn.hold is not None
-        dn.hold.ring_readable = tapfd.Watch(dn.fds).readable
-        dn.tx_dropped0 = links.tx_dropped(dn.nic.tap)
 
     def _holding(self) -> bool:
         return any(dn.hold is not None for dn in self.nics)
@@ -987,7 +972,7 @@ class DestSession:
                 self._pull_direct(dn)
                 dn.live_at_stop = dn.live_enqueued
 
-    def accept(self, blob: bytes | memoryview) -> dict[str, Any]:
+    def accept(self, blob: bytes | bytearray | memoryview) -> dict[str, Any]:
         return self.accept_batch(wire.decode(blob, nic_count=len(self.nics)))
 
     def accept_batch(self, batch: wire.Batch) -> dict[str, Any]:
@@ -1006,8 +991,9 @@ class DestSession:
         accepted = dropped = 0
         skipped: list[int] = []  # indexes in the batch not replayed
         zero_hdr = bytes(wire.VNET_HDR_LEN)
-        keep: dict[int, list[bytes]] = {}
-        for i, (nic, h, rec) in enumerate(zip(batch.nics, batch.hdr_lens, batch.records)):
+        keep: dict[int, list[bytes | memoryview]] = {}
+        rec: bytes | memoryview
+        for i, (nic, h, rec) in enumerate(zip(batch.nics, batch.hdr_lens, batch.records, strict=True)):
             dn = self.nics[nic]
             data = rec[h:] if h else rec
             dst = wire.dst_mac(data)
@@ -1162,7 +1148,7 @@ class DestSession:
                 try:
                     async with asyncio.timeout(1.0):
                         await asyncio.shield(self.flow_release)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             # What the hold still has goes in at the VM's pace while the VM
             # gains on it, then it goes.
@@ -1250,14 +1236,12 @@ class DestSession:
         notes = list(self.hold_notes)
         for h in holds:
             notes += h.notes
-        grown = [dn.hold.spec.ring_to for dn in self.nics if dn.hold is not None and dn.hold.spec.ring_to]
         return {"strict_ordering": self.strict, "held_tx": sum(h.held_tx for h in holds),
                 "held_rx": sum(h.held_rx for h in holds), "hold_ms": hold_ms,
                 "hold_caught_up_ms": caught_ms, "hold_tx_ms": tx_ms,
                 "hold_timeout": self.hold_timed_out,
                 "hold_dropped": sum(h.dropped_rx + h.dropped_tx for h in holds),
-                "hold_late": any(h.late for h in holds), "hold_ring": max(grown, default=None),
-                "hold_notes": notes}
+                "hold_late": any(h.late for h in holds), "hold_notes": notes}
 
     def abort(self, reason: str = "aborted") -> dict[str, Any]:
         for dn in self.nics:
@@ -1514,13 +1498,13 @@ def check_open(req: dict[str, Any]) -> tuple[str, list[str], dict[str, str]]:
     return dest_qmp, [m.lower() for m in macs], out
 
 
-def _control(payload: bytes, mtype: int) -> dict[str, Any]:
+def _control(payload: bytes | memoryview, mtype: int) -> dict[str, Any]:
     import json
 
     if mtype != CONTROL:
         raise SessionError("bad_request", f"unexpected message type {mtype}")
     try:
-        msg = json.loads(payload)
+        msg = json.loads(bytes(payload))
     except (ValueError, RecursionError) as exc:
         raise SessionError("bad_request", "malformed control message") from exc
     if not isinstance(msg, dict):

@@ -29,7 +29,6 @@ import sys
 import time
 import zlib
 from collections import deque
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +174,7 @@ async def session_capture(frames: list[bytes]) -> float:
         sess = SourceSession(opts)
         sess.ch = _NoLink()  # type: ignore[assignment]
         sn = SourceNic(index=0, nic=Nic(mac=VM_MAC_TEXT, tap=tap), fds=[fd],
-                       hdr_size=HDR, mac_bytes=VM_MAC, park=_FilledTap(fd), inject=None)
+                       hdr_size=HDR, mac_bytes=VM_MAC, park=_FilledTap(fd), inject=None)  # type: ignore[arg-type]
         sess.nics.append(sn)
         cpu0 = _cpu()
         sess.capture_now()
@@ -273,11 +272,12 @@ def _percentile(weighted: list[tuple[int, int]], q: float) -> float | None:
     if not total:
         return None
     rank, seen = min(int(total * q), total - 1), 0
-    for value, n in sorted(weighted):
+    ordered = sorted(weighted)
+    for value, n in ordered:
         seen += n
         if seen > rank:
-            break
-    return value / 1000
+            return value / 1000
+    return ordered[-1][0] / 1000
 
 
 class _TimedRing:
@@ -448,7 +448,8 @@ def run(size: int, count: int, batch_frames: int = 512, verify: bool = False,
     seconds = r["t_last"] - res["t0"] if r.get("t_last") else float("inf")
     fps = res["frames"] / seconds
     out = {
-        "size": size, "compress": compress, "link_mbit": link_mbit, "frames": res["frames"], "frames_sunk": r.get("sunk"),
+        "size": size, "compress": compress, "link_mbit": link_mbit, "frames": res["frames"],
+        "frames_sunk": r.get("sunk"),
         "frames_per_second": round(fps), "gbit_per_second": round(res["raw_bytes"] * 8 / seconds / 1e9, 3),
         "raw_drain_fps": round(raw), "ratio_to_raw": round(fps / raw, 3) if raw else None,
         "drain_fps": round(res["frames"] / res["drain_s"]) if res["drain_s"] else None,
@@ -480,7 +481,7 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     when every run agrees and listed when they differ."""
     out: dict[str, Any] = {}
     for key in runs[0] if runs else ():
-        values = [r.get(key) for r in runs]
+        values: list[Any] = [r.get(key) for r in runs]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             m = statistics.median(values)
             out[key] = round(m, 3) if isinstance(m, float) else m

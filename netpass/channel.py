@@ -51,7 +51,7 @@ import stat
 import struct
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,7 +144,7 @@ def load_token(path: str | Path) -> bytes:
 _NONCE = struct.Struct("!QBxxx")  # counter, type: 12 bytes
 
 
-def _mac(aead: AESGCM, counter: int, mtype: int, payload: bytes | memoryview) -> bytes:
+def _mac(aead: AESGCM, counter: int, mtype: int, payload: bytes | bytearray | memoryview) -> bytes:
     """GMAC of ``payload``: AES-GCM over no plaintext, the payload as associated data."""
     return aead.encrypt(_NONCE.pack(counter, mtype), b"", payload)
 
@@ -231,7 +231,7 @@ class Wire(asyncio.BufferedProtocol):
         self._wake()
         if self._queued > self.high and not self._reading_paused:
             self._reading_paused = True
-            self.transport.pause_reading()  # type: ignore[attr-defined]
+            self.transport.pause_reading()  # type: ignore[union-attr]
 
     def eof_received(self) -> bool | None:
         return None  # close
@@ -309,7 +309,7 @@ class _Writer:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.transport.write(data)
 
-    def writelines(self, parts: list[bytes]) -> None:
+    def writelines(self, parts: list[bytes | bytearray]) -> None:
         self.transport.writelines(parts)
 
     async def drain(self) -> None:
@@ -338,7 +338,7 @@ def keepalive(sock: Any) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(SILENCE_S * 1000))
 
 
-async def serve(handler: Callable[[Wire, _Writer], Awaitable[None]], host: str, port: int,
+async def serve(handler: Callable[[Wire, _Writer], Coroutine[Any, Any, None]], host: str, port: int,
                 ssl_ctx: ssl.SSLContext | None = None) -> asyncio.Server:
     """Listen; run ``handler(reader, writer)`` for each connection."""
     loop = asyncio.get_running_loop()
@@ -395,7 +395,7 @@ class Channel:
     def live(self) -> bool:
         return self._beats is not None
 
-    async def send(self, mtype: int, payload: bytes) -> None:
+    async def send(self, mtype: int, payload: bytes | bytearray) -> None:
         mac = b""
         if self.send_key is not None:
             mac = _mac(self.send_key, self.sent, mtype, payload)
@@ -412,7 +412,7 @@ class Channel:
         except (ConnectionError, OSError) as exc:
             raise ChannelError(f"connection to {self.peer} lost: {exc}") from exc
 
-    def _write(self, parts: list[bytes], total: int) -> None:
+    def _write(self, parts: list[bytes | bytearray], total: int) -> None:
         """One vectored write (writev) of prefix, payload and MAC, without
         joining them, when nothing is queued ahead; what the socket does not
         take goes to the transport, which keeps the order.  (asyncio 3.11's
@@ -546,7 +546,7 @@ class Channel:
             if exc.cause is not None:
                 raise ChannelError(f"connection to {self.peer} lost: {exc.cause}") from exc
             raise ChannelError(f"{self.peer} closed the connection") from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             if silent:
                 raise SilenceError(f"{self.peer} has been silent for {SILENCE_S:.0f} s: the link or "
                                    "that host is down") from exc
@@ -568,7 +568,7 @@ class Channel:
         else:
             payload = memoryview(body).toreadonly() if mtype == BATCH else bytes(body)
         if mtype == ERROR:
-            err = _json(payload)
+            err = _json(bytes(payload))
             code = str(err.get("code", "error"))
             if code == "auth":
                 raise AuthError(str(err.get("message", "authentication failed")))
@@ -579,7 +579,7 @@ class Channel:
         mtype, payload = await self.recv(timeout)
         if mtype != expect:
             raise ChannelError(f"{self.peer} sent message type {mtype}, expected {expect}")
-        return _json(payload)
+        return _json(bytes(payload))
 
     async def close(self) -> None:
         if self._beats is not None:
@@ -592,7 +592,7 @@ class Channel:
             self.writer.close()
             async with asyncio.timeout(2):
                 await self.writer.wait_closed()
-        except (ConnectionError, OSError, asyncio.TimeoutError, ssl.SSLError):
+        except (TimeoutError, ConnectionError, OSError, ssl.SSLError):
             pass
 
 
@@ -646,7 +646,7 @@ async def server_handshake(ch: Channel, token: bytes, timeout: float = HANDSHAKE
     try:
         async with asyncio.timeout(timeout):
             await _server_handshake(ch, token)
-    except asyncio.TimeoutError as exc:
+    except TimeoutError as exc:
         raise ChannelError(f"{ch.peer} did not complete the handshake within {timeout:.0f} s") from exc
 
 
@@ -691,8 +691,8 @@ async def connect(hostport: str, token: bytes, tls_ca: str | None = None,
     try:
         async with asyncio.timeout(timeout):
             transport, wire = await loop.create_connection(Wire, host, port, ssl=ctx)
-        reader, writer = wire, _Writer(transport, wire)  # type: ignore[arg-type]
-    except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        reader, writer = wire, _Writer(transport, wire)
+    except (TimeoutError, OSError, ssl.SSLError) as exc:
         raise ChannelError(f"cannot reach the agent at {hostport}: {exc or 'timed out'}; "
                            "is 'netpass agent' running there?") from exc
     keepalive(writer.get_extra_info("socket"))

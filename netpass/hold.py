@@ -41,7 +41,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from . import links, procs, tapfd, tc
 from .errors import KernelError, NetpassError, UsageError
@@ -59,13 +58,6 @@ MIRROR_PREFIX = "npmir"
 # Pace of a release nobody measured for (guard, restarted agent): the lab's
 # TCG guest takes this rate comfortably.
 FALLBACK_RELEASE_FPS = 5000
-# Giving the tap its ring size back waits this long, at most, for the VM to
-# read its ring empty (the live frames wait in the plug meanwhile).
-RING_EMPTY_WAIT_S = 2.0
-# ... and sees it empty twice this far apart: a frame the ifb passed on just
-# before the plug closed is in the ring by then, not on its way (a frame on
-# its way while the size changes meets a deactivated device and is dropped).
-RING_EMPTY_SETTLE_S = 0.005
 PRIMER_TYPE = b"\x88\xb5"  # IEEE local experimental EtherType
 PRIMER_DST = bytes.fromhex("026e70fffffe")
 PRIMER_SRC = bytes.fromhex("026e70fffffd")
@@ -94,12 +86,9 @@ class HoldSpec:
     # [QEMU's pid, one of its fds of the tap]: the tap's queues are pinned to
     # one (agent._pin_queue), to be given back by whoever undoes the hold.
     queue_pin: list[int] | None = None
-    # The tap's ring size before the hold grew it (0: not grown), and after.
-    ring_from: int = 0
-    ring_to: int = 0
 
     @classmethod
-    def load(cls, path: Path) -> "HoldSpec":
+    def load(cls, path: Path) -> HoldSpec:
         data = json.loads(path.read_text())
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
@@ -140,11 +129,6 @@ class Hold:
         # synchronize_net), 13-20 ms here, which made closing a strict hold
         # take 30-60 ms, longer than a fast switchover (the VM resumed first).
         self._senders: dict[str, Injector] = {}
-        # Whether the tap's ring holds a frame (the agent's poll on its fds of
-        # the tap); without it (a guard), a ring whose reads stopped is taken
-        # as read.  Used to give a grown ring its size back without a loss.
-        self.ring_readable: Callable[[], bool] | None = None
-        self._rate = float(FALLBACK_RELEASE_FPS)  # the pace last set, frames/s
 
     # -- state file ---------------------------------------------------------------------
     def _save(self, phase: str | None = None) -> None:
@@ -158,12 +142,10 @@ class Hold:
     # -- install ------------------------------------------------------------------------
     @classmethod
     def install(cls, session: str, tap: str, state_dir: Path, limit: int, hold_timeout_ms: int,
-                tx: bool = True, ring: int = 0) -> "Hold":
+                tx: bool = True) -> Hold:
         """Put the (open) hold path in place on ``tap``; nothing is held yet.
         ``tx``: hold the VM's transmissions too (strict ordering); without
-        it only live frames toward the VM are held (flow control).
-        ``ring``: grow the tap's ring to this many frames meanwhile (only
-        while its VM does not run: see :meth:`_grow_ring`)."""
+        it only live frames toward the VM are held (flow control)."""
         info = links.info(None, tap)
         # Room for the largest frame and 64 bytes of tags; two primers empty it.
         burst = info.mtu + 14 + 64
@@ -183,8 +165,6 @@ class Hold:
         hold = cls(spec, state_dir)
         hold._save("installing")  # before the first change: a crash from here on is undone
         try:
-            if ring > info.txqueuelen:
-                hold._grow_ring(info.txqueuelen, ring)
             # A copy of each held live frame, as it is held: the agent must know
             # what the network delivered here to not replay it a second time.
             # Our fd is its only owner: it goes when we do.
@@ -226,73 +206,6 @@ class Hold:
         log.info("hold installed on %s via %s", tap, " and ".join(hold.ifbs))
         return hold
 
-    def _grow_ring(self, size: int, ring: int) -> None:
-        """Headroom in the tap's ring for a VM that stalls while the hold
-        paces frames into it.  Changing a live tap's ring size deactivates it
-        for a moment, and a frame sent to it meanwhile is dropped (decision
-        7): so only before the VM runs here (nothing it needs arrives yet),
-        and back only behind the plug (:meth:`_restore_ring`)."""
-        self.spec.ring_from, self.spec.ring_to = size, ring
-        self._save()  # first: undoing a change that did not happen is harmless
-        links.set_txqueuelen(None, self.spec.tap, ring)
-        log.info("ring of %s grown from %d to %d frames while held", self.spec.tap, size, ring)
-
-    def _ring_read_empty(self) -> bool:
-        """Wait (bounded) until the VM has read the tap's ring empty."""
-        deadline = time.monotonic() + RING_EMPTY_WAIT_S
-        seen: float | None = None
-        last_tx, last_change = -1, time.monotonic()
-        while time.monotonic() < deadline:
-            if self.ring_readable is not None:
-                empty = not self.ring_readable()
-            else:  # no look into the ring: QEMU's reads have stopped for 50 ms
-                tx = links.info(None, self.spec.tap).tx_packets
-                if tx != last_tx:
-                    last_tx, last_change = tx, time.monotonic()
-                empty = time.monotonic() - last_change > 0.05
-            if not empty:
-                seen = None
-            elif seen is None:
-                seen = time.monotonic()
-            elif time.monotonic() - seen >= RING_EMPTY_SETTLE_S:
-                return True
-            time.sleep(0.001)
-        return False
-
-    def _restore_ring(self) -> None:
-        """Give the tap its ring size back, losing nothing, as late as
-        possible (the hold opens next): the live frames wait in the plug, the
-        VM reads its ring empty, the size changes (tun keeps what fits), and
-        the plug becomes the pace it was until what it took meanwhile is in
-        (let go at once, a flood's frames held for those milliseconds could
-        overflow the smaller ring)."""
-        spec = self.spec
-        if not spec.ring_from:
-            return
-        if links.exists(None, spec.tap):
-            steering = links.exists(None, spec.ifb_rx) and PREF in tc.filter_prefs(None, spec.tap, "egress")
-            plugged_t = time.monotonic()
-            if steering:
-                self._plug(spec.ifb_rx, count_drops_from_here=False)
-            # (Not steering: the hold was never complete, and its VM never ran.)
-            if steering and not self._ring_read_empty():
-                self.stats.notes.append(
-                    f"the VM did not read its ring on {spec.tap} empty within {RING_EMPTY_WAIT_S:.0f} s: "
-                    f"giving it back its {spec.ring_from} frames may have dropped what was over that")
-            links.set_txqueuelen(None, spec.tap, spec.ring_from)
-            log.info("ring of %s back to %d frames", spec.tap, spec.ring_from)
-            spec.ring_from = 0
-            self._save()
-            if steering:
-                # At the pace it had, or twice what came in meanwhile.
-                came = self._backlog(spec.ifb_rx)[0] / max(1e-3, time.monotonic() - plugged_t)
-                self._pace(max(self._rate, 2 * came))
-                deadline = time.monotonic() + RING_EMPTY_WAIT_S
-                while self._backlog(spec.ifb_rx)[0] and time.monotonic() < deadline:
-                    time.sleep(0.002)
-        spec.ring_from = 0
-        self._save()
-
     @property
     def ifbs(self) -> list[str]:
         return [i for i in (self.spec.ifb_rx, self.spec.ifb_tx) if i]
@@ -325,11 +238,10 @@ class Hold:
         whose timer may be minutes away; an arriving frame does."""
         self._send(ifb, self._primers()[1:])
 
-    def _plug(self, ifb: str, count_drops_from_here: bool = True) -> None:
+    def _plug(self, ifb: str) -> None:
         """Turn ``ifb``'s open bucket into a plug, then empty the bucket."""
         before = self.qdiscs.root(ifb)
-        if count_drops_from_here:
-            self._base_drops[ifb] = before.drops if before else 0
+        self._base_drops[ifb] = before.drops if before else 0
         tc.tbf_plug(None, ifb, HANDLE, self.spec.burst, self.spec.limit, op="change")
         self._send(ifb, self._primers())
         after = self.qdiscs.root(ifb)
@@ -379,11 +291,9 @@ class Hold:
         """Open ``ifb``'s plug (held frames leave first, in order), stop
         steering once it is empty; what its queue dropped meanwhile.
         ``caught_up``: RX, opened because the VM caught up with the hold."""
-        if direction == "egress":
-            self._restore_ring()  # while the hold still steers
-            if caught_up:
-                self.stats.tap_dropped_caught_up = links.info(None, self.spec.tap).tx_dropped
-                self.stats.rx_caught_up_t = time.monotonic()
+        if direction == "egress" and caught_up:
+            self.stats.tap_dropped_caught_up = links.info(None, self.spec.tap).tx_dropped
+            self.stats.rx_caught_up_t = time.monotonic()
         tc.tbf_open(None, ifb, HANDLE, self.spec.limit)
         self._kick(ifb)
         self._unsteer(ifb, direction)
@@ -457,7 +367,6 @@ class Hold:
         avg = self._avg
         tc.tbf_pace(None, self.spec.ifb_rx, HANDLE, int(rate_fps * avg), max(self.spec.burst, 32 * avg),
                     self.spec.limit)
-        self._rate = rate_fps
         self._kick(self.spec.ifb_rx)
 
     def release_all(self, rate_fps: float, bound_s: float) -> None:
@@ -570,7 +479,6 @@ class Hold:
             if (left := self._backlog(ifb)[0]):
                 errors.append(f"{left} held frame(s) on {ifb} did not leave in time and are dropped")
             attempt(f"delete {ifb}", links.delete, None, ifb)
-        attempt("give the tap its ring size back", self._restore_ring)
         if tap_there and spec.made_clsact and not vm_running and \
                 any(q.kind == "clsact" for q in tc.qdiscs(None, spec.tap)):
             if not tc.filter_prefs(None, spec.tap, "ingress") and not tc.filter_prefs(None, spec.tap, "egress"):

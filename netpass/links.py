@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import MigrationFailed, NetpassError, QMPError
+from .errors import MigrationFailed, NetpassError
 from .qmp import Event, Monitor
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
             try:
                 async with asyncio.timeout(opts.resume_timeout_s):
                     await dst_resumed.wait()
-            except asyncio.TimeoutError as exc:
+            except TimeoutError as exc:
                 raise MigrationFailed("the source completed but the destination did not resume "
                                       f"within {opts.resume_timeout_s:.0f} s") from exc
         return res

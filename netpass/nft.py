@@ -25,7 +25,7 @@ OWN_MARK = 0x6E70F00D
 
 def _bindings() -> Any:
     try:
-        import nftables  # type: ignore[import-not-found]
+        import nftables
     except ImportError as exc:
         raise MissingDependency("the nftables Python bindings are missing: "
                                 "apt-get install python3-nftables (scripts/setup links them "

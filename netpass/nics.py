@@ -83,7 +83,6 @@ async def discover(mon: Monitor, pid: int) -> list[Nic]:
 async def virtio_paths(mon: Monitor) -> dict[str, str]:
     """MAC -> QOM path of each virtio-net device, or {} when this QEMU lacks
     the (experimental) virtio introspection commands."""
-    from .errors import QMPError
 
     try:
         devices = await mon.execute("x-query-virtio")
@@ -106,7 +105,6 @@ async def rss_in_use(mon: Monitor, mac: str) -> bool | None:
     (virtio-net ``rss=on``): None when this QEMU cannot say (no virtio
     introspection).  Uses an experimental command: only while the VM is
     not running."""
-    from .errors import QMPError
 
     path = (await virtio_paths(mon)).get(mac.lower())
     if path is None:
@@ -122,7 +120,6 @@ async def virtio_backend(mon: Monitor, mac: str) -> str | None:
     virtio queue queries take), found with stable QOM commands only, so it
     can be asked while the VM runs; None if it is not a virtio-net NIC
     plugged as a device QEMU lists under ``/machine/peripheral*``."""
-    from .errors import QMPError
 
     for base in ("/machine/peripheral", "/machine/peripheral-anon"):
         try:

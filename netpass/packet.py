@@ -84,7 +84,7 @@ class Injector:
         except OSError as exc:
             raise KernelError(f"cannot open an AF_PACKET socket on {ifname}: {exc}") from exc
 
-    def send(self, vnet_hdr: bytes, frame: bytes) -> bool:
+    def send(self, vnet_hdr: bytes, frame: bytes | memoryview) -> bool:
         """Queue one frame; ``vnet_hdr`` is 10 bytes (zeros when unknown).
 
         False when the device had no room (ENOBUFS: a full tun ring, or a
@@ -348,7 +348,7 @@ def _attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]]
 
     insns = (Insn * len(program))(*[Insn(*i) for i in program])
     prog = Prog(len(program), ctypes.cast(insns, ctypes.POINTER(Insn)))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(prog))  # type: ignore[call-overload]
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(prog))
 
 
 # Classic BPF: like OUTGOING_ONLY, but keep only one byte of each frame.

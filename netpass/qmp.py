@@ -69,7 +69,7 @@ class Monitor:
         try:
             async with asyncio.timeout(self.timeout):
                 await client.connect(self.path)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise QMPError(f"QMP socket {self.path} did not answer within {self.timeout:.0f} s; "
                            "a QMP monitor takes one client at a time: is another client "
                            "connected to it?") from exc
@@ -94,7 +94,7 @@ class Monitor:
                 return await self._client.execute(cmd, args)
         except ExecuteError as exc:
             raise QMPError(f"{self.name}: {cmd} failed: {exc}") from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise QMPError(f"{self.name}: {cmd} got no answer in {timeout or self.timeout:.0f} s") from exc
         except (OSError, EOFError, _LibQMPError) as exc:
             raise QMPError(f"{self.name}: connection lost during {cmd}: {exc}") from exc
@@ -110,7 +110,7 @@ class Monitor:
         try:
             async with asyncio.timeout(timeout):
                 msg = await self._listener.get()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         return Event.from_msg(msg)
 
@@ -135,4 +135,4 @@ def peer_pid(path: str) -> int:
     finally:
         sock.close()
     pid, _uid, _gid = struct.unpack("3i", creds)
-    return pid
+    return int(pid)

@@ -321,6 +321,7 @@ class SourceSession:
             if not tapfd.is_nonblocking(fd):
                 raise MigrationFailed(f"QEMU's fd for tap {nic.tap} is blocking; netpass cannot read it safely")
         info = links.info(None, nic.tap)
+        assert self.steering is not None  # made at the "steering" step
         park = Park.open(nic.tap, self.steering, self.undo)
         self._step("park")
         inject = Injector(nic.tap, bypass=True, mark=nft.OWN_MARK)
@@ -539,11 +540,11 @@ class SourceSession:
         try:
             async with asyncio.timeout(timeout):
                 msg = await self.replies.get()
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise ChannelError(f"the agent did not answer '{op}' within {timeout:.0f} s") from exc
         if msg.get("op") == "error":
-            exc = msg.get("exc")
-            raise exc if isinstance(exc, ChannelError) else ChannelError(str(msg.get("message")))
+            err = msg.get("exc")
+            raise err if isinstance(err, ChannelError) else ChannelError(str(msg.get("message")))
         return msg
 
     # -- QEMU's settings --------------------------------------------------------------------
@@ -955,7 +956,7 @@ class SourceSession:
             info = await self.mon.execute("query-migrate", timeout=1)
         except QMPError:
             return True
-        return info.get("status") != "active"
+        return bool(info.get("status") != "active")
 
     def _holding(self, sn: SourceNic, left: dict[int, int], seconds: dict[bytes, tuple[SourceNic, int]],
                  decided: bool) -> set[int] | None:
@@ -1443,7 +1444,7 @@ class SourceSession:
             "duplicates_suppressed": sum(int(n.get("duplicates_suppressed", 0)) for n in dest_nics.values()),
             "frames_dropped": dropped,
             "channel_unsent": unsent,
-            "tap_ring_overflow": (sum(sn.ring_overflow for sn in self.nics)  # type: ignore[misc]
+            "tap_ring_overflow": (sum(sn.ring_overflow for sn in self.nics)
                                   if all(sn.ring_overflow is not None for sn in self.nics) else None),
             "bytes_captured": sum(sn.bytes_captured for sn in self.nics),
             "bytes_wire": self.ch.bytes_out if self.ch else 0,
@@ -1488,7 +1489,7 @@ class SourceSession:
                if self.o.save_pcap else {}),
             "strict_ordering": self.o.strict_ordering,
             **{k: self.dest_report.get(k) for k in ("held_tx", "held_rx", "hold_ms", "hold_tx_ms",
-                                                     "hold_timeout", "hold_dropped", "hold_late", "hold_ring",
+                                                     "hold_timeout", "hold_dropped", "hold_late",
                                                      "hold_caught_up_ms")},
             "nics": per_nic,
             "notes": self.notes + list(self.dest_report.get("hold_notes", [])),

@@ -158,7 +158,7 @@ def _restore_qemu(qmp: str, params: dict[str, int]) -> list[str]:
 
     try:
         asyncio.run(asyncio.wait_for(restore(), 15))
-    except (NetpassError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, NetpassError, OSError) as exc:
         if not os.path.exists(qmp):
             return []  # QEMU is gone: nothing to restore
         return [f"QEMU's migration parameters {params} at {qmp}: {exc or 'timed out'}"]

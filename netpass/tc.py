@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import subprocess
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +23,8 @@ from pyroute2 import IPRoute, NetNS
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import netns
-from .links import loop_safe
 from .errors import KernelError
+from .links import loop_safe
 
 log = logging.getLogger(__name__)
 

@@ -160,8 +160,9 @@ class Batch:
 
     @property
     def frames(self) -> list[Frame]:
-        return [Frame(n, r[:h], r[h:], t)
-                for n, h, r, t in zip(self.nics, self.hdr_lens, self.records, self.ts_us)]
+        """The batch as Frames (copies: for tests and tools, not the datapath)."""
+        return [Frame(n, bytes(r[:h]), bytes(r[h:]), t)
+                for n, h, r, t in zip(self.nics, self.hdr_lens, self.records, self.ts_us, strict=True)]
 
 
 _cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
@@ -322,10 +323,10 @@ def decode(blob: bytes | bytearray | memoryview, nic_count: int = 256,
     return Batch(seq=seq, nics=nics, hdr_lens=hdrs, ts_us=ts, body=raw, offsets=ends)
 
 
-def dst_mac(frame: bytes) -> bytes:
+def dst_mac(frame: bytes | memoryview) -> bytes | memoryview:
     return frame[:6]
 
 
-def is_group(mac: bytes) -> bool:
+def is_group(mac: bytes | memoryview) -> bool:
     """Broadcast or multicast: the group bit of the first octet."""
     return bool(mac[0] & 1)

@@ -31,6 +31,23 @@ def lab_pids(owned: Callable[[int], bool] | None = None) -> list[int]:
     return out
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test in one tier, so that ``pytest -m unit`` runs anywhere in
+    seconds: ``lab`` (real QEMU migrations; marked by their module),
+    ``kernel`` (root and real devices, no QEMU: a test that needs
+    ``root_required``, directly or through a fixture), ``unit`` (the rest:
+    pure logic, no privileges)."""
+    for item in items:
+        marks = {m.name for m in item.iter_markers()}
+        if "lab" in marks:
+            continue
+        if "kernel" in marks or "root_required" in getattr(item, "fixturenames", ()):
+            if "kernel" not in marks:
+                item.add_marker(pytest.mark.kernel)
+        else:
+            item.add_marker(pytest.mark.unit)
+
+
 @pytest.fixture(scope="session")
 def root_required() -> None:
     if os.geteuid() != 0:

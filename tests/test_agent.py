@@ -5,6 +5,7 @@ clear error and keep serving."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import socket
@@ -136,7 +137,7 @@ class FakeRing:
     def send_span(self, body: memoryview, offsets: Any, start: int, end: int) -> int:
         ends = [int(x) for x in offsets[start:end + 1]]
         # the ring takes a virtio-net header with each record
-        self.sent += [bytes(body[a + 10:b]) for a, b in zip(ends, ends[1:])]
+        self.sent += [bytes(body[a + 10:b]) for a, b in itertools.pairwise(ends)]
         return end - start
 
     def close(self) -> None:

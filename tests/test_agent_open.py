@@ -7,8 +7,6 @@ import pytest
 
 from netpass.agent import SessionError, check_open
 
-pytestmark = pytest.mark.unit
-
 GOOD: dict[str, Any] = {"op": "open", "session": "ab" * 8, "dest_qmp": "/run/q.sock",
                         "macs": ["52:54:00:12:34:56"], "resume": True,
                         "vm": {"uuid": "3F2504E0-4F89-11D3-9A0C-0305E82C3301", "name": "web1"}}

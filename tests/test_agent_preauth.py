@@ -13,7 +13,6 @@ import asyncio
 import os
 import secrets
 import socket
-
 import subprocess
 import sys
 import time
@@ -21,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from netpass.lab.scenario import stop_agent
 from netpass.channel import CONTROL, HELLO, PREFIX, Channel, Wire, _Writer, client_handshake
+from netpass.lab.scenario import stop_agent
 
 from .conftest import ROOT
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-
 from .test_lab_netpass import assert_zero_loss, run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +36,7 @@ def playbook(*args: str, extra: dict[str, Any] | None = None, timeout: float = 9
 def recap(out: str) -> dict[str, int]:
     m = re.search(r"localhost\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", out)
     assert m, out[-3000:]
-    return dict(zip(("ok", "changed", "unreachable", "failed"), map(int, m.groups())))
+    return dict(zip(("ok", "changed", "unreachable", "failed"), map(int, m.groups()), strict=True))
 
 
 def test_playbooks_parse() -> None:

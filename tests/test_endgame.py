@@ -8,9 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netpass.endgame import (FINE_POLL_S, LEAD_SAFETY_S, PERIOD_S, Endgame, Phase, Sample, Step)
-
-pytestmark = pytest.mark.unit
+from netpass.endgame import FINE_POLL_S, LEAD_SAFETY_S, PERIOD_S, Endgame, Phase, Sample, Step
 
 BW = 128 << 20  # QEMU's default max-bandwidth, bytes/s
 QUOTA_WIRE = BW // 10

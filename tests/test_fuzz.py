@@ -9,6 +9,7 @@ believed a declared size took up to gigabytes)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -16,7 +17,6 @@ import struct
 from pathlib import Path
 from typing import Any
 
-import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,8 +27,6 @@ from netpass.agent import SessionError, _control, check_open
 from netpass.channel import CONTROL, ChannelError
 from netpass.errors import NetpassError
 from netpass.source import MigrateOptions, SourceSession
-
-pytestmark = pytest.mark.unit
 
 FUZZ = settings(database=DirectoryBasedExampleDatabase(str(Path(__file__).parent / "hypothesis-db")),
                 max_examples=int(os.environ.get("NETPASS_FUZZ_EXAMPLES", "1500")), deadline=None,
@@ -93,7 +91,7 @@ def columns_and_records(draw: Any) -> tuple[int, bytes]:
     hdrs = bytes(draw(st.sampled_from([0, 10, 10, 10, 3])) for _ in range(count))
     ts = draw(st.binary(min_size=4 * count, max_size=4 * count))
     payload = b"".join(draw(st.binary(min_size=min(n, 300) + h, max_size=min(n, 300) + h))
-                       for n, h in zip(lens, hdrs))
+                       for n, h in zip(lens, hdrs, strict=True))
     payload += draw(st.binary(max_size=8))  # sometimes garbage after the records
     body = ts + struct.pack(f"<{count}I", *lens) + nics + hdrs + payload
     return count, body
@@ -103,7 +101,8 @@ def columns_and_records(draw: Any) -> tuple[int, bytes]:
 @given(st.one_of(st.binary(max_size=2048),
                  st.builds(lambda cb, z, d, n: craft(cb[0] if n is None else n, cb[1], z, declared=d),
                            columns_and_records(), st.booleans(),
-                           st.one_of(st.none(), st.integers(0, 2**63)), st.one_of(st.none(), st.integers(0, 2**32 - 1)))),
+                           st.one_of(st.none(), st.integers(0, 2**63)),
+                           st.one_of(st.none(), st.integers(0, 2**32 - 1)))),
        st.integers(1, 8))
 def test_the_decoder_takes_anything(blob: bytes, nic_count: int) -> None:
     try:
@@ -113,7 +112,7 @@ def test_the_decoder_takes_anything(blob: bytes, nic_count: int) -> None:
     # What it accepts is consistent: every record inside the body, in order.
     assert len(batch.nics) == len(batch.hdr_lens) == len(batch.offsets) - 1
     assert all(n < nic_count for n in batch.nics)
-    assert all(int(a) <= int(b) for a, b in zip(batch.offsets, batch.offsets[1:]))
+    assert all(int(a) <= int(b) for a, b in itertools.pairwise(batch.offsets))
     assert int(batch.offsets[-1]) == len(batch.body)
 
 

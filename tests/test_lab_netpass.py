@@ -25,7 +25,7 @@ def run(image: Any, mode: str, expect_ok: bool = True, **kw: Any) -> dict[str, A
         # the destination, with or without netpass (plain QEMU: 1 of 10 at
         # 4,000 pps).  Its console says so; that is not a network verdict,
         # so such a run is repeated once, and a second crash fails the test.
-        warnings.warn(f"destination guest kernel crashed, running again: {res['dst_guest_fault']}")
+        warnings.warn(f"destination guest kernel crashed, running again: {res['dst_guest_fault']}", stacklevel=2)
         res = scenario.run_migration_scenario(image, scenario.ScenarioOptions(mode=mode, **kw),
                                               lambda m: None)
     assert res.get("dst_guest_fault") is None, f"the destination guest kernel crashed: {res['dst_guest_fault']}"
@@ -42,7 +42,8 @@ def summary(res: dict[str, Any]) -> str:
     rep = res.get("report") or {}
     keys = ("sent", "lost", "reordered", "duplicates", "guest_in_echos", "guest_icmp_out_errors",
             "guest_rx_dropped",
-            "first_lost_id", "last_lost_id", "first_lost_sent_ms", "last_lost_sent_ms", "first_duplicate_id", "first_reordered_id",
+            "first_lost_id", "last_lost_id", "first_lost_sent_ms", "last_lost_sent_ms", "first_duplicate_id",
+            "first_reordered_id",
             "first_reordered_rx_ms",
             "src_stop_ms", "pause_start_ms", "dst_resume_ms", "dst_guest_fault", "dst_leftovers",
             "burst_sent", "dst_tap_dropped")
@@ -55,7 +56,7 @@ def summary(res: dict[str, Any]) -> str:
                                               "tap_ring_overflow", "park_to_stop_ms", "verified_to_stop_ms",
                                               "dest_ring_overflow", "frames_after_resume",
                                               "reordered_estimate", "network_pause_ms", "endgame",
-                                              "vm_replay_read_fps", "batches", "hold_ring",
+                                              "vm_replay_read_fps", "batches",
                                               "dest_replay_refused", "dest_ring_overflow_after_hold",
                                               "hold_caught_up_ms")}
     # The source's account of the stop: which frames QEMU read and never

@@ -164,9 +164,7 @@ def test_netpass_flood_with_a_busy_core_zero_loss(guest_image, no_leftovers) -> 
     """The flood, and a core kept busy: the VM stalls for tens of ms at a
     time.  Released on top of the replay, the live frames overflowed its
     ring (5 and 27 probes lost in 2 of 9 runs, 53 in a fresh-clone CI
-    with a busy core); they now follow the replay, and the ring has
-    headroom while the hold paces (with a second core busy, a 1,000-frame
-    ring dropped 248 frames, 33 of them probes)."""
+    with a busy core); they now follow the replay."""
     res = run(guest_image, "netpass", busy_core=True, **FLOOD)
     assert_zero_loss_but_the_vms_own(res)
     assert_exact(res)

@@ -13,7 +13,7 @@ from netpass import pcap
 def test_round_trip(frames: list[tuple[float, bytes]]) -> None:
     back = pcap.read(pcap.encode(frames))
     assert [d for _, d in back] == [d for _, d in frames]
-    for (t0, _), (t1, _) in zip(frames, back):
+    for (t0, _), (t1, _) in zip(frames, back, strict=True):
         assert abs(t0 - t1) < 2e-6 or abs(t0 - t1) < 1e-6 * abs(t0) + 2e-6
 
 

@@ -27,8 +27,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from netpass import netns
 
 VM = bytes.fromhex("020000000007")

@@ -131,8 +131,8 @@ def markdown(result: dict[str, dict[str, Any]]) -> str:
             v = cell.get(key)
             return "-" if v is None else str(v)
 
-        def three(key: str) -> str:
-            return " / ".join(g(c, key) for c in (p, n, s))
+        def three(key: str, cells: tuple[dict[str, Any], ...] = (p, n, s)) -> str:
+            return " / ".join(g(c, key) for c in cells)
 
         lines.append(" | ".join([
             f"| {row['what']}", g(n, "runs"),

@@ -18,7 +18,7 @@ def plot_runs(runs: dict[str, dict[str, Any]], timelines: dict[str, Path], out: 
     except ImportError as exc:
         raise MissingDependency("--plot needs matplotlib: pip install 'netpass[plot]'") from exc
     fig, axes = plt.subplots(len(runs), 1, figsize=(10, 3.2 * len(runs)), squeeze=False)
-    for ax, (name, stats) in zip(axes[:, 0], runs.items()):
+    for ax, (name, stats) in zip(axes[:, 0], runs.items(), strict=True):
         tl = json.loads(timelines[name].read_text())
         send_ms = [u / 1000 for u in tl["send_us"]]
         got = set(tl["reply_id"])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -163,7 +163,7 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE)
         probe_t0 = time.monotonic()
-        dst_dropped0 = links.info(lab.ns("dst"), "tap0").tx_dropped
+        dst0 = links.info(lab.ns("dst"), "tap0")
         try:
             time.sleep(opts.warmup_s)
             say("migrating" + (" with netpass" if opts.mode == "netpass" else ""))
@@ -195,8 +195,12 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
         if prober.returncode != 0:
             raise LabError(f"prober failed: {err.decode()[-500:]}")
         # Everything the destination tap's ring dropped during the run, the
-        # session's share (dest_ring_overflow) and the VM's own after it.
-        dst_dropped = links.info(lab.ns("dst"), "tap0").tx_dropped - dst_dropped0
+        # session's share (dest_ring_overflow) and the VM's own after it; and
+        # its ring's size, which netpass changes only while it holds.
+        dst_dropped = dst_ring = None
+        if links.exists(lab.ns("dst"), "tap0"):  # (gone with a QEMU that exited)
+            dst1 = links.info(lab.ns("dst"), "tap0")
+            dst_dropped, dst_ring = dst1.tx_dropped - dst0.tx_dropped, dst1.txqueuelen
         dst_exit = lab.dst_vm.proc.poll() if lab.dst_vm.proc else None
         _await_fresh_counters([vm for vm in (lab.src_vm, lab.dst_vm) if vm.alive()])
         guest = guest_counters([lab.src_vm.console, lab.dst_vm.console])
@@ -215,14 +219,17 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
         stats["kill_source"] = opts.kill_source
         stats["dst_qemu_exit"] = dst_exit
         stats["src_status"], stats["dst_status"] = where
-        stats.update({k: (v - guest_base[k]) if v is not None and guest_base.get(k) is not None else None
-                      for k, v in guest.items()})
+        for k, v in guest.items():
+            base = guest_base.get(k)
+            stats[k] = v - base if v is not None and base is not None else None
 
         def rel(t: float | None) -> float | None:
             return None if t is None else round((t - probe_t0) * 1000, 1)
 
         stats["dst_tap_dropped"] = dst_dropped
-        stats["dst_leftovers"] = result.dst_leftovers
+        stats["dst_leftovers"] = result.dst_leftovers + (
+            [f"tap0's ring left at {dst_ring} frames (it had {dst0.txqueuelen})"]
+            if dst_ring is not None and dst_ring != dst0.txqueuelen else [])
         stats["src_leftovers"] = result.src_leftovers
         if opts.metrics:
             stats["metrics_before"], stats["metrics_after"] = result.metrics_before, result.metrics_after
@@ -577,7 +584,6 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say,
     """Run 'netpass agent' on the destination host and 'netpass migrate' on the
     source host, while the lab plays the management layer on the watch sockets."""
     import os
-    import secrets
 
     assert lab.src_vm is not None and lab.dst_vm is not None
     token, agent_log = lab.rundir / "token", lab.rundir / "agent.log"

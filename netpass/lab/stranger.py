@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import select
 import socket
 import sys
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     closed_by_agent = 0
     while time.monotonic() < end:
         ready, _, _ = select.select([sys.stdin], [], [], 0.2)
-        if ready and not sys.stdin.buffer.read1(4096):
+        if ready and not os.read(sys.stdin.fileno(), 4096):
             break
     for s in socks:
         try:

@@ -42,8 +42,13 @@ CHUNK = 64 << 10
 
 def tcp_info(sock: socket.socket) -> dict[str, int]:
     raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
-    u32 = lambda off: struct.unpack_from("=I", raw, off)[0]  # noqa: E731
-    u64 = lambda off: struct.unpack_from("=Q", raw, off)[0]  # noqa: E731
+
+    def u32(off: int) -> int:
+        return int(struct.unpack_from("=I", raw, off)[0])
+
+    def u64(off: int) -> int:
+        return int(struct.unpack_from("=Q", raw, off)[0])
+
     return {"unacked": u32(OFF_UNACKED), "total_retrans": u32(OFF_TOTAL_RETRANS),
             "bytes_acked": u64(OFF_BYTES_ACKED),
             "bytes_retrans": u64(OFF_BYTES_RETRANS) if len(raw) >= OFF_BYTES_RETRANS + 8 else 0,
