@@ -27,8 +27,10 @@ def assert_exact(res: dict[str, Any]) -> None:
 
 def assert_teeth(res: dict[str, Any], rate: float, extra_ms: float = 0.0) -> None:
     """A plain migration loses at least half of what the switchover strands:
-    rate x (QEMU's downtime + whatever else kept frames at the source)."""
-    assert res["lost"] >= max(5, 0.5 * rate * (res["downtime_ms"] + extra_ms) / 1000), res
+    rate x (QEMU's downtime + whatever else kept frames at the source), and
+    at least one probe (a kill at completion has a downtime of a few ms: at
+    2,000 probes/s plain QEMU lost 4 in a CI run, 6-115 in the matrix)."""
+    assert res["lost"] >= max(1, 0.5 * rate * (res["downtime_ms"] + extra_ms) / 1000), res
     assert res["sent"] - res["guest_in_echos"] >= 0.5 * res["lost"], res  # they never reached the guest
 
 
