@@ -283,6 +283,9 @@ class DestNic:
     hold: holdmod.Hold | None = None
     live_at_stop: int | None = None
     reordered: int = 0
+    # Group frames among the forwarded ones that came after live frames had
+    # entered the ring: floods, which reach this host directly too.
+    late_group: int = 0
     held_times: deque[float] = field(default_factory=lambda: deque(maxlen=65536))
     pacing: Pacing | None = None  # the release of its hold's live frames, once it started
     tx_dropped0: int = 0  # the tap's drop counter at arm time
@@ -1020,6 +1023,8 @@ class DestSession:
                     dn.duplicates += 1
                     skipped.append(i)
                     continue
+            if dn.live_at_stop is not None and dn.live_enqueued > dn.live_at_stop and wire.is_group(dst):
+                dn.late_group += 1  # goes in behind live frames (feed counts it reordered)
             if not h:
                 rec = zero_hdr + rec  # the TX ring takes a virtio-net header with each frame
             # (A copied record costs its bytes and its 4-byte offset; each
@@ -1181,6 +1186,9 @@ class DestSession:
                       "one_queue_ms": dn.pinned_ms,
                       "dropped": dict(dn.dropped)} for dn in self.nics],
             "reordered_estimate": sum(dn.reordered for dn in self.nics),
+            # Of those, broadcast or multicast: a LAN floods them to both hosts,
+            # so the VM also got this host's own copy, in order.
+            "reordered_group_estimate": sum(min(dn.late_group, dn.reordered) for dn in self.nics),
             "dest_ring_overflow": self._ring_overflow(),
             "dest_ring_overflow_after_hold": self._ring_overflow_after_hold(),
             "replay_refused": sum(dn.ring.refused for dn in self.nics),

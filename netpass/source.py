@@ -1479,6 +1479,7 @@ class SourceSession:
             "last_frame_after_resume_ms": last_late_ms,
             "destination_status": self.dest_status,
             "reordered_estimate": self.dest_report.get("reordered_estimate"),
+            "reordered_group_estimate": self.dest_report.get("reordered_group_estimate"),
             "dest_ring_overflow": self.dest_report.get("dest_ring_overflow"),
             "dest_ring_overflow_after_hold": self.dest_report.get("dest_ring_overflow_after_hold"),
             "dest_replay_refused": self.dest_report.get("replay_refused"),

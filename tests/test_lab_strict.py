@@ -32,7 +32,12 @@ def assert_strict(res: dict[str, Any], tx_held: bool = True) -> None:
     # It did hold both ways (a short switchover forwards a few frames, in the
     # VM before it replies: then its TX had nothing to wait for).
     assert (rep["held_tx"] > 0 or not tx_held) and rep["held_rx"] > 0, rep
-    assert rep["hold_dropped"] == 0 and rep["reordered_estimate"] == 0, rep
+    # No unicast frame went in behind a live one.  A broadcast or multicast
+    # straggler may (the lab's own links send IPv6 router solicitations,
+    # which its bridges flood to both hosts: the destination's copy reached
+    # the VM in order; 1 in 4 of 12 runs with a kill at completion).
+    assert rep["hold_dropped"] == 0, rep
+    assert rep["reordered_estimate"] - rep["reordered_group_estimate"] == 0, rep
     assert res["dst_leftovers"] == [], res["dst_leftovers"]
 
 
@@ -113,7 +118,8 @@ def test_strict_tcp_flow_stalls_only_for_the_pause(guest_image, no_leftovers) ->
     assert rep["exit_code"] == 0 and rep["frames_dropped"] == {}, summary(res)
     assert res["retransmits"] <= 1, res
     assert res["stall_ms"] <= res["network_pause_ms"] + 50, res
-    assert rep["reordered_estimate"] == 0 and rep["hold_timeout"] is False, rep
+    assert rep["reordered_estimate"] - rep["reordered_group_estimate"] == 0, rep  # as in assert_strict
+    assert rep["hold_timeout"] is False, rep
     # The tap refused GSO replays before QEMU set its offloads: kept and sent
     # again, and not counted as the ring's overflow.
     assert rep["dest_ring_overflow"] == 0, rep
