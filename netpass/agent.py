@@ -115,6 +115,7 @@ ARM_STEPS = ("monitor", "checked", "fds", "ring", "tally", "holds", "shadow")
 RELEASE_SETTLE_S = 0.1
 RELEASE_FLOOR_FPS = 200
 
+
 def next_release_pace(read_fps: float, level: int, ring: int) -> float:
     """The pace of a release for the next step.
 

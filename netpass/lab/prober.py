@@ -125,15 +125,18 @@ def analyse(send_ns: list[int], replies: list[tuple[int, int]], rate: float = 0.
     st.received = len(seen)
     st.lost = st.sent - st.received
     burst = 0
+    recording = False  # the current run of losses is in lost_runs
     for pid in range(len(send_ns)):
         if pid in seen:
             burst = 0
             continue
         burst += 1
         st.max_burst_lost = max(st.max_burst_lost, burst)
-        if burst == 1 and len(st.lost_runs) < MAX_LOST_RUNS:
-            st.lost_runs.append([send_ns[pid], send_ns[pid], 0])
-        if st.lost_runs and st.lost_runs[-1][0] == send_ns[pid - burst + 1]:
+        if burst == 1:
+            recording = len(st.lost_runs) < MAX_LOST_RUNS
+            if recording:
+                st.lost_runs.append([send_ns[pid], send_ns[pid], 1])
+        elif recording:
             st.lost_runs[-1][1:] = [send_ns[pid], burst]
         if st.first_lost_id is None:
             st.first_lost_id = pid
