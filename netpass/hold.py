@@ -42,7 +42,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import links, procs, tapfd, tc
+from . import links, procs, rps, tapfd, tc
 from .errors import KernelError, NetpassError, UsageError
 from .packet import Injector
 
@@ -86,6 +86,10 @@ class HoldSpec:
     # [QEMU's pid, one of its fds of the tap]: the tap's queues are pinned to
     # one (agent._pin_queue), to be given back by whoever undoes the hold.
     queue_pin: list[int] | None = None
+    # The tap's receive steering before the hold steered it to rps_cpus (TX
+    # held only): queue -> CPU mask, to be given back.
+    rps_saved: dict[str, str] | None = None
+    rps_cpus: list[int] | None = None
 
     @classmethod
     def load(cls, path: Path) -> HoldSpec:
@@ -187,6 +191,7 @@ class Hold:
             # the network learns the VM's new place at the usual time; what
             # then arrives here directly waits in the RX hold.
             if spec.ifb_tx:
+                hold._steer_rx_to_one_cpu()
                 tc.pass_protocol(None, tap, "ingress", PASS_PREF, RARP)
                 tc.redirect_all(None, tap, spec.ifb_tx, "ingress", pref=PREF)
                 tc.redirect_all(None, tap, spec.ifb_rx, "egress", pref=PREF, mirror=spec.mirror)
@@ -205,6 +210,33 @@ class Hold:
         hold._save("open")
         log.info("hold installed on %s via %s", tap, " and ".join(hold.ifbs))
         return hold
+
+    def _steer_rx_to_one_cpu(self) -> None:
+        """What the host receives from the tap, to a CPU per flow: a released
+        TX burst keeps its order (see :mod:`netpass.rps`).  Done at the
+        install, before the destination VM sends anything."""
+        saved = rps.masks(None, self.spec.tap)
+        if not saved:
+            self.stats.notes.append("this kernel has no receive packet steering: a released burst of the "
+                                    "VM's transmissions may be reordered across CPUs")
+            return
+        cpus = rps.steering_cpus()
+        self.spec.rps_saved, self.spec.rps_cpus = saved, cpus
+        self._save()  # first: a crash in between leaves a harmless write to undo
+        rps.set_masks(None, self.spec.tap, {q: rps.cpu_mask(cpus) for q in saved})
+
+    def _give_rx_steering_back(self) -> None:
+        """Once the steering CPUs' backlogs have been empty (nothing left
+        there for frames processed elsewhere to overtake), or after 50 ms."""
+        spec = self.spec
+        if spec.rps_saved is None:
+            return
+        if not rps.wait_backlogs_empty(spec.rps_cpus or [], 0.05):
+            log.info("CPU backlogs did not empty in 50 ms; giving %s its receive steering back anyway", spec.tap)
+        rps.set_masks(None, spec.tap, spec.rps_saved)
+        spec.rps_saved = spec.rps_cpus = None
+        if not self.removed:
+            self._save()
 
     @property
     def ifbs(self) -> list[str]:
@@ -483,6 +515,8 @@ class Hold:
                 any(q.kind == "clsact" for q in tc.qdiscs(None, spec.tap)):
             if not tc.filter_prefs(None, spec.tap, "ingress") and not tc.filter_prefs(None, spec.tap, "egress"):
                 attempt("remove clsact", tc.del_clsact, None, spec.tap)
+        if tap_there:
+            attempt("give the tap its receive steering back", self._give_rx_steering_back)
         attempt("give the tap its queue choice back", self.unpin_queue)
         self.close_mirror()
         self._close_senders()

@@ -44,6 +44,7 @@ def test_reordered_and_duplicates() -> None:
     assert s.reordered == 1 and s.duplicates == 1 and s.lost == 0
     assert s.first_reordered_id == 1  # the one that came after id 2
     assert s.first_reordered_rx_ms == round((tx[2] + 2 - tx[0]) / 1e6, 1)
+    assert s.reorders == [[1, tx[2] + 2, 2]]
 
 
 def test_foreign_ids_are_ignored() -> None:

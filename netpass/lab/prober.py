@@ -38,6 +38,7 @@ SO_RCVBUFFORCE = 33
 
 
 MAX_LOST_RUNS = 500
+MAX_REORDERS = 200
 
 
 @dataclass
@@ -50,6 +51,9 @@ class ProbeStats:
     reordered: int = 0
     first_reordered_id: int | None = None  # the first reply that came after a later one
     first_reordered_rx_ms: float | None = None  # when it came, from the first probe's send
+    # Each reply that came after a later one: [id, received (ns), highest id
+    # received before it]; the first MAX_REORDERS of them.
+    reorders: list[list[int]] = field(default_factory=list)
     gap_ms: float = 0.0
     max_burst_lost: int = 0
     first_lost_id: int | None = None
@@ -117,6 +121,8 @@ def analyse(send_ns: list[int], replies: list[tuple[int, int]], rate: float = 0.
             if st.first_reordered_id is None:
                 st.first_reordered_id = pid
                 st.first_reordered_rx_ms = round((rx - st.start_ns) / 1e6, 1)
+            if len(st.reorders) < MAX_REORDERS:
+                st.reorders.append([pid, rx, highest])
         highest = max(highest, pid)
         latencies.append((rx - send_ns[pid]) / 1e6)
         if prev_rx is not None:

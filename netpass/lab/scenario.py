@@ -238,6 +238,8 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
         # The traffic programs' own times, on this clock (they start a little
         # after probe_t0: their own offsets would be early by that much).
         stats["lost_runs_ms"] = [[rel(a / 1e9), rel(b / 1e9), n] for a, b, n in stats.pop("lost_runs", [])]
+        # [id, received (ms), highest id received before it]
+        stats["reorders_ms"] = [[i, rel(rx / 1e9), top] for i, rx, top in stats.pop("reorders", [])]
         for edge in ("first", "last"):
             if stats.get(f"{edge}_lost_sent_ns") is not None:
                 stats[f"{edge}_lost_sent_ms"] = rel(stats[f"{edge}_lost_sent_ns"] / 1e9)
@@ -716,12 +718,14 @@ def dst_leftovers(lab: Lab, wait_s: float = 5.0) -> list[str]:
 
     A guard process undoes the hold of an agent that died; give it time.
     """
-    from .. import hold, tc
+    from .. import hold, rps, tc
 
     def scan() -> list[str]:
         found: list[str] = []
         ns = lab.ns("dst")
         if links.exists(ns, "tap0"):
+            found += [f"tap0 {q} steered to CPUs {m}" for q, m in rps.masks(ns, "tap0").items()
+                      if rps.mask_cpus(m)]
             for q in tc.qdiscs(ns, "tap0"):
                 if q.handle == hold.HANDLE or q.kind == "tbf":
                     found.append(f"qdisc {q.kind} {q.handle} on tap0 ({q.backlog_packets} held)")

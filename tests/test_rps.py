@@ -1,0 +1,30 @@
+"""The pure parts of receive steering: masks and the kernel's backlog table."""
+
+from __future__ import annotations
+
+import pytest
+
+from netpass import rps
+
+pytestmark = pytest.mark.unit
+
+
+def test_cpu_masks_both_ways() -> None:
+    assert rps.cpu_mask([0, 1]) == "00000003"
+    assert rps.cpu_mask([33]) == "00000002,00000000"
+    assert rps.mask_cpus("00000002,00000000") == {33}
+    assert rps.mask_cpus("3") == {0, 1}
+    assert rps.mask_cpus("0") == set()
+    for cpus in ([0], [5, 7], [0, 31, 32, 63, 64, 200]):
+        assert rps.mask_cpus(rps.cpu_mask(cpus)) == set(cpus)
+
+
+def test_softnet_backlogs_by_cpu() -> None:
+    text = ("0198c8aa 00000000 00000001 00000000 00000000 00000000 00000000 00000000 00000000 "
+            "00000000 00000000 00000000 00000000 00000000 00000000\n"
+            "01975d92 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 "
+            "00000000 00000000 0000002a 00000003 00000020 0000000a\n")
+    assert rps.parse_softnet(text) == {0: 0, 3: 42}
+    # A kernel before 5.10 has no backlog column: nothing known, nothing waited for.
+    assert rps.parse_softnet("0198c8aa 00000000 00000001 00000000 00000000 00000000 00000000 "
+                             "00000000 00000000 00000000 00000000\n") == {}
