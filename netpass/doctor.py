@@ -169,6 +169,7 @@ def check_strict_hold(ns: str) -> Check:
             try:
                 links.set_up(None, "npd-t")
                 h = hold.Hold.install("doctor", "npd-t", Path(tmp), 1 << 20, 1000)
+                steered = h.spec.rps_saved is not None
                 try:
                     h.close()
                     h.release_all(1000, 2)
@@ -176,7 +177,9 @@ def check_strict_hold(ns: str) -> Check:
                     h.remove(vm_running=False)
             finally:
                 os.close(fd)
-        return Check("strict_hold", True, "clsact u32 mirred into ifb devices with a tbf plug")
+        return Check("strict_hold", True, "clsact u32 mirred into ifb devices with a tbf plug; " + (
+            "receive steering (RPS) keeps a released burst of the VM's frames in order" if steered else
+            "no receive steering (RPS): a released burst of the VM's frames may be reordered across CPUs"))
     except (NetpassError, OSError) as exc:
         return Check("strict_hold", False, f"{exc} (only --strict-ordering needs it)")
 

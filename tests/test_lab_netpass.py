@@ -48,6 +48,7 @@ def summary(res: dict[str, Any]) -> str:
             "src_stop_ms", "pause_start_ms", "dst_resume_ms", "dst_guest_fault", "dst_leftovers",
             "burst_sent", "dst_tap_dropped")
     out = {k: res.get(k) for k in keys}
+    out["reorders_ms"] = (res.get("reorders_ms") or [])[:8]  # [id, received, highest before it]
     out["report"] = {k: rep.get(k) for k in ("exit_code", "error", "stop_path", "swallowed_account",
                                               "frames_captured", "frames_replayed",
                                               "duplicates_suppressed", "frames_recovered_from_shadow",
