@@ -62,7 +62,11 @@ class Cell:
             "stall_ms": res.get("stall_ms"), "retransmits": res.get("retransmits"),
             "exit_code": rep.get("exit_code"), "swallowed_account": rep.get("swallowed_account"),
             "dropped": rep.get("frames_dropped"), "dest_ring_overflow": rep.get("dest_ring_overflow"),
-            "fault": res.get("dst_guest_fault")})
+            "fault": res.get("dst_guest_fault"), "error": rep.get("error"), "notes": rep.get("notes"),
+            # What went wrong, kept for a failed run only (one exit 4 in a
+            # 60-run matrix left nothing to look at).
+            "log_tails": ({k: str(v).splitlines()[-40:] for k, v in (rep.get("logs") or {}).items()}
+                          if rep.get("exit_code") not in (0, None) else None)})
 
     def summary(self) -> dict[str, Any]:
         def med(key: str) -> float | None:
