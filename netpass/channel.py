@@ -198,6 +198,7 @@ class Wire(asyncio.BufferedProtocol):
         self._writing_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.last_rx_t = time.monotonic()  # when bytes last came in
         self._on_connect = on_connect
 
     # -- asyncio callbacks --------------------------------------------------------------
@@ -210,6 +211,7 @@ class Wire(asyncio.BufferedProtocol):
         return self._target[self._pos:]
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.last_rx_t = time.monotonic()
         self._pos += nbytes
         if self._pos < len(self._target):
             return
@@ -530,29 +532,42 @@ class Channel:
             self.beats_received += 1
 
     async def _recv_one(self, deadline: float | None) -> tuple[int, bytes | memoryview]:
-        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-        silent = self.live and (wait is None or wait > SILENCE_S)
-        if silent:
-            wait = SILENCE_S
-        try:
-            if self.reader.ready():  # no timer and no task for a message already here
-                mtype, body = await self.reader.read()
-            else:
-                async with asyncio.timeout(wait):
-                    mtype, body = await self.reader.read()
-        except _Oversized as exc:
-            raise ChannelError(f"{self.peer} sent a message of {exc.size} bytes: refused") from exc
-        except _Closed as exc:
-            if exc.cause is not None:
-                raise ChannelError(f"connection to {self.peer} lost: {exc.cause}") from exc
-            raise ChannelError(f"{self.peer} closed the connection") from exc
-        except TimeoutError as exc:
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            silent = self.live and (wait is None or wait > SILENCE_S)
             if silent:
+                wait = SILENCE_S
+            started = time.monotonic()
+            try:
+                if self.reader.ready():  # no timer and no task for a message already here
+                    mtype, body = await self.reader.read()
+                else:
+                    async with asyncio.timeout(wait):
+                        mtype, body = await self.reader.read()
+                break
+            except _Oversized as exc:
+                raise ChannelError(f"{self.peer} sent a message of {exc.size} bytes: refused") from exc
+            except _Closed as exc:
+                if exc.cause is not None:
+                    raise ChannelError(f"connection to {self.peer} lost: {exc.cause}") from exc
+                raise ChannelError(f"{self.peer} closed the connection") from exc
+            except TimeoutError as exc:
+                if not silent:
+                    raise ChannelError(f"{self.peer} sent nothing for {wait:.0f} s") from exc
+                # Silence is judged by when bytes came, not by the timer
+                # alone: with this process's event loop held up, the timer
+                # and bytes that came meanwhile are due in the same turn,
+                # and the timer runs first (seen: an agent on a loaded host
+                # took a live source for a silent one, and the session's
+                # frames were lost with it).
+                if self.reader.ready() or self.reader.last_rx_t > started:
+                    continue
+                late = time.monotonic() - started - SILENCE_S
+                held = f" (this process itself ran {late:.1f} s late)" if late > 0.5 else ""
                 raise SilenceError(f"{self.peer} has been silent for {SILENCE_S:.0f} s: the link or "
-                                   "that host is down") from exc
-            raise ChannelError(f"{self.peer} sent nothing for {wait:.0f} s") from exc
-        except (ConnectionError, OSError) as exc:
-            raise ChannelError(f"connection to {self.peer} lost: {exc}") from exc
+                                   f"that host is down{held}") from exc
+            except (ConnectionError, OSError) as exc:
+                raise ChannelError(f"connection to {self.peer} lost: {exc}") from exc
         if self.recv_key is not None:
             if len(body) < MAC_LEN:
                 raise ChannelError(f"{self.peer} sent a message without its MAC")
