@@ -93,8 +93,8 @@ FLOW_STUCK_S = 3.0
 MIN_RELEASE_FPS = 2000
 # While held frames are released, the pace is decided again every
 # RELEASE_STEP_S: the VM's reading rate, corrected to bring the tap's ring
-# toward a quarter full within RELEASE_SETTLE_S, never below
-# RELEASE_FLOOR_FPS.  The correction adds at most a quarter ring per
+# toward release_aim (an eighth full) within RELEASE_SETTLE_S, never below
+# RELEASE_FLOOR_FPS.  The correction adds at most an eighth of the ring per
 # RELEASE_SETTLE_S: the agent's loop may stall that long without the pace
 # overrunning the ring (a loaded host stalls it tens of milliseconds).
 RELEASE_STEP_S = 0.02
@@ -116,6 +116,18 @@ RELEASE_SETTLE_S = 0.1
 RELEASE_FLOOR_FPS = 200
 
 
+def release_aim(ring: int) -> int:
+    """The frames in the tap's ring a release aims at: an eighth of it.
+    The rest is what a VM that stops reading for a moment fills before the
+    next step sees it, and with a busy core the VM and the agent stall
+    together.  Lab, a 10,000 frames/s flood, the scenario's busy core and
+    one more loader: aiming at a quarter, 7 of 16 runs overflowed the ring
+    during the release (64-667 frames); at an eighth, 3 of 16 (16-311).  At
+    30,000 frames/s without load, an eighth lost 0-136 probes a run (median
+    11 of 5; plain QEMU's median was 72)."""
+    return ring // 8
+
+
 def next_release_pace(read_fps: float, level: int, ring: int) -> float:
     """The pace of a release for the next step.
 
@@ -123,31 +135,30 @@ def next_release_pace(read_fps: float, level: int, ring: int) -> float:
     above what the VM reads fills it, and tun drops what does not fit (seen:
     1,049 frames on a loaded host, with a pace set from the replay's first
     burst and doubled while the hold did not shrink).  So: what the VM read
-    lately, plus what brings the ring to a quarter full within
+    lately, plus what brings the ring to :func:`release_aim` within
     RELEASE_SETTLE_S.  A VM that keeps up leaves the ring near empty and
-    the pace climbs by a quarter ring per RELEASE_SETTLE_S at each step (a
+    the pace climbs by that much per RELEASE_SETTLE_S at each step (a
     VM reads only what it is given, so a slower climb left a VM able to read
     20,000 frames/s at 8,700, its hold growing under a 20,000/s flood); one
     that falls behind gets the hold's queue (large) as its buffer instead of
-    the ring.  A quarter, not a half: the other three quarters are what a VM
-    that stops reading for a moment (a busy host: 221 frames dropped with
-    half a ring aimed at) fills before the next step sees it; and the
+    the ring.  Not a half (a busy host: 221 frames dropped with half a ring
+    aimed at), and since then not a quarter either (release_aim); and the
     replay's own feed keeps the ring half full, so the held live frames
     wait until the replay is nearly done.
     """
-    return max(float(RELEASE_FLOOR_FPS), read_fps + (ring // 4 - level) / RELEASE_SETTLE_S)
+    return max(float(RELEASE_FLOOR_FPS), read_fps + (release_aim(ring) - level) / RELEASE_SETTLE_S)
 
 
 def repace_needed(rate: float, pace: float, ring: int) -> bool:
     """Whether a release's pace is worth changing (a ``tc qdisc change``):
-    past a fifth of it, or past half a step of the climb toward a quarter
-    ring (:func:`next_release_pace`), whichever is less.  With the fifth
-    alone the climb stopped where its step is a fifth of the pace: at
+    past a fifth of it, or past half a step of the climb toward
+    :func:`release_aim` (:func:`next_release_pace`), whichever is less.
+    With the fifth alone the climb stopped where its step is a fifth of the pace: at
     12,500 frames/s for a 1,000-frame ring, since a VM reads what it is
     given (lab, a 30,000 frames/s flood: the hold grew to some 48,000
     frames and was let go at once, 910-2,958 probes lost where plain QEMU
     lost 35-85)."""
-    return abs(pace - rate) > min(0.2 * rate, 0.5 * (ring // 4) / RELEASE_SETTLE_S)
+    return abs(pace - rate) > min(0.2 * rate, 0.5 * release_aim(ring) / RELEASE_SETTLE_S)
 
 
 def vm_reading(step_fps: float, estimate: float | None, level: int, ring: int) -> float:

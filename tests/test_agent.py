@@ -396,12 +396,14 @@ def test_source_mac_split_across_two_records_is_still_replayed(tmp_path: Path) -
 def test_release_pace_follows_the_vm_and_the_ring() -> None:
     from netpass.agent import RELEASE_FLOOR_FPS, RELEASE_SETTLE_S, next_release_pace
 
-    # A quarter-full ring: exactly what the VM reads.
-    assert next_release_pace(3000.0, 250, 1000) == 3000.0
-    # Emptier: more, at most a quarter ring per settle time.
-    assert next_release_pace(3000.0, 0, 1000) == 3000.0 + 250 / RELEASE_SETTLE_S
-    # Half full (the replay's feed): the live frames mostly wait.
-    assert next_release_pace(3000.0, 500, 1000) == 3000.0 - 250 / RELEASE_SETTLE_S
+    # An eighth-full ring (release_aim): exactly what the VM reads.
+    assert next_release_pace(3000.0, 125, 1000) == 3000.0
+    # Emptier: more, at most an eighth of the ring per settle time.
+    assert next_release_pace(3000.0, 0, 1000) == 3000.0 + 125 / RELEASE_SETTLE_S
+    # Fuller: less than the VM reads.
+    assert next_release_pace(3000.0, 200, 1000) == 3000.0 - 75 / RELEASE_SETTLE_S
+    # Half full (the replay's feed): the live frames wait (the floor).
+    assert next_release_pace(3000.0, 500, 1000) == RELEASE_FLOOR_FPS
     # Filling: less than the VM reads, so the ring drains back.
     assert next_release_pace(3000.0, 900, 1000) < 3000.0
     # A VM that reads nothing with a full ring: the floor, never zero.
