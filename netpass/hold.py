@@ -191,7 +191,7 @@ class Hold:
             # the network learns the VM's new place at the usual time; what
             # then arrives here directly waits in the RX hold.
             if spec.ifb_tx:
-                hold._steer_rx_to_one_cpu()
+                hold._steer_rx_per_flow()
                 tc.pass_protocol(None, tap, "ingress", PASS_PREF, RARP)
                 tc.redirect_all(None, tap, spec.ifb_tx, "ingress", pref=PREF)
                 tc.redirect_all(None, tap, spec.ifb_rx, "egress", pref=PREF, mirror=spec.mirror)
@@ -211,7 +211,7 @@ class Hold:
         log.info("hold installed on %s via %s", tap, " and ".join(hold.ifbs))
         return hold
 
-    def _steer_rx_to_one_cpu(self) -> None:
+    def _steer_rx_per_flow(self) -> None:
         """What the host receives from the tap, to a CPU per flow: a released
         TX burst keeps its order (see :mod:`netpass.rps`).  Done at the
         install, before the destination VM sends anything."""
