@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from . import heap, links, tapfd, wire
 from . import hold as holdmod
+from .blocking import off_loop
 from .channel import (
     BATCH,
     CONTROL,
@@ -380,6 +381,37 @@ class DestSession:
         if self.vm_gone:
             raise SessionError("dest_vm_gone", self.vm_gone)
 
+    def _take_nics(self, nics: list[Nic], pid: int) -> None:
+        """The destination VM's tap fds, TX rings and tallies: each
+        registers its undo as it is taken (in a worker thread)."""
+        pidfd = tapfd.pidfd_open(pid)
+        try:
+            for nic in nics:
+                fds: list[int] = []
+                for qfd in nic.qemu_fds:  # each fd owned from the moment it is ours
+                    fd = tapfd.pidfd_getfd(pidfd, qfd)
+                    self._on_exit(f"closing {nic.tap}'s fd", os.close, fd)
+                    fds.append(fd)
+                self._step("fds")
+                info = links.info(None, nic.tap)
+                ring = TxRing(nic.tap)
+                # (closing a packet ring waits for a grace period too: off the loop)
+                self._on_exit(f"closing {nic.tap}'s TX ring", off_loop, ring.close)
+                self._step("ring")
+                tally = Tally(nic.tap)
+                self._on_exit(f"closing {nic.tap}'s tally", off_loop, tally.close)
+                self._step("tally")
+                dn = DestNic(nic=nic, ring=ring, fds=fds, orig_qlen=info.txqueuelen,
+                             mac_bytes=bytes.fromhex(nic.mac.replace(":", "")), tally=tally)
+                self._on_exit(f"closing {nic.tap}'s counter", self._close_counter, dn)
+                self.nics.append(dn)
+                # The ring is used at its size: changing txqueuelen on a live
+                # tap drops frames; what does not fit is fed as the VM reads.
+                dn.mark_tx = dn.tx0 = info.tx_packets
+                dn.tx_dropped0 = info.tx_dropped
+        finally:
+            os.close(pidfd)
+
     def _step(self, name: str) -> None:
         if self.fail_after == name:
             raise KernelError(f"failure injected after the arm step '{name}'")
@@ -425,33 +457,9 @@ class DestSession:
             if mac not in found:
                 raise SessionError("nic", f"the destination VM has no NIC with MAC {mac} "
                                    f"(it has {', '.join(found) or 'none'})")
-        pidfd = tapfd.pidfd_open(pid)
-        try:
-            for mac in macs:
-                nic = found[mac]
-                fds: list[int] = []
-                for qfd in nic.qemu_fds:  # each fd owned from the moment it is ours
-                    fd = tapfd.pidfd_getfd(pidfd, qfd)
-                    self._on_exit(f"closing {nic.tap}'s fd", os.close, fd)
-                    fds.append(fd)
-                self._step("fds")
-                info = links.info(None, nic.tap)
-                ring = TxRing(nic.tap)
-                self._on_exit(f"closing {nic.tap}'s TX ring", ring.close)
-                self._step("ring")
-                tally = Tally(nic.tap)
-                self._on_exit(f"closing {nic.tap}'s tally", tally.close)
-                self._step("tally")
-                dn = DestNic(nic=nic, ring=ring, fds=fds, orig_qlen=info.txqueuelen,
-                             mac_bytes=bytes.fromhex(nic.mac.replace(":", "")), tally=tally)
-                self._on_exit(f"closing {nic.tap}'s counter", self._close_counter, dn)
-                self.nics.append(dn)
-                # The ring is used at its size: changing txqueuelen on a live
-                # tap drops frames; what does not fit is fed as the VM reads.
-                dn.mark_tx = dn.tx0 = info.tx_packets
-                dn.tx_dropped0 = info.tx_dropped
-        finally:
-            os.close(pidfd)
+        # Off the loop: a packet ring's setup waits for an RCU grace period
+        # (see blocking.py), and the source's beats must still be answered.
+        await off_loop(self._take_nics, [found[mac] for mac in macs], pid)
         strict = req.get("strict")
         # (Registered before they exist: a hold half installed is undone too.)
         self._on_exit("removing the holds", self._remove_holds)
@@ -567,7 +575,7 @@ class DestSession:
                                                   self.cfg.holds_dir, HOLD_LIMIT_BYTES, timeout_ms)
             except NetpassError as exc:
                 raise SessionError("strict", f"strict ordering is not possible on {dn.nic.tap}: {exc}") from exc
-            dn.hold.start_guard()
+            await off_loop(dn.hold.start_guard)
             if dn.hold.mirror_fd is not None:
                 asyncio.get_running_loop().add_reader(dn.hold.mirror_fd, self._pull_mirror, dn)
 
@@ -588,7 +596,7 @@ class DestSession:
                 self.hold_notes.append(f"no flow control on {dn.nic.tap}: {exc}")
                 log.warning("session=%s no flow control on %s: %s", self.sid, dn.nic.tap, exc)
                 continue
-            dn.hold.start_guard()
+            await off_loop(dn.hold.start_guard)
             if dn.hold.mirror_fd is not None:
                 asyncio.get_running_loop().add_reader(dn.hold.mirror_fd, self._pull_mirror, dn)
         # Closed at once: until the VM runs nothing reads the tap anyway, and

@@ -36,6 +36,7 @@ QEMU swallowed is (``swallowed_account: inferred | unknown``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
@@ -51,6 +52,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import links, nft, pcap, procs, sacrifice, srcguard, stopaccount, tapfd, wire
+from .blocking import off_loop
 from .channel import BATCH, CONTROL, AuthError, Channel, ChannelError, RemoteError, connect
 from .endgame import THROTTLE_BANDWIDTH, Endgame, Sample, Step
 from .errors import FramesLost, KernelError, MigrationFailed, NetpassError, QMPError
@@ -171,6 +173,7 @@ class SourceNic:
 class SourceSession:
     def __init__(self, opts: MigrateOptions, progress: Progress | None = None) -> None:
         self.fail_after: str | None = None  # a test hook (see ARM_STEPS)
+        self.arm_steps: dict[str, float] = {}  # step -> ms since the session began (report)
         self.migrate_issued = False
         self.o = opts
         self.sid = uuid.uuid4().hex[:12]
@@ -279,24 +282,14 @@ class SourceSession:
         if armed.get("op") != "armed":
             raise ChannelError(f"agent answered {armed.get('op')!r} to 'open'")
         self._step("opened")
-        for line in await asyncio.to_thread(srcguard.recover, self.o.state_dir):
-            self._say(f"cleanup of an earlier run: {line}")
-        # Before the first change to this host: should netpass be killed,
-        # its guard undoes what the state file lists by then.
-        self.guard = srcguard.Guard(self.o.state_dir, self.sid, self.o.qmp)
-        self.guard.start()
-        self.undo.callback(self.guard.close)
-        self._step("guard")
-        self.steering = nft.Steering(f"netpass_{self.sid}")
-        self.guard.record(nft_table=self.steering.table)
-        self.undo.callback(self.steering.close)
-        self._step("steering")
-        pidfd = tapfd.pidfd_open(pid)
-        try:
-            for i, nic in enumerate(found):
-                await self._arm_nic(i, nic, pidfd)
-        finally:
-            os.close(pidfd)
+        # Off the loop: these steps can wait long in the kernel (see blocking.py).
+        for line in await off_loop(self._arm_host, found, pid):
+            self._say(line)
+        for sn in self.nics:
+            try:
+                sn.vdev = await virtio_backend(self.mon, sn.nic.mac)
+            except QMPError as exc:
+                log.info("session=%s no virtio device found for %s: %s", self.sid, sn.nic.mac, exc)
         loop = asyncio.get_running_loop()
         for sn in self.nics:
             loop.add_reader(sn.park.fileno(), self._on_parked, sn)
@@ -311,7 +304,29 @@ class SourceSession:
         await self.mon.connect()
         self.undo.push_async_callback(self.mon.close)
 
-    async def _arm_nic(self, i: int, nic: Nic, pidfd: int) -> None:
+    def _arm_host(self, found: list[Nic], pid: int) -> list[str]:
+        """The arm's changes to this host, in a worker thread; each registers
+        its undo as it is made.  What it has to say, as lines."""
+        said = [f"cleanup of an earlier run: {line}" for line in srcguard.recover(self.o.state_dir)]
+        # Before the first change to this host: should netpass be killed,
+        # its guard undoes what the state file lists by then.
+        self.guard = srcguard.Guard(self.o.state_dir, self.sid, self.o.qmp)
+        self.guard.start()
+        self.undo.callback(self.guard.close)
+        self._step("guard")
+        self.steering = nft.Steering(f"netpass_{self.sid}")
+        self.guard.record(nft_table=self.steering.table)
+        self.undo.callback(self.steering.close)
+        self._step("steering")
+        pidfd = tapfd.pidfd_open(pid)
+        try:
+            for i, nic in enumerate(found):
+                self._arm_nic(i, nic, pidfd)
+        finally:
+            os.close(pidfd)
+        return said
+
+    def _arm_nic(self, i: int, nic: Nic, pidfd: int) -> None:
         fds: list[int] = []
         for fd in nic.qemu_fds:
             fds.append(tapfd.pidfd_getfd(pidfd, fd))
@@ -336,10 +351,6 @@ class SourceSession:
         if info.master:
             sn.bridge = links.name_of(None, info.master)
         self.nics.append(sn)
-        try:
-            sn.vdev = await virtio_backend(self.mon, nic.mac) if self.mon is not None else None
-        except QMPError as exc:
-            log.info("session=%s no virtio device found for %s: %s", self.sid, nic.mac, exc)
         for q in range(queues):
             # (the kernel fills it: nothing per frame here until a stop netpass did not foresee)
             sn.shadows.append(ShadowRing(nic.tap, q if queues > 1 else None))
@@ -347,7 +358,9 @@ class SourceSession:
         self._step("shadow")
 
     def _step(self, name: str) -> None:
-        """A test hook: fail right after the named setup step (ARM_STEPS)."""
+        """Mark the named setup step done (its time goes in the report), and
+        the test hook: fail right after it (ARM_STEPS)."""
+        self.arm_steps[name] = self._ms(time.monotonic()) or 0.0
         if self.fail_after == name:
             raise KernelError(f"failure injected after the arm step '{name}'")
 
@@ -564,9 +577,9 @@ class SourceSession:
         if not self.netpass_active:
             return
         if self.guard is not None:
-            self.guard.record(qemu_params={
+            await off_loop(functools.partial(self.guard.record, qemu_params={
                 "downtime-limit": int(self.qemu_params.get("downtime-limit", 300)),
-                "max-bandwidth": int(self.qemu_params.get("max-bandwidth", 0))})
+                "max-bandwidth": int(self.qemu_params.get("max-bandwidth", 0))}))
         await self._set_param("downtime-limit", 0)
         self.undo.push_async_callback(self._set_param, "downtime-limit",
                                       int(self.qemu_params.get("downtime-limit", 300)))
@@ -756,7 +769,7 @@ class SourceSession:
             if sn.bridge and not sn.pinned:
                 try:
                     if self.guard is not None:
-                        self.guard.pin(sn.nic.tap, sn.nic.mac)
+                        await off_loop(self.guard.pin, sn.nic.tap, sn.nic.mac)
                     await asyncio.to_thread(links.pin_mac, None, sn.nic.tap, sn.nic.mac)
                     sn.pinned = True
                     self.undo.push_async_callback(self._unpin, sn)
@@ -771,7 +784,7 @@ class SourceSession:
             return
         sn.pinned = False
         if self.guard is not None:
-            self.guard.unpin(sn.nic.tap, sn.nic.mac)
+            await off_loop(self.guard.unpin, sn.nic.tap, sn.nic.mac)
 
     async def _verify(self) -> None:
         """Wait until QEMU has read every sacrificial frame: its readers were
@@ -1461,6 +1474,7 @@ class SourceSession:
                                     if self.verified_t and self.stop_t else None),
             "stop_to_resume_ms": self._ms(self.resumed_t, self.stop_t) if self.resumed_t and self.stop_t else None,
             "network_pause_ms": self._network_pause_ms(),
+            "arm_steps_ms": dict(self.arm_steps),
             "times_wall": {k: round(self.t0_wall + (t - self.t0), 6) for k, t in
                            (("parked", self.parked_t), ("verified", self.verified_t), ("stopped", self.stop_t),
                             ("resumed_seen", self.resumed_t)) if t is not None},
