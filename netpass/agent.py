@@ -155,10 +155,12 @@ def next_release_pace(read_fps: float, level: int, ring: int, pace: float = 0.0)
     own rate.  Lab, 4,000 frames/s with a busy core and one loader: the
     pace stayed at 5,525/s, the VM read some 3,600/s with its ring empty,
     and the hold grew for 3 s, then went in at once (4 of 12 runs, up to
-    976 probes lost).
+    976 probes lost).  Up to twice the reading: a hold that has nothing
+    left passes what arrives, the pace is no limit then, and a pace climbed
+    without bound would let the next burst into the ring at once.
     """
     aim = release_aim(ring)
-    base = read_fps if level >= aim else max(read_fps, pace)
+    base = read_fps if level >= aim else max(read_fps, min(pace, 2 * read_fps))
     return max(float(RELEASE_FLOOR_FPS), base + (aim - level) / RELEASE_SETTLE_S)
 
 

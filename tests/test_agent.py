@@ -411,6 +411,9 @@ def test_release_pace_follows_the_vm_and_the_ring() -> None:
     # The VM took all it was given, less than the pace asked: the kernel
     # delivered short, and the climb starts from the pace.
     assert next_release_pace(3000.0, 0, 1000, 5000.0) == 5000.0 + 125 / RELEASE_SETTLE_S
+    # ... up to twice the reading (a hold with nothing left passes what
+    # arrives: the pace is no limit then).
+    assert next_release_pace(3000.0, 0, 1000, 9000.0) == 6000.0 + 125 / RELEASE_SETTLE_S
     # At the aim or above, the VM is the limit: the pace is no base.
     assert next_release_pace(3000.0, 200, 1000, 5000.0) == 3000.0 - 75 / RELEASE_SETTLE_S
 
