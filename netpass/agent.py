@@ -1283,6 +1283,7 @@ class DestSession:
                 "hold_caught_up_ms": caught_ms, "hold_tx_ms": tx_ms,
                 "hold_timeout": self.hold_timed_out,
                 "hold_dropped": sum(h.dropped_rx + h.dropped_tx for h in holds),
+                "hold_backlog_dropped": sum(h.backlog_dropped for h in holds),
                 "hold_late": any(h.late for h in holds), "hold_notes": notes}
 
     def abort(self, reason: str = "aborted") -> dict[str, Any]:

@@ -126,6 +126,20 @@ def parse_softnet(text: str) -> dict[int, int]:
     return out
 
 
+def backlog_drops() -> int | None:
+    """Frames the CPUs' input backlogs dropped so far, host-wide (over
+    ``net.core.netdev_max_backlog``); None: the kernel does not say."""
+    try:
+        return parse_softnet_dropped(SOFTNET.read_text())
+    except OSError:
+        return None
+
+
+def parse_softnet_dropped(text: str) -> int:
+    """The sum of ``/proc/net/softnet_stat``'s second column (drops)."""
+    return sum(int(cols[1], 16) for cols in (line.split() for line in text.splitlines()) if len(cols) >= 2)
+
+
 def wait_backlogs_empty(cpus: Iterable[int], bound_s: float) -> bool:
     """Wait up to ``bound_s`` until each of ``cpus`` has been seen with an
     empty backlog; True if all were."""

@@ -37,6 +37,7 @@ def assert_strict(res: dict[str, Any], tx_held: bool = True) -> None:
     # which its bridges flood to both hosts: the destination's copy reached
     # the VM in order; 1 in 4 of 12 runs with a kill at completion).
     assert rep["hold_dropped"] == 0, rep
+    assert rep["hold_backlog_dropped"] == 0, rep
     assert rep["reordered_estimate"] - rep["reordered_group_estimate"] == 0, rep
     assert res["dst_leftovers"] == [], res["dst_leftovers"]
 

@@ -28,3 +28,10 @@ def test_softnet_backlogs_by_cpu() -> None:
     # A kernel before 5.10 has no backlog column: nothing known, nothing waited for.
     assert rps.parse_softnet("0198c8aa 00000000 00000001 00000000 00000000 00000000 00000000 "
                              "00000000 00000000 00000000 00000000\n") == {}
+
+
+def test_softnet_drops_are_summed_over_cpus() -> None:
+    text = ("0198c8aa 00000259 00000001 00000000\n"
+            "01975d92 00000010 00000000 00000000\n")
+    assert rps.parse_softnet_dropped(text) == 0x259 + 0x10
+    assert rps.parse_softnet_dropped("") == 0
