@@ -354,6 +354,30 @@ def test_queue_pin_keeps_a_flow_in_one_queue_and_any_process_undoes_it(root_requ
         netns.remove(ns)
 
 
+def _bridged_hops(start: str, hops: int) -> socket.socket:
+    """``hops`` bridges and veths after ``start`` (each hop queues a frame in
+    a CPU's input backlog), and a socket that reads what comes out."""
+    prev = start
+    for k in range(hops):
+        links.add_bridge(None, f"hb{k}")
+        links.add_veth(None, f"ha{k}", None, f"hz{k}")
+        links.enslave(None, prev, f"hb{k}")
+        links.enslave(None, f"ha{k}", f"hb{k}")
+        links.set_up(None, f"hz{k}")
+        prev = f"hz{k}"
+    end = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+    end.bind((prev, 3))
+    end.setblocking(False)
+    end.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE
+    return end
+
+
+def _busy_on(cpu: int) -> subprocess.Popen[bytes]:
+    """A process that keeps ``cpu`` busy for a minute at most (killed by its caller)."""
+    return subprocess.Popen([sys.executable, "-c", f"import os, time\nos.sched_setaffinity(0, {{{cpu}}})\n"
+                             "t = time.monotonic() + 60\nwhile time.monotonic() < t: pass"])
+
+
 def test_a_released_tx_burst_keeps_its_order_across_cpus(rig: Rig) -> None:
     """The held TX leaves from the ifb's tasklet, on whichever CPU it ran;
     each veth hop after it queues a frame in that CPU's backlog.  While the
@@ -368,20 +392,8 @@ def test_a_released_tx_burst_keeps_its_order_across_cpus(rig: Rig) -> None:
     cpus = sorted(os.sched_getaffinity(0))
     before = rps.masks(None, "tap0")
     assert before, "no receive packet steering in this kernel: a released TX burst may be reordered"
-    prev = "v1"
-    for k in range(5):
-        links.add_bridge(None, f"hb{k}")
-        links.add_veth(None, f"ha{k}", None, f"hz{k}")
-        links.enslave(None, prev, f"hb{k}")
-        links.enslave(None, f"ha{k}", f"hb{k}")
-        links.set_up(None, f"hz{k}")
-        prev = f"hz{k}"
-    end = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-    end.bind((prev, 3))
-    end.setblocking(False)
-    end.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE
-    busy = subprocess.Popen([sys.executable, "-c", f"import os, time\nos.sched_setaffinity(0, {{{cpus[0]}}})\n"
-                             "t = time.monotonic() + 60\nwhile time.monotonic() < t: pass"])
+    end = _bridged_hops("v1", 5)
+    busy = _busy_on(cpus[0])
     reordered: list[tuple[int, int]] = []
     try:
         for trial in range(12):
@@ -446,20 +458,8 @@ def test_a_large_held_tx_burst_is_not_dropped_by_the_input_backlog(rig: Rig) -> 
     counts such drops.  Here: 4,000 held frames through five bridged veth
     hops, released from a busy core, eight times."""
     cpus = sorted(os.sched_getaffinity(0))
-    prev = "v1"
-    for k in range(5):
-        links.add_bridge(None, f"hb{k}")
-        links.add_veth(None, f"ha{k}", None, f"hz{k}")
-        links.enslave(None, prev, f"hb{k}")
-        links.enslave(None, f"ha{k}", f"hb{k}")
-        links.set_up(None, f"hz{k}")
-        prev = f"hz{k}"
-    end = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-    end.bind((prev, 3))
-    end.setblocking(False)
-    end.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)  # SO_RCVBUFFORCE
-    busy = subprocess.Popen([sys.executable, "-c", f"import os, time\nos.sched_setaffinity(0, {{{cpus[0]}}})\n"
-                             "t = time.monotonic() + 60\nwhile time.monotonic() < t: pass"])
+    end = _bridged_hops("v1", 5)
+    busy = _busy_on(cpus[0])
     short: list[tuple[int, int, int]] = []  # (trial, arrived, backlog drops counted)
     try:
         for trial in range(8):
