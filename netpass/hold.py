@@ -352,12 +352,11 @@ class Hold:
             self.stats.tx_released_t = time.monotonic()
             return
         ifb = self.spec.ifb_tx
-        q = self.qdiscs.root(ifb)
-        held = q.backlog_packets if q is not None else 0
+        held, held_bytes = self._backlog(ifb)
         self.stats.held_tx = held
         drops0 = rps.backlog_drops()
-        if q is not None and held > TX_RELEASE_BURST:
-            avg = max(60, q.backlog_bytes // held)
+        if held > TX_RELEASE_BURST:
+            avg = max(60, held_bytes // held)
             tc.tbf_pace(None, ifb, HANDLE, TX_RELEASE_FPS * avg, max(self.spec.burst, TX_RELEASE_BURST * avg),
                         self.spec.limit)
             self._kick(ifb)

@@ -372,6 +372,18 @@ def _bridged_hops(start: str, hops: int) -> socket.socket:
     return end
 
 
+def _from_vm(end: socket.socket) -> list[int]:
+    """The numbers of the 'VM's frames that came out at ``end`` so far, in order."""
+    out = []
+    while True:
+        try:
+            data = end.recv(4096)
+        except BlockingIOError:
+            return out
+        if data[6:12] == VM:
+            out.append(int.from_bytes(data[14:18], "big"))
+
+
 def _busy_on(cpu: int) -> subprocess.Popen[bytes]:
     """A process that keeps ``cpu`` busy for a minute at most (killed by its caller)."""
     return subprocess.Popen([sys.executable, "-c", f"import os, time\nos.sched_setaffinity(0, {{{cpu}}})\n"
@@ -430,14 +442,7 @@ def test_a_released_tx_burst_keeps_its_order_across_cpus(rig: Rig) -> None:
                 h.remove(vm_running=True)
             assert rps.masks(None, "tap0") == before
             top = 0
-            while True:
-                try:
-                    data = end.recv(4096)
-                except BlockingIOError:
-                    break
-                if data[6:12] != VM:
-                    continue
-                n = int.from_bytes(data[14:18], "big")
+            for n in _from_vm(end):
                 if n < top:
                     reordered.append((n, top))
                 top = max(top, n)
@@ -477,14 +482,7 @@ def test_a_large_held_tx_burst_is_not_dropped_by_the_input_backlog(rig: Rig) -> 
                 time.sleep(0.2)
             finally:
                 h.remove(vm_running=True)
-            arrived = []
-            while True:
-                try:
-                    data = end.recv(4096)
-                except BlockingIOError:
-                    break
-                if data[6:12] == VM:
-                    arrived.append(int.from_bytes(data[14:18], "big"))
+            arrived = _from_vm(end)
             assert h.stats.held_tx == 4000
             if arrived != list(range(1, 4001)):
                 short.append((trial, len(arrived), h.stats.backlog_dropped))
