@@ -152,7 +152,8 @@ async def session_capture(frames: list[bytes]) -> float:
     ``ship_pending``).  The tap is filled through the host's transmit path,
     as the parking steering fills it."""
     from .nics import Nic
-    from .source import MigrateOptions, SourceNic, SourceSession
+    from .source import SourceSession
+    from .srcstate import MigrateOptions, SourceNic
 
     frames = frames[:SESSION_FRAMES]
     tap = _FilledTap.name

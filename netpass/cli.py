@@ -422,7 +422,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     _require_root("netpass migrate")
 
     from .channel import load_token
-    from .source import MigrateOptions, migrate
+    from .source import migrate
+    from .srcstate import MigrateOptions
 
     opts = MigrateOptions(qmp=args.qmp, uri=args.uri, dest_agent=args.dest_agent,
                           dest_qmp=args.dest_qmp, token=load_token(args.token_file),

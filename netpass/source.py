@@ -37,21 +37,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
-import json
 import logging
-import operator
 import os
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import links, nft, pcap, procs, sacrifice, srcguard, stopaccount, tapfd, wire
+from . import links, nft, pcap, procs, sacrifice, srcguard, srcreport, stopaccount, tapfd, wire
 from .blocking import off_loop
 from .channel import BATCH, CONTROL, AuthError, Channel, ChannelError, RemoteError, connect
 from .endgame import THROTTLE_BANDWIDTH, Endgame, Sample, Step
@@ -61,17 +56,11 @@ from .nics import Nic, discover, rx_without_buffer, virtio_backend
 from .packet import Injector, ShadowRing
 from .park import Park
 from .qmp import Event, Monitor, peer_pid
-from .session import Phase, Phases
+from .session import Phase
+from .srcstate import MigrateOptions, SourceNic, SourceState
 
 log = logging.getLogger(__name__)
 
-_SRC_MAC = operator.itemgetter(slice(6, 12))
-# Memory a cached frame takes besides its own bytes: the Frame tuple, its
-# virtio-net header, the bytes object's header, its timestamp and the slots
-# in the cache and the send queue.  Measured 225 bytes per 64-byte frame on
-# CPython 3.11 (RSS over 2,097,152 frames); counted against --max-cache-bytes,
-# so that the cap bounds memory, not only frame bytes (4.5x at 64 B without).
-CACHE_FRAME_OVERHEAD = 256
 VERIFY_BOUND_S = 2.0  # QEMU reads the sacrificial frames within this, or netpass says it did not
 # After a stop netpass did not foresee: a frame on its way into the VM's
 # ring when the park went on gets there within this.
@@ -107,130 +96,25 @@ _ENDGAME_OFF = os.environ.get("NETPASS_ENDGAME") == "off"
 _TRACE = open(os.environ["NETPASS_ENDGAME_TRACE"], "a") if os.environ.get("NETPASS_ENDGAME_TRACE") else None
 
 
-@dataclass
-class MigrateOptions:
-    qmp: str
-    uri: str
-    dest_agent: str
-    dest_qmp: str
-    token: bytes
-    best_effort: bool = False
-    max_cache_bytes: int = 256 << 20
-    linger_quiet_ms: int = 300
-    linger_max_ms: int = 5000
-    batch_frames: int = 512
-    batch_interval_ms: float = 2.0
-    timeout_s: float = 900.0
-    tls_ca: str | None = None
-    strict_ordering: bool = False
-    hold_timeout_ms: int = 3000
-    save_pcap: str | None = None
-    compress: str = "auto"
-    state_dir: Path = Path("/run/netpass")  # the guard's state files (see srcguard.py)
+class SourceSession(SourceState):
+    """The source's I/O: the QMP monitor, the channel to the agent, the taps;
+    the facts it gathers are its ``SourceState``."""
 
 
-@dataclass
-class SourceNic:
-    index: int
-    nic: Nic
-    fds: list[int]  # QEMU's tap queues, duplicated into this process (detached ones read nothing)
-    hdr_size: int
-    mac_bytes: bytes
-    park: Park  # (the bench reads a tap it filled instead)
-    inject: Injector | None  # netpass's own frames into the VM's ring, past the parking (made at arm: 7 ms)
-    sacrificial: list[bytes] = field(default_factory=list)  # one per attached queue
-    bridge: str | None = None
-    pinned: bool = False
-    captured: int = 0
-    bytes_captured: int = 0
-    own_frames: int = 0
-    vm_ring_drained: int = 0  # after an unforeseen stop: frames netpass read from the VM's own ring
-    dropped: dict[str, int] = field(default_factory=dict)
-    tx_dropped0: int = 0  # the VM ring's drop counter at arm time
-    ring_overflow: int | None = None
-    park_overflow: int | None = None
-    shadows: list[ShadowRing] = field(default_factory=list)  # per queue: what was queued toward it
-    drained: dict[int, list[bytes]] = field(default_factory=dict)  # per fd: real frames read after the stop
-    qemu_held: int | None = None  # after the stop: queues whose reader held a real frame
-    recovered: int = 0  # ... of which netpass had the frame in its shadow ring, and sends it on
-    undecided: int = 0  # queues whose reader's state the source QEMU took with it
-    vdev: str | None = None  # QOM path of its virtio device (for the RX queues' state after a stop)
-    starved: dict[int, bool] = field(default_factory=dict)  # after a stop: queue -> the guest had no RX buffer
-    tx_at_stop: int | None = None  # the tap's tx_packets (frames read from its rings) when netpass saw the stop
-    reads_at_stop: int = 0  # vm_ring_drained then (netpass's own reads count in tx_packets too)
-    own_set: set[bytes] = field(default_factory=set)  # netpass's own frames (sacrificial, first and second)
-    own_seen: set[bytes] = field(default_factory=set)  # those netpass read back from the VM's ring
-
-    def __post_init__(self) -> None:
-        self.own_set.update(self.sacrificial)
-
-    @property
-    def own(self) -> Injector:
-        assert self.inject is not None, "this NIC cannot send netpass's own frames (a bench stand-in)"
-        return self.inject
-
-
-class SourceSession:
     def __init__(self, opts: MigrateOptions, progress: Progress | None = None) -> None:
+        super().__init__(opts, uuid.uuid4().hex[:12])
         self.fail_after: str | None = None  # a test hook (see ARM_STEPS)
-        self.arm_steps: dict[str, float] = {}  # step -> ms since the session began (report)
-        self.migrate_issued = False
-        self.o = opts
-        self.sid = uuid.uuid4().hex[:12]
-        self.phases = Phases(self.sid)
         self.progress = progress or (lambda kind, data: None)
         self.undo = AsyncExitStack()
         self.ch: Channel | None = None
         self.mon: Monitor | None = None
-        self.nics: list[SourceNic] = []
-        self.external_pause = False
-        self.was_running = True
-        self.t0 = time.monotonic()
-        self.t0_wall = time.time()
         self.cpu0 = time.process_time()
-        self.unacked: dict[int, list[wire.Frame]] = {}
-        self.pcap_frames: list[wire.Frame] = []
-        self.pcap_written: int | None = None
-        self.outq: deque[wire.Frame] = deque()
-        self.cache: list[wire.Frame] = []
-        self.cache_bytes = 0
-        self.seq = 0
-        self.batches_compressed = 0
-        self.shipped = 0
-        self.agent_accepted = 0
-        self.agent_dropped = 0
-        self.agent_duplicates = 0  # frames the agent skipped as delivered there already
-        self.agent_fed = 0  # frames the agent said are in the VM's rings
         self.replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.channel_error: NetpassError | None = None
-        self.last_frame_t = 0.0
-        self.endgame: Endgame | None = None
-        self.qemu_params: dict[str, Any] = {}
-        self.parked_t: float | None = None
-        self.verified_t: float | None = None  # QEMU read every sacrificial frame
-        self.qmp_rtt_s = 0.002  # a QMP command's round trip, learned
-        self.stop_t: float | None = None  # QEMU stopped the VM (its own clock, on ours)
-        self.stop_seen_t: float | None = None
-        self.unforeseen = False  # the VM stopped before netpass parked
-        self.prepared = False  # the destination was told the park is near
-        self.settled_told = False  # strict: the destination was told no forwarded frame is still due
-        self.completed = False
-        self.migration_info: dict[str, Any] = {}
-        self.dest_report: dict[str, Any] = {}
-        self.dest_status: str | None = None
-        self.resumed_t: float | None = None
-        self.returned_to_source = 0
-        self.straggler_frames = 0
-        self.notes: list[str] = []
-        self.netpass_active = True
         self.src_pid: int | None = None
-        self.direct_seen = False
         self.drain_readers: list[int] = []
-        self.settling = False  # after a stop netpass did not foresee: nothing ships until it is settled
         self.settle_task: asyncio.Task[None] | None = None
         self.starve_task: asyncio.Task[None] | None = None
-        self.stopped_by_migration = False  # (after an unforeseen stop) QEMU's own, to complete
-        self.vm_rings_drained = False  # netpass reads what reaches the VM's own rings (after such a stop)
         self.steering: nft.Steering | None = None
         self.guard: srcguard.Guard | None = None
         self.final_report: dict[str, Any] | None = None
@@ -239,15 +123,6 @@ class SourceSession:
     def _say(self, msg: str) -> None:
         log.info("session=%s %s", self.sid, msg)
         self.progress("info", {"message": msg})
-
-    @staticmethod
-    def _drop(sn: SourceNic, reason: str, n: int = 1) -> None:
-        sn.dropped[reason] = sn.dropped.get(reason, 0) + n
-
-    def _ms(self, t: float | None, since: float | None = None) -> float | None:
-        if t is None:
-            return None
-        return round((t - (self.t0 if since is None else since)) * 1000, 1)
 
     # -- arm ------------------------------------------------------------------------------
     async def arm(self) -> None:
@@ -360,7 +235,7 @@ class SourceSession:
     def _step(self, name: str) -> None:
         """Mark the named setup step done (its time goes in the report), and
         the test hook: fail right after it (ARM_STEPS)."""
-        self.arm_steps[name] = self._ms(time.monotonic()) or 0.0
+        self.arm_steps[name] = self.ms(time.monotonic()) or 0.0
         if self.fail_after == name:
             raise KernelError(f"failure injected after the arm step '{name}'")
 
@@ -373,7 +248,7 @@ class SourceSession:
 
     # -- capture --------------------------------------------------------------------------
     def _on_parked(self, sn: SourceNic) -> None:
-        self._take(sn, sn.park.read(256), wire.VNET_HDR_LEN)
+        self.take(sn, sn.park.read(256), wire.VNET_HDR_LEN, time.monotonic())
 
     def _on_vm_ring(self, sn: SourceNic, fd: int) -> None:
         bufs = tapfd.drain(fd, 256)
@@ -381,67 +256,7 @@ class SourceSession:
         if bufs and self.stop_t is not None:
             hdr, own = sn.hdr_size, sn.own_set
             sn.drained.setdefault(fd, []).extend(d for d in (b[hdr:] for b in bufs) if d not in own)
-        self._take(sn, bufs, sn.hdr_size)
-
-    def _take(self, sn: SourceNic, bufs: list[bytes], hdr: int) -> None:
-        """Capture a round of tap reads (each ``hdr`` bytes of virtio-net
-        header, then the frame), in order: in one go when the round is the
-        usual one, frame by frame otherwise."""
-        if not bufs or self._take_round(sn, bufs, hdr):
-            return
-        for buf in bufs:
-            data = buf[hdr:]
-            if data in sn.own_set:
-                sn.own_seen.add(data)  # our own, back from the VM's ring (see _settle_stop)
-                continue
-            self._capture(sn, buf[:wire.VNET_HDR_LEN] if hdr else b"", data)
-
-    def _take_round(self, sn: SourceNic, bufs: list[bytes], hdr: int) -> bool:
-        """The usual round of reads in one go: no runt, none of the VM's own,
-        none of netpass's own, room in the cache.  Same outcome as the
-        per-frame path, with the per-frame work in C (map); False, and
-        nothing done, when anything is unusual."""
-        datas = list(map(operator.itemgetter(slice(hdr, None)), bufs)) if hdr else bufs
-        sizes = list(map(len, datas))
-        total = sum(sizes)
-        cost = total + CACHE_FRAME_OVERHEAD * len(datas)
-        if min(sizes) < wire.MIN_FRAME or self.cache_bytes + cost > self.o.max_cache_bytes or \
-                sn.mac_bytes in map(_SRC_MAC, datas) or any(map(sn.own_set.__contains__, datas)):
-            return False
-        now = time.monotonic()
-        ts = int((now - self.t0) * 1e6)
-        vnets = map(operator.itemgetter(slice(0, wire.VNET_HDR_LEN)), bufs) if hdr else itertools.repeat(b"")
-        # tuple.__new__ builds each Frame in C (a NamedTuple's own __new__ is Python)
-        batch = list(map(tuple.__new__, itertools.repeat(wire.Frame),
-                         zip(itertools.repeat(sn.index), vnets, datas, itertools.repeat(ts))))
-        self.last_frame_t = now
-        sn.captured += len(batch)
-        sn.bytes_captured += total
-        self.cache += batch
-        self.cache_bytes += cost
-        self.outq += batch
-        return True
-
-    def _capture(self, sn: SourceNic, vnet: bytes, data: bytes) -> None:
-        now = time.monotonic()
-        if len(data) < wire.MIN_FRAME:
-            self._drop(sn, "runt")
-            return
-        if data[6:12] == sn.mac_bytes:
-            # The VM's own transmissions (its announcements from the
-            # destination, flooded back to us): never give a VM its own frames.
-            sn.own_frames += 1
-            return
-        self.last_frame_t = now
-        if self.cache_bytes + len(data) + CACHE_FRAME_OVERHEAD > self.o.max_cache_bytes:
-            self._drop(sn, "cache_full")
-            return
-        f = wire.Frame(sn.index, vnet, data, int((now - self.t0) * 1e6))
-        sn.captured += 1
-        sn.bytes_captured += len(data)
-        self.cache.append(f)
-        self.cache_bytes += len(data) + CACHE_FRAME_OVERHEAD
-        self.outq.append(f)
+        self.take(sn, bufs, sn.hdr_size, time.monotonic())
 
     def capture_now(self) -> None:
         """Read whatever the parking taps (and, after an unforeseen stop, the
@@ -451,7 +266,7 @@ class SourceSession:
                 bufs = sn.park.read(256)
                 if not bufs:
                     break
-                self._take(sn, bufs, wire.VNET_HDR_LEN)
+                self.take(sn, bufs, wire.VNET_HDR_LEN, time.monotonic())
             if self.vm_rings_drained and not self.settling:
                 for fd in sn.fds:
                     self._on_vm_ring(sn, fd)
@@ -513,41 +328,13 @@ class SourceSession:
                 await self.replies.put(msg)
 
     def on_agent_message(self, payload: bytes | memoryview) -> dict[str, Any] | None:
-        """Take in one control message from the agent: counts are recorded
-        here; a reply is returned for whoever waits on it.  Anything
-        malformed is a ChannelError (never another exception: the receiving
-        task must not die silently)."""
+        """Take in one control message from the agent (``SourceState.agent_said``);
+        anything malformed is a ChannelError (never another exception: the
+        receiving task must not die silently)."""
         try:
-            msg = json.loads(bytes(payload))
-            if not isinstance(msg, dict):
-                raise ValueError("not an object")
-            op = msg.get("op")
-            if op == "direct":
-                self.direct_seen = True
-                return None
-            if op == "fed":
-                self.agent_fed = max(self.agent_fed, _count(msg, "fed"))
-                return None
-            if op != "ack":
-                return msg
-            accepted, dropped, fed = _count(msg, "accepted"), _count(msg, "dropped"), _count(msg, "fed")
-            skipped = msg.get("skipped") or []
-            if not isinstance(skipped, list) or not all(isinstance(i, int) for i in skipped):
-                raise ValueError("skipped is not a list of indexes")
-            seq = msg.get("seq", -1)
-            if not isinstance(seq, int):
-                raise ValueError("seq is not an integer")
+            return self.agent_said(payload)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ChannelError(f"the agent sent a malformed message: {exc}") from exc
-        self.agent_accepted += accepted
-        self.agent_dropped += dropped
-        self.agent_duplicates += max(0, len(skipped) - dropped)
-        self.agent_fed = max(self.agent_fed, fed)
-        sent = self.unacked.pop(seq, None)
-        if sent is not None:
-            gone = set(skipped)
-            self.pcap_frames += [f for i, f in enumerate(sent) if i not in gone]
-        return None
 
     async def _reply(self, op: str, timeout: float) -> dict[str, Any]:
         try:
@@ -839,9 +626,6 @@ class SourceSession:
             self.undo.push_async_callback(stop_task, self.settle_task)
         self.phases.reach(Phase.STOPPED, why)
 
-    def verified_before_stop(self) -> bool:
-        return self.verified_t is not None and self.stop_t is not None and self.verified_t <= self.stop_t
-
     def _drain_vm_rings(self) -> None:
         self.vm_rings_drained = True
         loop = asyncio.get_running_loop()
@@ -922,7 +706,7 @@ class SourceSession:
                             left[(owner[0].index, owner[1])] = fd
                         else:
                             rest.append(buf)
-                    self._take(sn, rest, sn.hdr_size)
+                    self.take(sn, rest, sn.hdr_size, time.monotonic())
             if self.starve_task is not None:
                 try:  # (asked at the stop; answered once QEMU's main loop ran, or failed with QEMU gone)
                     async with asyncio.timeout(2):
@@ -1019,7 +803,7 @@ class SourceSession:
                     answers.add(tuple(i for i in found if i is not None))
         chosen = answers.pop() if len(answers) == 1 else ()
         if len(chosen) < want:
-            self._drop(sn, "taken_by_qemu_at_its_stop", want - len(chosen))
+            sn.drop("taken_by_qemu_at_its_stop", want - len(chosen))
             self.notes.append(f"{sn.nic.tap}: {want - len(chosen)} frame(s) QEMU kept at its stop could not "
                               "be named from its shadow ring")
         out = []
@@ -1243,14 +1027,6 @@ class SourceSession:
         except (ChannelError, TimeoutError):
             pass
 
-    def _unconfirmed(self) -> int:
-        """Frames captured that the agent did not confirm in the VM's rings
-        (or dropped, or delivered there directly): lost, should the agent
-        vanish.  Never fewer than were lost; more by what it put into a ring
-        in its last FED_REPORT_S, if it vanished after the resume."""
-        return max(0, sum(sn.captured for sn in self.nics) - self.agent_fed - self.agent_dropped
-                   - self.agent_duplicates)
-
     async def _count_the_tail(self, exc: BaseException) -> None:
         """The VM moved and nothing more can cross: the network still sends
         its frames here until it learns where the VM went.  The park keeps
@@ -1276,7 +1052,7 @@ class SourceSession:
 
     def _lost_after_completion(self, exc: BaseException) -> NoReturn:
         """The VM moved, and netpass cannot finish delivering its frames."""
-        n = self._unconfirmed() if self.netpass_active else 0
+        n = self.unconfirmed() if self.netpass_active else 0
         if not isinstance(exc, NetpassError):
             raise exc
         if isinstance(self.channel_error, RemoteError):
@@ -1345,7 +1121,7 @@ class SourceSession:
             if sn.park_overflow is None:
                 sn.park_overflow = sn.park.dropped()
                 if sn.park_overflow:
-                    self._drop(sn, "parking_ring_full", sn.park_overflow)
+                    sn.drop("parking_ring_full", sn.park_overflow)
 
     def _write_pcap(self) -> None:
         """The frames the destination took for replay, as Wireshark reads them."""
@@ -1358,166 +1134,8 @@ class SourceSession:
         except NetpassError as exc:
             self.notes.append(str(exc))
 
-    def _after_resume(self) -> tuple[int, float | None]:
-        if self.resumed_t is None:
-            return 0, None
-        cut = (self.resumed_t - self.t0) * 1e6
-        late = [f.ts_us for f in self.cache if f.ts_us > cut]
-        return len(late), (round((max(late) - cut) / 1000, 1) if late else None)
-
-    # -- report ---------------------------------------------------------------------------
-    def stop_path(self) -> str | None:
-        if not self.netpass_active or self.stop_t is None:
-            return None
-        return "unforeseen" if self.unforeseen else "parked"
-
-    def swallowed_account(self) -> str | None:
-        """How sure netpass is of what QEMU swallowed at its stop: ``exact``
-        when QEMU had read every sacrificial frame before it stopped;
-        ``inferred`` when QEMU's readers and the guest's RX queues settled
-        it after the stop (each reader took netpass's second sacrificial
-        frame, or left it: then it held a frame; a queue the guest had no
-        buffer on lost the frame QEMU held for it at the stop; each such
-        frame is sent on from the shadow ring, or counted lost);
-        ``unknown`` when the source QEMU went before they could say."""
-        if self.stop_path() is None:
-            return None
-        if not self.unforeseen and self.verified_before_stop():
-            return "exact"
-        if not self.stopped_by_migration and all(sn.qemu_held is not None and sn.undecided == 0 and
-               all(q in sn.starved for q in range(len(sn.sacrificial))) for sn in self.nics):
-            return "inferred"
-        return "unknown"
-
-    def _network_pause_ms(self) -> float | None:
-        """From the moment no frame reached the VM any more (the park, or
-        the stop when it came first) to the destination's resume."""
-        starts = [t for t in (self.parked_t, self.stop_t) if t is not None]
-        if self.resumed_t is None or not starts:
-            return None
-        return self._ms(self.resumed_t, min(starts))
-
     def report(self, error: BaseException | None = None) -> dict[str, Any]:
-        dest_nics = {n["mac"]: n for n in self.dest_report.get("nics", [])}
-        per_nic = []
-        dropped: dict[str, int] = {}
-        replayed_total = 0
-        unsent: int | None = None
-        for sn in self.nics:
-            d = dest_nics.get(sn.nic.mac, {})
-            nic_dropped = dict(sn.dropped)
-            for k, v in d.get("dropped", {}).items():
-                nic_dropped[k] = nic_dropped.get(k, 0) + v
-            replayed = int(d.get("replayed", 0))
-            replayed_total += replayed
-            for k, v in nic_dropped.items():
-                dropped[k] = dropped.get(k, 0) + v
-            per_nic.append({"mac": sn.nic.mac, "tap": sn.nic.tap, "parking_tap": sn.park.name,
-                            "queues": len(sn.sacrificial),
-                            "frames_captured": sn.captured, "bytes_captured": sn.bytes_captured,
-                            "frames_replayed": replayed,
-                            "duplicates_suppressed": int(d.get("duplicates_suppressed", 0)),
-                            "own_frames_ignored": sn.own_frames,
-                            "vm_ring_drained": sn.vm_ring_drained,
-                            "tap_ring_overflow": sn.ring_overflow,
-                            "parking_ring_overflow": sn.park_overflow,
-                            "qemu_held_at_its_stop": sn.qemu_held,
-                            "recovered_from_shadow": sn.recovered,
-                            "rx_queues_without_buffer_at_stop": (sum(sn.starved.values())
-                                                                 if sn.starved else None),
-                            "shadow_dropped": sum(r.dropped for r in sn.shadows),
-                            "frames_dropped": nic_dropped})
-        captured = sum(sn.captured for sn in self.nics)
-        if self.completed and self.dest_report == {} and self.netpass_active:
-            # The agent is gone: what it confirmed in the VM's rings is in
-            # the VM, the rest of what we captured is lost, and we say so.
-            replayed_total = self.agent_fed
-            # (Of those, the ones that never left this host are surely lost;
-            # the rest reached the agent or not: a silent cut cannot say.)
-            unsent = max(0, captured - self.shipped)
-            unconfirmed = self._unconfirmed()
-            if unconfirmed:
-                dropped["channel_lost"] = dropped.get("channel_lost", 0) + unconfirmed
-        info = self.migration_info
-        late_frames, last_late_ms = self._after_resume()
-        eg = self.endgame
-        return {
-            "session": self.sid,
-            "state": self.phases.phase.value,
-            "netpass": self.netpass_active,
-            "error": str(error) if error else None,
-            "error_kind": type(error).__name__ if error else None,
-            "stop_path": self.stop_path(),
-            "swallowed_account": self.swallowed_account(),
-            "frames_captured": captured,
-            "frames_recovered_from_shadow": sum(sn.recovered for sn in self.nics),
-            "frames_replayed": replayed_total,
-            "frames_returned_to_source": self.returned_to_source,
-            "straggler_frames": self.straggler_frames,
-            "duplicates_suppressed": sum(int(n.get("duplicates_suppressed", 0)) for n in dest_nics.values()),
-            "frames_dropped": dropped,
-            "channel_unsent": unsent,
-            "tap_ring_overflow": (sum(sn.ring_overflow for sn in self.nics)
-                                  if all(sn.ring_overflow is not None for sn in self.nics) else None),
-            "bytes_captured": sum(sn.bytes_captured for sn in self.nics),
-            "bytes_wire": self.ch.bytes_out if self.ch else 0,
-            "batches": self.seq,
-            "batches_compressed": self.batches_compressed,
-            "compress": self.o.compress,
-            "link_rate_mbit": round(self.ch.link_rate * 8 / 1e6, 1) if self.ch and self.ch.link_rate else None,
-            "link_peer_limited": (round(self.ch.peer_limited, 2)
-                                  if self.ch and self.ch.peer_limited is not None else None),
-            "downtime_ms": info.get("downtime"),
-            "total_time_ms": info.get("total-time"),
-            "park_to_stop_ms": self._ms(self.stop_t, self.parked_t) if self.parked_t and self.stop_t else None,
-            "verified_to_stop_ms": (self._ms(self.stop_t, self.verified_t)
-                                    if self.verified_t and self.stop_t else None),
-            "stop_to_resume_ms": self._ms(self.resumed_t, self.stop_t) if self.resumed_t and self.stop_t else None,
-            "network_pause_ms": self._network_pause_ms(),
-            "arm_steps_ms": dict(self.arm_steps),
-            "times_wall": {k: round(self.t0_wall + (t - self.t0), 6) for k, t in
-                           (("parked", self.parked_t), ("verified", self.verified_t), ("stopped", self.stop_t),
-                            ("resumed_seen", self.resumed_t)) if t is not None},
-            "endgame": ({"throttled_at_remaining": eg.throttle_remaining,
-                         "throttle_to_park_ms": self._ms(self.parked_t, eg.throttled_t)
-                         if eg.throttled_t and self.parked_t else None,
-                         "lead_ms": round(eg.lead_s * 1000, 2),
-                         "limited_to": eg.limited_to,
-                         "missed_windows": eg.missed_windows(self.stop_t) if self.stop_t else None}
-                        if eg is not None else None),
-            "replay_delay_ms": self.dest_report.get("replay_delay_ms"),
-            "vm_replay_read_fps": self.dest_report.get("vm_replay_read_fps"),
-            "agent_cpu_ms": self.dest_report.get("agent_cpu_ms"),
-            "migrate_cpu_ms": round((time.process_time() - self.cpu0) * 1000, 1),
-            "frames_after_resume": late_frames,
-            "last_frame_after_resume_ms": last_late_ms,
-            "destination_status": self.dest_status,
-            "reordered_estimate": self.dest_report.get("reordered_estimate"),
-            "reordered_group_estimate": self.dest_report.get("reordered_group_estimate"),
-            "dest_ring_overflow": self.dest_report.get("dest_ring_overflow"),
-            "dest_ring_overflow_after_hold": self.dest_report.get("dest_ring_overflow_after_hold"),
-            "dest_replay_refused": self.dest_report.get("replay_refused"),
-            # Multiqueue: how long every frame toward the VM went to its queue 0 (agent._pin_queue).
-            "dest_one_queue_ms": [n.get("one_queue_ms") for n in self.dest_report.get("nics", [])
-                                  if isinstance(n, dict)] or None,
-            **({"pcap": self.o.save_pcap, "pcap_frames": self.pcap_written}
-               if self.o.save_pcap else {}),
-            "strict_ordering": self.o.strict_ordering,
-            **{k: self.dest_report.get(k) for k in ("held_tx", "held_rx", "hold_ms", "hold_tx_ms",
-                                                     "hold_timeout", "hold_dropped", "hold_backlog_dropped",
-                                                     "hold_late", "hold_caught_up_ms")},
-            "nics": per_nic,
-            "notes": self.notes + list(self.dest_report.get("hold_notes", [])),
-            "states": [s for _, s in self.phases.history],
-        }
-
-
-def _count(msg: dict[str, Any], key: str) -> int:
-    """A non-negative integer field of an agent's message (0 when absent)."""
-    value = msg.get(key, 0)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 53:
-        raise ValueError(f"{key} is not a count")
-    return value
+        return srcreport.build(self, error, self.ch, (time.process_time() - self.cpu0) * 1000)
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

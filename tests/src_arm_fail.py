@@ -13,7 +13,8 @@ from pathlib import Path
 
 from netpass.errors import NetpassError
 from netpass.qmp import Monitor
-from netpass.source import MigrateOptions, SourceSession
+from netpass.source import SourceSession
+from netpass.srcstate import MigrateOptions
 
 from .arm_fail import _fds
 

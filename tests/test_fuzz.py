@@ -26,7 +26,8 @@ from netpass import channel, wire
 from netpass.agent import SessionError, _control, check_open
 from netpass.channel import CONTROL, ChannelError
 from netpass.errors import NetpassError
-from netpass.source import MigrateOptions, SourceSession
+from netpass.source import SourceSession
+from netpass.srcstate import MigrateOptions
 
 FUZZ = settings(database=DirectoryBasedExampleDatabase(str(Path(__file__).parent / "hypothesis-db")),
                 max_examples=int(os.environ.get("NETPASS_FUZZ_EXAMPLES", "1500")), deadline=None,
