@@ -46,30 +46,23 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import links, nft, pcap, procs, sacrifice, srcguard, srcreport, stopaccount, tapfd, wire
+from . import links, nft, pcap, procs, sacrifice, srcguard, srcreport, tapfd, wire
 from .blocking import off_loop
 from .channel import BATCH, CONTROL, AuthError, Channel, ChannelError, RemoteError, connect
 from .endgame import THROTTLE_BANDWIDTH, Endgame, Sample, Step
 from .errors import FramesLost, KernelError, MigrationFailed, NetpassError, QMPError
 from .migration import progress_line, stop_task
-from .nics import Nic, discover, rx_without_buffer, virtio_backend
+from .nics import Nic, discover, virtio_backend
 from .packet import Injector, ShadowRing
 from .park import Park
 from .qmp import Event, Monitor, peer_pid
 from .session import Phase
+from .srcsettle import Settlement, VmRings, remove_reader
 from .srcstate import MigrateOptions, SourceNic, SourceState
 
 log = logging.getLogger(__name__)
 
 VERIFY_BOUND_S = 2.0  # QEMU reads the sacrificial frames within this, or netpass says it did not
-# After a stop netpass did not foresee: a frame on its way into the VM's
-# ring when the park went on gets there within this.
-PARK_SETTLE_S = 0.001
-# ... and QEMU's main loop answers this many QMP commands, one after the
-# other, with netpass's frame in a queue's ring: a reader still free has
-# taken it by then (QEMU reads a readable tap in the same loop iteration).
-SETTLE_ROUNDS = 2
-SETTLE_BOUND_S = 60.0  # (a management layer's pause can be long; QEMU answers meanwhile)
 # The source's setup steps, in order; a test makes the session fail right
 # after each (SourceSession.fail_after) and checks that nothing is left.
 ARM_STEPS = ("channel", "monitor", "opened", "guard", "steering", "fds", "park", "inject", "shadow",
@@ -112,9 +105,8 @@ class SourceSession(SourceState):
         self.replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.channel_error: NetpassError | None = None
         self.src_pid: int | None = None
-        self.drain_readers: list[int] = []
+        self.vm_rings = VmRings(self)
         self.settle_task: asyncio.Task[None] | None = None
-        self.starve_task: asyncio.Task[None] | None = None
         self.steering: nft.Steering | None = None
         self.guard: srcguard.Guard | None = None
         self.final_report: dict[str, Any] | None = None
@@ -168,7 +160,7 @@ class SourceSession(SourceState):
         loop = asyncio.get_running_loop()
         for sn in self.nics:
             loop.add_reader(sn.park.fileno(), self._on_parked, sn)
-            self.undo.callback(self._remove_reader, sn.park.fileno())
+            self.undo.callback(remove_reader, sn.park.fileno())
         self._step("readers")
         self.phases.reach(Phase.ARMED)
         self._say(f"armed: {len(self.nics)} NIC(s) " +
@@ -239,24 +231,9 @@ class SourceSession(SourceState):
         if self.fail_after == name:
             raise KernelError(f"failure injected after the arm step '{name}'")
 
-    @staticmethod
-    def _remove_reader(fd: int) -> None:
-        try:
-            asyncio.get_running_loop().remove_reader(fd)
-        except (RuntimeError, ValueError):
-            pass
-
     # -- capture --------------------------------------------------------------------------
     def _on_parked(self, sn: SourceNic) -> None:
         self.take(sn, sn.park.read(256), wire.VNET_HDR_LEN, time.monotonic())
-
-    def _on_vm_ring(self, sn: SourceNic, fd: int) -> None:
-        bufs = tapfd.drain(fd, 256)
-        sn.vm_ring_drained += len(bufs)
-        if bufs and self.stop_t is not None:
-            hdr, own = sn.hdr_size, sn.own_set
-            sn.drained.setdefault(fd, []).extend(d for d in (b[hdr:] for b in bufs) if d not in own)
-        self.take(sn, bufs, sn.hdr_size, time.monotonic())
 
     def capture_now(self) -> None:
         """Read whatever the parking taps (and, after an unforeseen stop, the
@@ -269,7 +246,7 @@ class SourceSession(SourceState):
                 self.take(sn, bufs, wire.VNET_HDR_LEN, time.monotonic())
             if self.vm_rings_drained and not self.settling:
                 for fd in sn.fds:
-                    self._on_vm_ring(sn, fd)
+                    self.vm_rings.read(sn, fd)
 
     # -- ship -----------------------------------------------------------------------------
     async def ship_pending(self) -> None:
@@ -607,7 +584,7 @@ class SourceSession(SourceState):
         if self.parked_t is None:
             self.unforeseen = True
             await self._park_all()
-            self._drain_vm_rings()
+            self.vm_rings.start(self.undo)
             self._say(f"the VM stopped before netpass parked its frames ({why}): parked now; "
                       "draining what its ring holds")
             asyncio.get_running_loop().create_task(self._after_park()).add_done_callback(_log_failure)
@@ -615,26 +592,17 @@ class SourceSession(SourceState):
             # Parked, but QEMU had not read every sacrificial frame: what is
             # still in its rings after the one frame a queue's reader takes
             # at the stop is netpass's to carry.
-            self._drain_vm_rings()
+            self.vm_rings.start(self.undo)
         if self.settling:
             loop = asyncio.get_running_loop()
             # Asked now, answered as soon as QEMU's main loop runs again: the
             # source may be killed right after it completes.
-            self.starve_task = loop.create_task(self._ask_starved())
-            self.undo.push_async_callback(stop_task, self.starve_task)
-            self.settle_task = loop.create_task(self._settle_stop())
+            settlement = Settlement(self, self.mon, self.vm_rings)
+            starved = loop.create_task(settlement.ask_starved())
+            self.undo.push_async_callback(stop_task, starved)
+            self.settle_task = loop.create_task(settlement.run(starved))
             self.undo.push_async_callback(stop_task, self.settle_task)
         self.phases.reach(Phase.STOPPED, why)
-
-    def _drain_vm_rings(self) -> None:
-        self.vm_rings_drained = True
-        loop = asyncio.get_running_loop()
-        for sn in self.nics:
-            for fd in sn.fds:
-                self._on_vm_ring(sn, fd)
-                loop.add_reader(fd, self._on_vm_ring, sn, fd)
-                self.drain_readers.append(fd)
-                self.undo.callback(self._remove_reader, fd)
 
     async def _monitor_lost(self) -> None:
         """The QMP connection closed mid-migration: a management layer may
@@ -657,199 +625,6 @@ class SourceSession(SourceState):
             return
         raise MigrationFailed("lost the source QEMU's monitor before the migration ended"
                               + ("; QEMU exited" if gone else ""))
-
-    async def _settle_stop(self) -> None:
-        """After a stop QEMU made before it had read every sacrificial frame
-        (or before netpass parked at all): which real frame does it hold?
-
-        After its stop QEMU's reader of each queue reads one more frame, if
-        the ring holds one, and keeps it; one that held a frame for want of
-        a guest buffer reads nothing more.  So netpass empties the rings at
-        once (what they hold is netpass's to carry) and puts a second
-        sacrificial frame into each queue: a free reader takes it, and so
-        swallowed nothing real; a holding reader leaves it.  A reader that
-        leaves it while QEMU answers ``SETTLE_ROUNDS`` QMP commands holds a
-        frame: netpass's own first sacrificial frame, unless netpass read
-        that one back, or else the real frame it read last
-        (:mod:`stopaccount`), which the queue's shadow ring has a copy of:
-        it goes across first.  Should the source QEMU go before its readers
-        decided, the report says so (``swallowed_account: unknown``).
-
-        Meanwhile nothing ships, so that the frame QEMU holds goes before
-        the ones netpass read after it.
-        """
-        try:
-            await asyncio.sleep(PARK_SETTLE_S)
-            for fd in self.drain_readers:  # from here on QEMU alone reads the rings
-                self._remove_reader(fd)
-            self.drain_readers.clear()
-            for sn in self.nics:
-                for fd in sn.fds:
-                    self._on_vm_ring(sn, fd)
-            seconds: dict[bytes, tuple[SourceNic, int]] = {}
-            for sn in self.nics:
-                for q, first in enumerate(sn.sacrificial):
-                    f = sacrifice.second(first)
-                    sn.own_set.add(f)
-                    if sn.own.send(bytes(wire.VNET_HDR_LEN), f):
-                        seconds[f] = (sn, q)
-            decided = await self._readers_decided([fd for sn in self.nics for fd in sn.fds])
-            left: dict[tuple[int, int], int] = {}  # (nic, queue) whose reader left its second frame -> fd
-            for sn in self.nics:
-                for fd in sn.fds:
-                    rest = []
-                    bufs = tapfd.drain(fd, 4096)
-                    sn.vm_ring_drained += len(bufs)
-                    for buf in bufs:
-                        owner = seconds.get(buf[sn.hdr_size:])
-                        if owner is not None:
-                            left[(owner[0].index, owner[1])] = fd
-                        else:
-                            rest.append(buf)
-                    self.take(sn, rest, sn.hdr_size, time.monotonic())
-            if self.starve_task is not None:
-                try:  # (asked at the stop; answered once QEMU's main loop ran, or failed with QEMU gone)
-                    async with asyncio.timeout(2):
-                        await asyncio.shield(self.starve_task)
-                except TimeoutError:
-                    pass
-            self.stopped_by_migration = await self._stopped_by_migration()
-            if self.stopped_by_migration:
-                self.notes.append("QEMU stopped the VM to complete the migration before netpass parked: a frame "
-                                  "its tap reader took while the vCPUs stopped (at most one per queue) is "
-                                  "dropped at the stop, and cannot be named")
-            await asyncio.sleep(2 * ShadowRing.RETIRE_MS / 1000 + 0.002)  # the last blocks handed over
-            recovered: list[wire.Frame] = []
-            for sn in self.nics:
-                mine = {q: fd for (n, q), fd in left.items() if n == sn.index}
-                holding = self._holding(sn, mine, seconds, decided)
-                sn.qemu_held = 0 if holding is not None else None
-                for q in range(len(sn.sacrificial)):
-                    held = holding is not None and q in holding and \
-                        (self.unforeseen or sn.sacrificial[q] in sn.own_seen)
-                    if holding is None and q in mine:
-                        sn.undecided += 1
-                    if held:
-                        sn.qemu_held = (sn.qemu_held or 0) + 1
-                    if held or sn.starved.get(q):
-                        recovered += self._recover(sn, q, mine.get(q), held)
-                if sn.undecided:
-                    self.notes.append(f"{sn.nic.tap}: the source QEMU went before netpass could tell whether "
-                                      f"it kept a frame at its stop ({sn.undecided} queue(s))")
-            self.outq.extendleft(reversed(recovered))
-        finally:
-            self.settling = False
-
-    async def _stopped_by_migration(self) -> bool:
-        """Whether QEMU's migration stopped the VM (to complete), rather than
-        a management layer's ``stop`` while it ran: the migration has left
-        'active' by now (or QEMU is gone).  QEMU's migration thread stops the
-        vCPUs without holding QEMU's main lock, so its tap reader may take a
-        frame meanwhile, which the stop then drops (seen in the lab: one or
-        two lost per such stop, the second the one its reader then holds)."""
-        if self.completed or self.mon is None:
-            return True
-        try:
-            info = await self.mon.execute("query-migrate", timeout=1)
-        except QMPError:
-            return True
-        return bool(info.get("status") != "active")
-
-    def _holding(self, sn: SourceNic, left: dict[int, int], seconds: dict[bytes, tuple[SourceNic, int]],
-                 decided: bool) -> set[int] | None:
-        """The queues whose reader holds a frame (it left its second
-        sacrificial frame), or None when that cannot be told: the source
-        QEMU went first, and its reads since the stop do not settle it.
-        Those reads are the tap's ``tx_packets`` since netpass saw the stop,
-        less netpass's own: one per second frame taken, one per real frame
-        taken (its reader took it after netpass saw the stop, if it did not
-        read it before, which those counts cannot tell)."""
-        if decided:
-            return set(left)
-        if not self.unforeseen or sn.tx_at_stop is None:
-            return None
-        try:
-            ours = sn.vm_ring_drained - sn.reads_at_stop
-            qemu_reads = links.tx_packets(sn.nic.tap) - sn.tx_at_stop - ours
-        except NetpassError:
-            return None
-        taken = sum(1 for owner in seconds.values() if owner[0] is sn) - len(left)
-        if left and qemu_reads - taken == len(left):
-            return set(left)  # (each reader took one real frame after netpass saw the stop)
-        return None  # (none since then: any it took came before, or never)
-
-    def _recover(self, sn: SourceNic, q: int, fd: int | None, held: bool) -> list[wire.Frame]:
-        """From queue ``q``'s shadow ring: the frame its reader holds after
-        the stop (``held``), after the one QEMU purged at the stop if the
-        guest had no RX buffer then; what cannot be named is counted lost.
-        ``fd``: the queue's (None if unknown: its reader took its frame)."""
-        starved = bool(sn.starved.get(q))
-        want = int(held) + int(starved)
-        shadow = sn.shadows[q] if q < len(sn.shadows) else None
-        kept = [(v, d) for v, d in shadow.frames() if d not in sn.own_set] \
-            if shadow is not None and shadow.map is not None else []
-        datas = [d for _v, d in kept]
-        answers: set[tuple[int, ...]] = set()
-        if shadow is not None and shadow.dropped:
-            self.notes.append(f"{sn.nic.tap}: its shadow ring missed {shadow.dropped} frame(s): what QEMU "
-                              "kept at its stop cannot be named")
-        elif kept:
-            for f in [fd] if fd is not None else sn.fds:
-                drained = sn.drained.get(f, [])
-                found = [stopaccount.last_read_before_stop(datas, drained, held)] if starved else []
-                if held:
-                    found.append(stopaccount.last_read_by_qemu(datas, drained))
-                if None not in found:
-                    answers.add(tuple(i for i in found if i is not None))
-        chosen = answers.pop() if len(answers) == 1 else ()
-        if len(chosen) < want:
-            sn.drop("taken_by_qemu_at_its_stop", want - len(chosen))
-            self.notes.append(f"{sn.nic.tap}: {want - len(chosen)} frame(s) QEMU kept at its stop could not "
-                              "be named from its shadow ring")
-        out = []
-        now = int((time.monotonic() - self.t0) * 1e6)
-        for i in chosen:
-            vnet, data = kept[i]
-            sn.captured += 1
-            sn.bytes_captured += len(data)
-            sn.recovered += 1
-            out.append(wire.Frame(sn.index, vnet, data, now))
-            log.info("session=%s %s: QEMU kept a frame at its stop (queue %d, %d of %d kept%s): sent on from "
-                     "the shadow ring (%s)", self.sid, sn.nic.tap, q, i + 1, len(kept),
-                     ", the guest had no RX buffer" if starved else "", data[:48].hex())
-        return out
-
-    async def _ask_starved(self) -> None:
-        """Whether the guest had an RX buffer on each queue at the stop (see
-        :meth:`_recover`): the VM is stopped when this is asked."""
-        for sn in self.nics:
-            if sn.vdev is None or self.mon is None:
-                continue
-            for q in range(len(sn.sacrificial)):
-                try:
-                    sn.starved[q] = await rx_without_buffer(self.mon, sn.vdev, q)
-                except (QMPError, KeyError, TypeError, ValueError) as exc:
-                    log.info("session=%s cannot read RX queue %d of %s after the stop: %s", self.sid, q,
-                             sn.nic.mac, exc)
-                    return
-
-    async def _readers_decided(self, fds: list[int]) -> bool:
-        """Wait until QEMU's readers have taken the second sacrificial frames
-        or QEMU's main loop has run ``SETTLE_ROUNDS`` times since they were
-        queued (a free reader has then taken its own); False if the source
-        QEMU went first."""
-        watch = tapfd.Watch(fds)
-        deadline = time.monotonic() + SETTLE_BOUND_S
-        rounds = 0
-        while watch.readable() and rounds < SETTLE_ROUNDS:
-            if self.mon is None or time.monotonic() > deadline:
-                return False
-            try:  # (answered by QEMU's main loop, once the migration thread lets it run)
-                await self.mon.execute("query-status", timeout=max(0.1, deadline - time.monotonic()))
-            except QMPError:
-                return not watch.readable()
-            rounds += 1
-        return True
 
     # -- after completion -----------------------------------------------------------------
     async def _linger(self) -> None:
@@ -927,9 +702,7 @@ class SourceSession(SourceState):
             except (TimeoutError, NetpassError) as exc:
                 log.info("session=%s the stop's account did not finish: %s", self.sid, exc)
         self.outq.clear()
-        for fd in self.drain_readers:
-            self._remove_reader(fd)
-        self.drain_readers.clear()
+        self.vm_rings.stop()
         given = 0
         for _round in range(GIVE_BACK_ROUNDS):
             self.capture_now()

@@ -212,6 +212,15 @@ class SourceState:
         return max(0, self.captured() - self.agent_fed - self.agent_dropped - self.agent_duplicates)
 
     # -- capture: the frames read from the parking taps (and the VM's rings) ---------------
+    def took_from_vm_ring(self, sn: SourceNic, fd: int, bufs: list[bytes], now: float) -> None:
+        """Frames netpass read from the VM's own ring (queue ``fd``): after
+        the stop, the real ones are kept apart too, for the stop's account."""
+        sn.vm_ring_drained += len(bufs)
+        if bufs and self.stop_t is not None:
+            hdr, own = sn.hdr_size, sn.own_set
+            sn.drained.setdefault(fd, []).extend(d for d in (b[hdr:] for b in bufs) if d not in own)
+        self.take(sn, bufs, sn.hdr_size, now)
+
     def take(self, sn: SourceNic, bufs: list[bytes], hdr: int, now: float) -> None:
         """Capture a round of tap reads (each ``hdr`` bytes of virtio-net
         header, then the frame), in order: in one go when the round is the
