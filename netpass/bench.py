@@ -124,7 +124,10 @@ class _NoLink:
     def should_compress(self, mode: str, raw_bytes: int) -> bool:
         return False
 
-    async def send(self, mtype: int, payload: bytes) -> None:
+    def compressed(self, raw_bytes: int, packed_bytes: int, seconds: float) -> None:
+        pass
+
+    async def send(self, mtype: int, payload: bytes | bytearray) -> None:
         self.bytes_out += len(payload)
 
 
@@ -153,6 +156,7 @@ async def session_capture(frames: list[bytes]) -> float:
     as the parking steering fills it."""
     from .nics import Nic
     from .source import SourceSession
+    from .srcship import Shipper
     from .srcstate import MigrateOptions, SourceNic
 
     frames = frames[:SESSION_FRAMES]
@@ -173,7 +177,7 @@ async def session_capture(frames: list[bytes]) -> float:
             sent += k
         opts = MigrateOptions(qmp="-", uri="-", dest_agent="-", dest_qmp="-", token=b"-", max_cache_bytes=1 << 40)
         sess = SourceSession(opts)
-        sess.ch = _NoLink()  # type: ignore[assignment]
+        sess.shipper = Shipper(sess, _NoLink())
         sn = SourceNic(index=0, nic=Nic(mac=VM_MAC_TEXT, tap=tap), fds=[fd],
                        hdr_size=HDR, mac_bytes=VM_MAC, park=_FilledTap(fd), inject=None)  # type: ignore[arg-type]
         sess.nics.append(sn)

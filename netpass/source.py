@@ -48,7 +48,7 @@ from typing import Any, NoReturn
 
 from . import links, nft, pcap, procs, sacrifice, srcguard, srcreport, tapfd, wire
 from .blocking import off_loop
-from .channel import BATCH, CONTROL, AuthError, Channel, ChannelError, RemoteError, connect
+from .channel import CONTROL, AuthError, Channel, ChannelError, RemoteError, connect
 from .endgame import THROTTLE_BANDWIDTH, Endgame, Sample, Step
 from .errors import FramesLost, KernelError, MigrationFailed, NetpassError, QMPError
 from .migration import progress_line, stop_task
@@ -58,6 +58,7 @@ from .park import Park
 from .qmp import Event, Monitor, peer_pid
 from .session import Phase
 from .srcsettle import Settlement, VmRings, remove_reader
+from .srcship import Shipper
 from .srcstate import MigrateOptions, SourceNic, SourceState
 
 log = logging.getLogger(__name__)
@@ -102,14 +103,22 @@ class SourceSession(SourceState):
         self.ch: Channel | None = None
         self.mon: Monitor | None = None
         self.cpu0 = time.process_time()
-        self.replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.channel_error: NetpassError | None = None
+        self.shipper: Shipper | None = None  # (once the channel is up)
         self.src_pid: int | None = None
         self.vm_rings = VmRings(self)
         self.settle_task: asyncio.Task[None] | None = None
         self.steering: nft.Steering | None = None
         self.guard: srcguard.Guard | None = None
         self.final_report: dict[str, Any] | None = None
+
+    @property
+    def channel_error(self) -> NetpassError | None:
+        """The channel's first failure (None while it works, or before it exists)."""
+        return self.shipper.error if self.shipper is not None else None
+
+    async def _reply(self, op: str, timeout: float) -> dict[str, Any]:
+        assert self.shipper is not None
+        return await self.shipper.reply(op, timeout)
 
     # -- helpers --------------------------------------------------------------------------
     def _say(self, msg: str) -> None:
@@ -120,6 +129,7 @@ class SourceSession(SourceState):
     async def arm(self) -> None:
         self.phases.require(Phase.NEW)
         self.ch = await connect(self.o.dest_agent, self.o.token, self.o.tls_ca)  # auth first
+        self.shipper = Shipper(self, self.ch)
         self.undo.push_async_callback(self.ch.close)
         self.ch.start_beats()  # the agent's silence is seen within channel.SILENCE_S
         self._step("channel")
@@ -250,79 +260,13 @@ class SourceSession(SourceState):
 
     # -- ship -----------------------------------------------------------------------------
     async def ship_pending(self) -> None:
-        assert self.ch is not None
-        while self.outq:
-            n = min(len(self.outq), self.o.batch_frames)
-            if n == len(self.outq):
-                frames = list(self.outq)
-                self.outq.clear()
-            else:
-                frames = [self.outq.popleft() for _ in range(n)]
-            raw = wire.wire_size(frames)
-            zstd = self.ch.should_compress(self.o.compress, raw)
-            t = time.perf_counter()
-            blob = wire.encode(self.seq, frames, compress=zstd)
-            if zstd:
-                self.ch.compressed(raw, len(blob), time.perf_counter() - t)
-                self.batches_compressed += 1
-            if self.o.save_pcap:
-                self.unacked[self.seq] = frames
-            self.seq += 1
-            await self.ch.send(BATCH, blob)
-            self.shipped += n
+        if self.shipper is not None:
+            await self.shipper.ship_pending()
 
     async def _keep_shadows(self) -> None:
         """Until the stop: the shadow rings keep only their recent blocks."""
         while self.stop_t is None:
             await asyncio.sleep(ShadowRing.keep_all([r for sn in self.nics for r in sn.shadows]))
-
-    async def _shipper(self) -> None:
-        while True:
-            try:
-                if not self.settling:
-                    await self.ship_pending()
-            except ChannelError as exc:
-                self.channel_error = exc
-                return
-            await asyncio.sleep(self.o.batch_interval_ms / 1000)
-
-    async def _receiver(self) -> None:
-        assert self.ch is not None
-        while True:
-            try:
-                mtype, payload = await self.ch.recv()
-            except ChannelError as exc:
-                self.channel_error = exc
-                await self.replies.put({"op": "error", "message": str(exc), "exc": exc})
-                return
-            try:
-                msg = self.on_agent_message(payload)
-            except ChannelError as exc:
-                self.channel_error = exc
-                await self.replies.put({"op": "error", "message": str(exc), "exc": exc})
-                return
-            if msg is not None:
-                await self.replies.put(msg)
-
-    def on_agent_message(self, payload: bytes | memoryview) -> dict[str, Any] | None:
-        """Take in one control message from the agent (``SourceState.agent_said``);
-        anything malformed is a ChannelError (never another exception: the
-        receiving task must not die silently)."""
-        try:
-            return self.agent_said(payload)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise ChannelError(f"the agent sent a malformed message: {exc}") from exc
-
-    async def _reply(self, op: str, timeout: float) -> dict[str, Any]:
-        try:
-            async with asyncio.timeout(timeout):
-                msg = await self.replies.get()
-        except TimeoutError as exc:
-            raise ChannelError(f"the agent did not answer '{op}' within {timeout:.0f} s") from exc
-        if msg.get("op") == "error":
-            err = msg.get("exc")
-            raise err if isinstance(err, ChannelError) else ChannelError(str(msg.get("message")))
-        return msg
 
     # -- QEMU's settings --------------------------------------------------------------------
     async def _configure_qemu(self) -> None:
@@ -746,7 +690,8 @@ class SourceSession(SourceState):
         try:
             await self._arm_or_not()
             if self.netpass_active:
-                for coro in (self._receiver(), self._shipper(), self._keep_shadows()):
+                assert self.shipper is not None and self.ch is not None
+                for coro in (self.shipper.receive_loop(self.ch), self.shipper.ship_loop(), self._keep_shadows()):
                     self.undo.push_async_callback(stop_task, asyncio.create_task(coro))
             await self._configure_qemu()
             try:
