@@ -36,7 +36,6 @@ QEMU swallowed is (``swallowed_account: inferred | unknown``).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
@@ -46,17 +45,17 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import links, nft, pcap, procs, sacrifice, srcguard, srcreport, tapfd, wire
+from . import links, pcap, procs, srcreport, tapfd, wire
 from .blocking import off_loop
 from .channel import CONTROL, AuthError, Channel, ChannelError, RemoteError, connect
 from .endgame import THROTTLE_BANDWIDTH, Endgame, Sample, Step
 from .errors import FramesLost, KernelError, MigrationFailed, NetpassError, QMPError
 from .migration import progress_line, stop_task
-from .nics import Nic, discover, virtio_backend
-from .packet import Injector, ShadowRing
-from .park import Park
+from .nics import discover, virtio_backend
+from .packet import ShadowRing
 from .qmp import Event, Monitor, peer_pid
 from .session import Phase
+from .srchost import Host
 from .srcsettle import Settlement, VmRings, remove_reader
 from .srcship import Shipper
 from .srcstate import MigrateOptions, SourceNic, SourceState
@@ -107,8 +106,7 @@ class SourceSession(SourceState):
         self.src_pid: int | None = None
         self.vm_rings = VmRings(self)
         self.settle_task: asyncio.Task[None] | None = None
-        self.steering: nft.Steering | None = None
-        self.guard: srcguard.Guard | None = None
+        self.host = Host(self, self.undo, self._step)
         self.final_report: dict[str, Any] | None = None
 
     @property
@@ -160,7 +158,7 @@ class SourceSession(SourceState):
             raise ChannelError(f"agent answered {armed.get('op')!r} to 'open'")
         self._step("opened")
         # Off the loop: these steps can wait long in the kernel (see blocking.py).
-        for line in await off_loop(self._arm_host, found, pid):
+        for line in await off_loop(self.host.arm, found, pid):
             self._say(line)
         for sn in self.nics:
             try:
@@ -180,59 +178,6 @@ class SourceSession(SourceState):
         self.mon = Monitor(self.o.qmp, "src")
         await self.mon.connect()
         self.undo.push_async_callback(self.mon.close)
-
-    def _arm_host(self, found: list[Nic], pid: int) -> list[str]:
-        """The arm's changes to this host, in a worker thread; each registers
-        its undo as it is made.  What it has to say, as lines."""
-        said = [f"cleanup of an earlier run: {line}" for line in srcguard.recover(self.o.state_dir)]
-        # Before the first change to this host: should netpass be killed,
-        # its guard undoes what the state file lists by then.
-        self.guard = srcguard.Guard(self.o.state_dir, self.sid, self.o.qmp)
-        self.guard.start()
-        self.undo.callback(self.guard.close)
-        self._step("guard")
-        self.steering = nft.Steering(f"netpass_{self.sid}")
-        self.guard.record(nft_table=self.steering.table)
-        self.undo.callback(self.steering.close)
-        self._step("steering")
-        pidfd = tapfd.pidfd_open(pid)
-        try:
-            for i, nic in enumerate(found):
-                self._arm_nic(i, nic, pidfd)
-        finally:
-            os.close(pidfd)
-        return said
-
-    def _arm_nic(self, i: int, nic: Nic, pidfd: int) -> None:
-        fds: list[int] = []
-        for fd in nic.qemu_fds:
-            fds.append(tapfd.pidfd_getfd(pidfd, fd))
-            self.undo.callback(os.close, fds[-1])  # owned from the moment it is taken
-        self._step("fds")
-        for fd in fds:
-            if not tapfd.is_nonblocking(fd):
-                raise MigrationFailed(f"QEMU's fd for tap {nic.tap} is blocking; netpass cannot read it safely")
-        info = links.info(None, nic.tap)
-        assert self.steering is not None  # made at the "steering" step
-        park = Park.open(nic.tap, self.steering, self.undo)
-        self._step("park")
-        inject = Injector(nic.tap, bypass=True, mark=nft.OWN_MARK)
-        self.undo.callback(inject.close)
-        self._step("inject")
-        mac_bytes = bytes.fromhex(nic.mac.replace(":", ""))
-        queues = links.active_queues(nic.tap) if len(fds) > 1 else 1
-        sn = SourceNic(index=i, nic=nic, fds=fds, hdr_size=tapfd.vnet_hdr_size(fds[0]),
-                       mac_bytes=mac_bytes, park=park, inject=inject,
-                       tx_dropped0=info.tx_dropped,
-                       sacrificial=sacrifice.per_queue(mac_bytes, self.sid.encode(), queues))
-        if info.master:
-            sn.bridge = links.name_of(None, info.master)
-        self.nics.append(sn)
-        for q in range(queues):
-            # (the kernel fills it: nothing per frame here until a stop netpass did not foresee)
-            sn.shadows.append(ShadowRing(nic.tap, q if queues > 1 else None))
-            self.undo.callback(sn.shadows[-1].close)
-        self._step("shadow")
 
     def _step(self, name: str) -> None:
         """Mark the named setup step done (its time goes in the report), and
@@ -284,10 +229,9 @@ class SourceSession(SourceState):
         self.qemu_params = await mon.execute("query-migrate-parameters")
         if not self.netpass_active:
             return
-        if self.guard is not None:
-            await off_loop(functools.partial(self.guard.record, qemu_params={
-                "downtime-limit": int(self.qemu_params.get("downtime-limit", 300)),
-                "max-bandwidth": int(self.qemu_params.get("max-bandwidth", 0))}))
+        await self.host.record_qemu_params({
+            "downtime-limit": int(self.qemu_params.get("downtime-limit", 300)),
+            "max-bandwidth": int(self.qemu_params.get("max-bandwidth", 0))})
         await self._set_param("downtime-limit", 0)
         self.undo.push_async_callback(self._set_param, "downtime-limit",
                                       int(self.qemu_params.get("downtime-limit", 300)))
@@ -470,29 +414,7 @@ class SourceSession(SourceState):
             await self.ch.send_json(CONTROL, {"op": "stopped"})
 
     async def _after_park(self) -> None:
-        """Off the critical path: pin each VM MAC to its tap on the source
-        bridge, so the bridge keeps sending the VM's frames here (into the
-        park) after the destination's announcement."""
-        for sn in self.nics:
-            if sn.bridge and not sn.pinned:
-                try:
-                    if self.guard is not None:
-                        await off_loop(self.guard.pin, sn.nic.tap, sn.nic.mac)
-                    await asyncio.to_thread(links.pin_mac, None, sn.nic.tap, sn.nic.mac)
-                    sn.pinned = True
-                    self.undo.push_async_callback(self._unpin, sn)
-                except NetpassError as exc:
-                    self.notes.append(f"could not pin {sn.nic.mac} on {sn.bridge}: {exc}")
-
-    async def _unpin(self, sn: SourceNic) -> None:
-        try:
-            await asyncio.to_thread(links.unpin_mac, None, sn.nic.tap, sn.nic.mac)
-        except NetpassError as exc:
-            log.warning("session=%s unpin %s: %s", self.sid, sn.nic.mac, exc)
-            return
-        sn.pinned = False
-        if self.guard is not None:
-            await off_loop(self.guard.unpin, sn.nic.tap, sn.nic.mac)
+        await self.host.pin_all()
 
     async def _verify(self) -> None:
         """Wait until QEMU has read every sacrificial frame: its readers were
@@ -797,6 +719,7 @@ class SourceSession(SourceState):
             await self.undo.aclose()  # undo what the arm did so far
             self.nics.clear()
             self.undo = AsyncExitStack()
+            self.host = Host(self, self.undo, self._step)
             await self._connect_monitor()
 
     async def _switch_over(self) -> None:

@@ -41,7 +41,7 @@ async def main(qmp: str, uri: str, agent: str, dest_qmp: str, token: str, step: 
         await sess.run()
     except NetpassError as exc:
         error = str(exc)
-    guard = sess.guard.spec.guard_pid if sess.guard is not None else None
+    guard = sess.host.guard.spec.guard_pid if sess.host.guard is not None else None
     after = _fds()
     left = {fd: after[fd] for fd in set(after) - set(before)}
     for fd, target in left.items():  # what kind of socket, to say what leaked
