@@ -55,7 +55,9 @@ from .nics import discover, virtio_backend
 from .packet import ShadowRing
 from .qmp import Event, Monitor, peer_pid
 from .session import Phase
+from .srcback import return_parked
 from .srchost import Host
+from .srcqemu import ACTIVE, QemuControl
 from .srcsettle import Settlement, VmRings, remove_reader
 from .srcship import Shipper
 from .srcstate import MigrateOptions, SourceNic, SourceState
@@ -67,8 +69,6 @@ VERIFY_BOUND_S = 2.0  # QEMU reads the sacrificial frames within this, or netpas
 # after each (SourceSession.fail_after) and checks that nothing is left.
 ARM_STEPS = ("channel", "monitor", "opened", "guard", "steering", "fds", "park", "inject", "shadow",
              "readers", "qemu")
-GIVE_BACK_ROUNDS = 4  # after an unforeseen stop: QEMU's free readers take a frame within this
-ACTIVE = ("setup", "active", "pre-switchover", "device", "cancelling")
 # At the engage, how long the bandwidth waits for QEMU to read the sacrificial
 # frames (see SourceSession._engage): a few windows.
 ENGAGE_VERIFY_BOUND_S = 0.5
@@ -101,6 +101,7 @@ class SourceSession(SourceState):
         self.undo = AsyncExitStack()
         self.ch: Channel | None = None
         self.mon: Monitor | None = None
+        self.qemu: QemuControl | None = None  # (once the monitor is connected)
         self.cpu0 = time.process_time()
         self.shipper: Shipper | None = None  # (once the channel is up)
         self.src_pid: int | None = None
@@ -178,6 +179,7 @@ class SourceSession(SourceState):
         self.mon = Monitor(self.o.qmp, "src")
         await self.mon.connect()
         self.undo.push_async_callback(self.mon.close)
+        self.qemu = QemuControl(self, self.mon, self.undo, self._say)
 
     def _step(self, name: str) -> None:
         """Mark the named setup step done (its time goes in the report), and
@@ -214,50 +216,6 @@ class SourceSession(SourceState):
             await asyncio.sleep(ShadowRing.keep_all([r for sn in self.nics for r in sn.shadows]))
 
     # -- QEMU's settings --------------------------------------------------------------------
-    async def _configure_qemu(self) -> None:
-        """Events on, downtime-limit 0 (see endgame.py), each undone at the end."""
-        assert self.mon is not None
-        mon = self.mon
-        caps = {c["capability"]: c["state"] for c in await mon.execute("query-migrate-capabilities")}
-        self.external_pause = bool(caps.get("pause-before-switchover"))
-        if self.external_pause:
-            self._say("pause-before-switchover is on: a management layer owns it; netpass will "
-                      "wait for it to continue")
-        if not caps.get("events"):
-            await self._set_capability("events", True)
-            self.undo.push_async_callback(self._set_capability, "events", False)
-        self.qemu_params = await mon.execute("query-migrate-parameters")
-        if not self.netpass_active:
-            return
-        await self.host.record_qemu_params({
-            "downtime-limit": int(self.qemu_params.get("downtime-limit", 300)),
-            "max-bandwidth": int(self.qemu_params.get("max-bandwidth", 0))})
-        await self._set_param("downtime-limit", 0)
-        self.undo.push_async_callback(self._set_param, "downtime-limit",
-                                      int(self.qemu_params.get("downtime-limit", 300)))
-        # Whatever netpass does to the bandwidth, the operator's value comes back.
-        self.undo.push_async_callback(self._set_param, "max-bandwidth",
-                                      int(self.qemu_params.get("max-bandwidth", 0)))
-        self._step("qemu")
-
-    async def _set_capability(self, name: str, state: bool) -> None:
-        assert self.mon is not None
-        try:
-            await self.mon.execute("migrate-set-capabilities",
-                                   {"capabilities": [{"capability": name, "state": state}]}, timeout=2)
-        except QMPError as exc:
-            log.info("session=%s could not set %s=%s (QEMU gone?): %s", self.sid, name, state, exc)
-
-    async def _set_param(self, name: str, value: int) -> None:
-        assert self.mon is not None
-        try:
-            await self.mon.execute("migrate-set-parameters", {name: value}, timeout=2)
-        except QMPError as exc:
-            if self.phases.phase in (Phase.NEW, Phase.ARMED):
-                raise
-            # A source QEMU killed at completion: nothing left to restore.
-            log.info("session=%s could not set %s=%s (QEMU gone?): %s", self.sid, name, value, exc)
-
     # -- the migration --------------------------------------------------------------------
     async def _migrate(self) -> None:
         assert self.mon is not None
@@ -526,34 +484,19 @@ class SourceSession(SourceState):
         await self.ch.send_json(CONTROL, {"op": "settled", "frames": self.shipped})
 
     # -- failure --------------------------------------------------------------------------
+    async def _set_param(self, name: str, value: int) -> None:
+        assert self.qemu is not None
+        await self.qemu.set_param(name, value)
+
     async def _cancel_migration(self) -> None:
         """netpass failed while QEMU migrates: cancel, so the VM stays where it is."""
-        if self.mon is None or self.completed:
-            return
-        try:
-            info = await self.mon.execute("query-migrate", timeout=5)
-            if info.get("status") in ("setup", "active", "pre-switchover", "device"):
-                await self.mon.execute("migrate_cancel", timeout=5)
-                for _ in range(200):
-                    info = await self.mon.execute("query-migrate", timeout=5)
-                    if info.get("status") not in ACTIVE:
-                        break
-                    await asyncio.sleep(0.025)
-            if info.get("status") == "completed":
-                self._completed()
-        except QMPError as exc:
-            log.warning("session=%s could not cancel the migration: %s", self.sid, exc)
+        if self.qemu is not None and not self.completed and await self.qemu.cancel():
+            self._completed()
 
     async def give_back(self) -> None:
-        """The migration failed after the park: every parked frame goes back
-        to the source VM, in order, then the park ends.
-
-        QEMU resumes the VM by itself when a migration it stopped it for
-        fails.  Frames keep arriving in the park meanwhile and are given
-        back after the older ones, for a few rounds, until a round brings
-        few; then the park ends, and what it held last follows (those may
-        come after newer frames: counted as ``straggler_frames``).
-        """
+        """The migration failed after the park: the agent is told, the stop's
+        account ends, and the parked frames go back to the source VM
+        (``srcback.py``)."""
         self.phases.reach(Phase.GIVING_BACK, "the migration failed after the park")
         self._say("migration failed after the park: returning the parked frames to the source VM")
         if self.ch is not None and self.channel_error is None:
@@ -569,42 +512,7 @@ class SourceSession(SourceState):
                 log.info("session=%s the stop's account did not finish: %s", self.sid, exc)
         self.outq.clear()
         self.vm_rings.stop()
-        given = 0
-        for _round in range(GIVE_BACK_ROUNDS):
-            self.capture_now()
-            if len(self.cache) - given < 16:
-                break  # few enough arrived meanwhile: end the park now
-            given = await self._give(self.cache, given)
-        for sn in self.nics:
-            sn.park.unpark()
-        await asyncio.sleep(0.001)  # a frame may be on its way into the parking tap
-        self.capture_now()
-        self.straggler_frames = len(self.cache) - given
-        await self._give(self.cache, given)
-        self.returned_to_source = len(self.cache)
-        self.cache.clear()
-        self.cache_bytes = 0
-
-    async def _give(self, frames: list[wire.Frame], start: int) -> int:
-        """Frames from ``start`` on into their VM's ring, within its room:
-        chunks of at most 64, each read by QEMU before the next."""
-        fds = {sn.index: sn.fds for sn in self.nics}
-        i = start
-        while i < len(frames):
-            chunk_end = min(len(frames), i + 64)
-            for f in frames[i:chunk_end]:
-                full_since = None
-                while not self.nics[f.nic].own.send(f.vnet_hdr or bytes(wire.VNET_HDR_LEN), f.data):
-                    full_since = full_since or time.monotonic()
-                    if time.monotonic() - full_since > 2.0:
-                        raise KernelError(f"tap {self.nics[f.nic].nic.tap} stayed full for 2 s: "
-                                          "frames could not be given back")
-                    await asyncio.sleep(0.001)
-            i = chunk_end
-            deadline = time.monotonic() + 2.0
-            while any(tapfd.readable(fds[n]) for n in fds) and time.monotonic() < deadline:
-                await asyncio.sleep(0.0005)
-        return i
+        await return_parked(self, self.capture_now)
 
     # -- the whole session ----------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
@@ -615,7 +523,10 @@ class SourceSession(SourceState):
                 assert self.shipper is not None and self.ch is not None
                 for coro in (self.shipper.receive_loop(self.ch), self.shipper.ship_loop(), self._keep_shadows()):
                     self.undo.push_async_callback(stop_task, asyncio.create_task(coro))
-            await self._configure_qemu()
+            assert self.qemu is not None
+            await self.qemu.configure(self.host)
+            if self.netpass_active:
+                self._step("qemu")
             try:
                 await self._migrate()
             except (NetpassError, asyncio.CancelledError, KeyboardInterrupt) as exc:
