@@ -61,6 +61,7 @@ from .srcqemu import ACTIVE, QemuControl
 from .srcsettle import Settlement, VmRings, remove_reader
 from .srcship import Shipper
 from .srcstate import MigrateOptions, SourceNic, SourceState
+from .srctail import Tail
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +73,6 @@ ARM_STEPS = ("channel", "monitor", "opened", "guard", "steering", "fds", "park",
 # At the engage, how long the bandwidth waits for QEMU to read the sacrificial
 # frames (see SourceSession._engage): a few windows.
 ENGAGE_VERIFY_BOUND_S = 0.5
-# Strict ordering: once the network delivers the VM's frames to the
-# destination (or none came here after the resume) and none has come here
-# for this long, the destination may let the live frames it holds go in
-# after the forwarded ones (``settled``).  Waiting for the linger's end
-# instead (300 ms quiet) kept a TCP flow's new segments held for as long
-# (lab, 20 Mbit/s: the longest stall 280 ms, 70 ms over stop->resume).
-# A frame still caught later goes in behind live ones: the report counts
-# it in ``reordered_estimate``.
-SETTLE_QUIET_S = 0.05
 
 Progress = Callable[[str, dict[str, Any]], None]
 # The lab's way to have every stop come unforeseen, as a management layer's
@@ -104,6 +96,7 @@ class SourceSession(SourceState):
         self.qemu: QemuControl | None = None  # (once the monitor is connected)
         self.cpu0 = time.process_time()
         self.shipper: Shipper | None = None  # (once the channel is up)
+        self.tail = Tail(self, self)
         self.src_pid: int | None = None
         self.vm_rings = VmRings(self)
         self.settle_task: asyncio.Task[None] | None = None
@@ -115,12 +108,17 @@ class SourceSession(SourceState):
         """The channel's first failure (None while it works, or before it exists)."""
         return self.shipper.error if self.shipper is not None else None
 
-    async def _reply(self, op: str, timeout: float) -> dict[str, Any]:
+    async def send_json(self, obj: dict[str, Any]) -> None:
+        """A control message to the agent."""
+        assert self.ch is not None
+        await self.ch.send_json(CONTROL, obj)
+
+    async def reply(self, op: str, timeout: float) -> dict[str, Any]:
         assert self.shipper is not None
         return await self.shipper.reply(op, timeout)
 
     # -- helpers --------------------------------------------------------------------------
-    def _say(self, msg: str) -> None:
+    def say(self, msg: str) -> None:
         log.info("session=%s %s", self.sid, msg)
         self.progress("info", {"message": msg})
 
@@ -160,7 +158,7 @@ class SourceSession(SourceState):
         self._step("opened")
         # Off the loop: these steps can wait long in the kernel (see blocking.py).
         for line in await off_loop(self.host.arm, found, pid):
-            self._say(line)
+            self.say(line)
         for sn in self.nics:
             try:
                 sn.vdev = await virtio_backend(self.mon, sn.nic.mac)
@@ -172,14 +170,14 @@ class SourceSession(SourceState):
             self.undo.callback(remove_reader, sn.park.fileno())
         self._step("readers")
         self.phases.reach(Phase.ARMED)
-        self._say(f"armed: {len(self.nics)} NIC(s) " +
+        self.say(f"armed: {len(self.nics)} NIC(s) " +
                   ", ".join(f"{n.nic.mac} on {n.nic.tap} ({len(n.fds)} queue(s))" for n in self.nics))
 
     async def _connect_monitor(self) -> None:
         self.mon = Monitor(self.o.qmp, "src")
         await self.mon.connect()
         self.undo.push_async_callback(self.mon.close)
-        self.qemu = QemuControl(self, self.mon, self.undo, self._say)
+        self.qemu = QemuControl(self, self.mon, self.undo, self.say)
 
     def _step(self, name: str) -> None:
         """Mark the named setup step done (its time goes in the report), and
@@ -232,7 +230,7 @@ class SourceSession(SourceState):
             self.migration_info = await self.mon.execute("query-migrate", timeout=2)
             self.progress("migration", progress_line(self.migration_info))
         except QMPError:
-            self._say("the source QEMU went away right after completing: that is success")
+            self.say("the source QEMU went away right after completing: that is success")
 
     async def _watch(self) -> None:
         """Follow the migration to its end: events as they come, query-migrate
@@ -409,7 +407,7 @@ class SourceSession(SourceState):
             self.unforeseen = True
             await self._park_all()
             self.vm_rings.start(self.undo)
-            self._say(f"the VM stopped before netpass parked its frames ({why}): parked now; "
+            self.say(f"the VM stopped before netpass parked its frames ({why}): parked now; "
                       "draining what its ring holds")
             asyncio.get_running_loop().create_task(self._after_park()).add_done_callback(_log_failure)
         elif not self.verified_before_stop():
@@ -435,7 +433,7 @@ class SourceSession(SourceState):
         while (ev := await self.mon.next_event(0)) is not None:
             await self._on_event(ev)
         if self.completed:
-            self._say("the source QEMU went away right after completing: that is success")
+            self.say("the source QEMU went away right after completing: that is success")
             return
         gone = self.src_pid is not None and not await asyncio.to_thread(procs.alive, self.src_pid, 1.0)
         if gone and self.parked_t is not None:
@@ -444,45 +442,13 @@ class SourceSession(SourceState):
             await self._stopped(None, "the source QEMU exited")
             self.notes.append("the source QEMU exited before netpass read how the migration ended; "
                               "the destination's state decides")
-            self._say("the source QEMU exited: asking the destination")
+            self.say("the source QEMU exited: asking the destination")
             self._completed()
             return
         raise MigrationFailed("lost the source QEMU's monitor before the migration ended"
                               + ("; QEMU exited" if gone else ""))
 
     # -- after completion -----------------------------------------------------------------
-    async def _linger(self) -> None:
-        assert self.resumed_t is not None
-        quiet = self.o.linger_quiet_ms / 1000
-        hard = self.resumed_t + self.o.linger_max_ms / 1000
-        while True:
-            now = time.monotonic()
-            if now >= hard:
-                self.notes.append(f"linger bound of {self.o.linger_max_ms} ms reached")
-                return
-            # Quiet is not enough while frames came here after the resume and
-            # the destination has not yet seen the network deliver there: a
-            # pause in the traffic would end the linger while the network
-            # still sends here.
-            if self.channel_error is not None:
-                raise self.channel_error  # nothing more can cross (the park stays: counted)
-            converged = self.direct_seen or self.last_frame_t <= self.resumed_t
-            if now - self.resumed_t >= quiet and now - self.last_frame_t >= quiet and converged:
-                return
-            if self.o.strict_ordering and not self.settled_told and converged and \
-                    min(now - self.resumed_t, now - self.last_frame_t) >= SETTLE_QUIET_S:
-                await self._tell_settled()
-            await asyncio.sleep(0.01)
-
-    async def _tell_settled(self) -> None:
-        """Strict ordering: every frame caught so far goes out, then word
-        that no more is expected (see SETTLE_QUIET_S); the linger goes on."""
-        assert self.ch is not None
-        self.settled_told = True
-        self.capture_now()
-        await self.ship_pending()
-        await self.ch.send_json(CONTROL, {"op": "settled", "frames": self.shipped})
-
     # -- failure --------------------------------------------------------------------------
     async def _set_param(self, name: str, value: int) -> None:
         assert self.qemu is not None
@@ -498,7 +464,7 @@ class SourceSession(SourceState):
         account ends, and the parked frames go back to the source VM
         (``srcback.py``)."""
         self.phases.reach(Phase.GIVING_BACK, "the migration failed after the park")
-        self._say("migration failed after the park: returning the parked frames to the source VM")
+        self.say("migration failed after the park: returning the parked frames to the source VM")
         if self.ch is not None and self.channel_error is None:
             try:
                 await self.ch.send_json(CONTROL, {"op": "abort", "reason": "migration failed"})
@@ -542,13 +508,13 @@ class SourceSession(SourceState):
                 self.notes.append(f"netpass failed ({exc}) after QEMU completed the migration")
                 if not isinstance(exc, NetpassError) or not self.netpass_active or \
                         self.channel_error is not None:
-                    await self._count_the_tail(exc)
+                    await self.tail.count_lost(exc)
                     self._lost_after_completion(exc)
             if self.netpass_active:
                 try:
-                    await self._switch_over()
+                    await self.tail.switch_over(self.settle_task)
                 except ChannelError as exc:
-                    await self._count_the_tail(exc)
+                    await self.tail.count_lost(exc)
                     self._lost_after_completion(exc)
         except BaseException as exc:
             error = exc
@@ -578,29 +544,6 @@ class SourceSession(SourceState):
         except (ChannelError, TimeoutError):
             pass
 
-    async def _count_the_tail(self, exc: BaseException) -> None:
-        """The VM moved and nothing more can cross: the network still sends
-        its frames here until it learns where the VM went.  The park keeps
-        taking them, as the linger would, until the network is quiet here,
-        so that each is counted lost (``channel_lost``) instead of vanishing
-        unseen into the paused source VM's ring once the park ends."""
-        if not self.netpass_active or not isinstance(exc, NetpassError) or self.parked_t is None:
-            return
-        start = time.monotonic()
-        quiet, hard = self.o.linger_quiet_ms / 1000, start + self.o.linger_max_ms / 1000
-        self._say("the frames still sent here cannot cross: counting them until the network is quiet")
-        while True:
-            self.capture_now()
-            self.outq.clear()  # nothing ships any more
-            now = time.monotonic()
-            if now - max(start, self.last_frame_t) >= quiet:
-                return
-            if now >= hard:
-                self.notes.append(f"linger bound of {self.o.linger_max_ms} ms reached while counting the "
-                                  "frames that could not cross")
-                return
-            await asyncio.sleep(0.01)
-
     def _lost_after_completion(self, exc: BaseException) -> NoReturn:
         """The VM moved, and netpass cannot finish delivering its frames."""
         n = self.unconfirmed() if self.netpass_active else 0
@@ -624,7 +567,7 @@ class SourceSession(SourceState):
         except NetpassError as exc:
             if not self.o.best_effort:
                 raise
-            self._say(f"netpass could not arm ({exc}); --best-effort: migrating WITHOUT netpass")
+            self.say(f"netpass could not arm ({exc}); --best-effort: migrating WITHOUT netpass")
             self.notes.append(f"best effort: migrated without netpass because: {exc}")
             self.netpass_active = False
             await self.undo.aclose()  # undo what the arm did so far
@@ -632,34 +575,6 @@ class SourceSession(SourceState):
             self.undo = AsyncExitStack()
             self.host = Host(self, self.undo, self._step)
             await self._connect_monitor()
-
-    async def _switch_over(self) -> None:
-        """The source completed: everything parked goes across, the
-        destination resumes, the late tail is caught, and the agent reports."""
-        assert self.ch is not None
-        if self.settle_task is not None:
-            await self.settle_task
-        # Everything captured so far goes before the 'migrated' notice.
-        self.capture_now()
-        await self.ship_pending()
-        await self.ch.send_json(CONTROL, {"op": "migrated", "resume": self.was_running})
-        resumed = await self._reply("migrated", 90)
-        self.resumed_t = time.monotonic()
-        self.dest_status = str(resumed.get("status"))
-        self.phases.reach(Phase.RESUMED)
-        self._say(f"destination is {self.dest_status}; catching late frames")
-        await self._linger()
-        self.capture_now()
-        for sn in self.nics:
-            sn.park.unpark()  # no frame is steered away while the rest is read
-        await asyncio.sleep(0.001)
-        self.capture_now()
-        await self.ship_pending()
-        await self.ch.send_json(CONTROL, {"op": "end", "frames": self.shipped, "timeout": 10})
-        self.dest_report = await self._reply("end", 30)
-        self.phases.reach(Phase.DONE)
-        if self.dest_status != "running" and self.was_running:
-            raise MigrationFailed(f"the destination VM is '{self.dest_status}', not running")
 
     def _read_overflow(self) -> None:
         """Frames the rings dropped: the VM's own since arm time (not drained
