@@ -45,7 +45,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import links, pcap, procs, srcreport, tapfd, wire
+from . import links, pcap, procs, srcreport, wire
 from .blocking import off_loop
 from .channel import CONTROL, AuthError, Channel, ChannelError, RemoteError, connect
 from .endgame import THROTTLE_BANDWIDTH, Endgame, Sample, Step
@@ -56,6 +56,7 @@ from .packet import ShadowRing
 from .qmp import Event, Monitor, peer_pid
 from .session import Phase
 from .srcback import return_parked
+from .srcengage import Parking, log_failure
 from .srchost import Host
 from .srcqemu import ACTIVE, QemuControl
 from .srcsettle import Settlement, VmRings, remove_reader
@@ -65,14 +66,10 @@ from .srctail import Tail
 
 log = logging.getLogger(__name__)
 
-VERIFY_BOUND_S = 2.0  # QEMU reads the sacrificial frames within this, or netpass says it did not
 # The source's setup steps, in order; a test makes the session fail right
 # after each (SourceSession.fail_after) and checks that nothing is left.
 ARM_STEPS = ("channel", "monitor", "opened", "guard", "steering", "fds", "park", "inject", "shadow",
              "readers", "qemu")
-# At the engage, how long the bandwidth waits for QEMU to read the sacrificial
-# frames (see SourceSession._engage): a few windows.
-ENGAGE_VERIFY_BOUND_S = 0.5
 
 Progress = Callable[[str, dict[str, Any]], None]
 # The lab's way to have every stop come unforeseen, as a management layer's
@@ -96,11 +93,12 @@ class SourceSession(SourceState):
         self.qemu: QemuControl | None = None  # (once the monitor is connected)
         self.cpu0 = time.process_time()
         self.shipper: Shipper | None = None  # (once the channel is up)
-        self.tail = Tail(self, self)
         self.src_pid: int | None = None
         self.vm_rings = VmRings(self)
         self.settle_task: asyncio.Task[None] | None = None
         self.host = Host(self, self.undo, self._step)
+        self.parking = Parking(self, self, self.host)
+        self.tail = Tail(self, self)
         self.final_report: dict[str, Any] | None = None
 
     @property
@@ -109,9 +107,9 @@ class SourceSession(SourceState):
         return self.shipper.error if self.shipper is not None else None
 
     async def send_json(self, obj: dict[str, Any]) -> None:
-        """A control message to the agent."""
-        assert self.ch is not None
-        await self.ch.send_json(CONTROL, obj)
+        """A control message to the agent (none before the channel is up)."""
+        if self.ch is not None:
+            await self.ch.send_json(CONTROL, obj)
 
     async def reply(self, op: str, timeout: float) -> dict[str, Any]:
         assert self.shipper is not None
@@ -268,12 +266,13 @@ class SourceSession(SourceState):
                     log.info("session=%s %d bytes of RAM left, sent all along: QEMU limited to %d bytes/s "
                              "to plan the end", self.sid, ram.get("remaining"), self.endgame.max_bandwidth)
                 elif step is Step.THROTTLE:
-                    await self._prepare_destination()
+                    await self.parking.prepare_destination()
                     await self._set_param("max-bandwidth", THROTTLE_BANDWIDTH)
                     log.info("session=%s %d bytes of RAM left: QEMU throttled until the park",
                              self.sid, ram.get("remaining"))
                 elif step is Step.ENGAGE:
-                    await self._engage()
+                    assert self.mon is not None and self.endgame is not None
+                    await self.parking.engage(self.mon, self.endgame)
             if status == "completed":
                 await self._stopped(None, "query-migrate said completed")
                 self._completed()
@@ -305,86 +304,6 @@ class SourceSession(SourceState):
             self.completed = True
             self.phases.reach(Phase.COMPLETED)
 
-    async def _engage(self) -> None:
-        """Park every frame bound for the VM, send the sacrificial frames, wait
-        until QEMU has read them, and only then let QEMU finish: all of it
-        just before the window in which it will.  Should QEMU read them too
-        late for that window (a busy host: its vCPU, or our loop, late), the
-        bandwidth still waits for them: the stop then comes a window (100
-        ms) later, with more frames parked and none lost; restored at the
-        window instead, QEMU stopped before it had read them, and a frame it
-        took then could be lost unaccounted (seen with a core kept busy).
-        Only past ENGAGE_VERIFY_BOUND_S does the bandwidth come back
-        unverified, and the account of the stop says so."""
-        assert self.endgame is not None and self.mon is not None
-        t = time.monotonic()
-        await self._park_all()
-        for sn in self.nics:
-            for s in sn.sacrificial:
-                if not sn.own.send(bytes(wire.VNET_HDR_LEN), s):
-                    self.notes.append(f"{sn.nic.tap}: the VM's ring was full: a sacrificial "
-                                      "frame could not be queued")
-        t_sac = time.monotonic()
-        give_up = t + ENGAGE_VERIFY_BOUND_S
-        watch = tapfd.Watch([fd for sn in self.nics for fd in sn.fds])
-        while watch.readable() and time.monotonic() < give_up:
-            await asyncio.sleep(0.0002)
-        t_ver = time.monotonic()
-        if not watch.readable():
-            self.verified_t = t_ver
-        # (a failure here fails the migration: the parked frames go back)
-        await self.mon.execute("migrate-set-parameters", {"max-bandwidth": self.endgame.release_bandwidth()})
-        t_end = time.monotonic()
-        self.qmp_rtt_s = 0.7 * self.qmp_rtt_s + 0.3 * (t_end - t_ver)
-        self.endgame.engaged(t_end - t)
-        log.info("session=%s parked, verified %s and QEMU let go in %.1f ms (sacrificial frames read in "
-                 "%.1f, QMP %.1f; aimed %.1f ms before the window)", self.sid,
-                 "" if self.verified_t else "NOT", (t_end - t) * 1000, (t_ver - t_sac) * 1000,
-                 (t_end - t_ver) * 1000, ((self.endgame.planned_start or t) - t) * 1000)
-        if self.verified_t is None:
-            asyncio.get_running_loop().create_task(self._verify()).add_done_callback(_log_failure)
-        await self._after_park()
-
-    async def _prepare_destination(self) -> None:
-        """The park is some tens of milliseconds away: the destination
-        closes its hold now.  Closed only at the park, a fast switchover
-        (no pause, a destination that resumes 40 ms after the stop) had the
-        VM running there before the hold held anything, and live frames
-        overtook the forwarded ones (lab: 43 and 48 replies reordered with
-        strict ordering).  The hold is tight for seconds; the endgame parks
-        within a few of its windows of 100 ms."""
-        if self.ch is not None and not self.prepared:
-            self.prepared = True
-            await self.ch.send_json(CONTROL, {"op": "prepare"})
-
-    async def _park_all(self) -> None:
-        if self.parked_t is not None:
-            return
-        for sn in self.nics:
-            sn.park.park()
-        self.parked_t = time.monotonic()
-        self.phases.reach(Phase.PARKED)
-        if self.ch is not None:
-            # The destination starts holding what the network sends its VM
-            # (and, with strict ordering, what its VM sends).
-            await self.ch.send_json(CONTROL, {"op": "stopped"})
-
-    async def _after_park(self) -> None:
-        await self.host.pin_all()
-
-    async def _verify(self) -> None:
-        """Wait until QEMU has read every sacrificial frame: its readers were
-        free, so no real frame is held inside QEMU, and its rings are empty."""
-        deadline = time.monotonic() + VERIFY_BOUND_S
-        watch = tapfd.Watch([fd for sn in self.nics for fd in sn.fds])
-        while watch.readable():
-            if time.monotonic() > deadline:
-                self.notes.append("QEMU did not read the sacrificial frames within "
-                                  f"{VERIFY_BOUND_S:.0f} s of the park")
-                return
-            await asyncio.sleep(0.0002)
-        self.verified_t = time.monotonic()
-
     async def _stopped(self, emitted: float | None, why: str) -> None:
         """QEMU stopped the VM (or must have: a later state says so)."""
         if self.stop_seen_t is not None:
@@ -405,11 +324,11 @@ class SourceSession(SourceState):
                     sn.tx_at_stop = None
         if self.parked_t is None:
             self.unforeseen = True
-            await self._park_all()
+            await self.parking.park_all()
             self.vm_rings.start(self.undo)
             self.say(f"the VM stopped before netpass parked its frames ({why}): parked now; "
                       "draining what its ring holds")
-            asyncio.get_running_loop().create_task(self._after_park()).add_done_callback(_log_failure)
+            asyncio.get_running_loop().create_task(self.host.pin_all()).add_done_callback(log_failure)
         elif not self.verified_before_stop():
             # Parked, but QEMU had not read every sacrificial frame: what is
             # still in its rings after the one frame a queue's reader takes
@@ -574,6 +493,7 @@ class SourceSession(SourceState):
             self.nics.clear()
             self.undo = AsyncExitStack()
             self.host = Host(self, self.undo, self._step)
+            self.parking = Parking(self, self, self.host)
             await self._connect_monitor()
 
     def _read_overflow(self) -> None:
@@ -604,10 +524,6 @@ class SourceSession(SourceState):
     def report(self, error: BaseException | None = None) -> dict[str, Any]:
         return srcreport.build(self, error, self.ch, (time.process_time() - self.cpu0) * 1000)
 
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("background step failed: %s", task.exception())
 
 
 async def migrate(opts: MigrateOptions, progress: Progress | None = None) -> dict[str, Any]:
