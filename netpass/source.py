@@ -43,13 +43,13 @@ import uuid
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from . import links, pcap, procs, srcreport, wire
 from .blocking import off_loop
-from .channel import CONTROL, AuthError, Channel, ChannelError, RemoteError, connect
-from .endgame import THROTTLE_BANDWIDTH, Endgame, Sample, Step
-from .errors import FramesLost, KernelError, MigrationFailed, NetpassError, QMPError
+from .channel import CONTROL, AuthError, Channel, ChannelError, connect
+from .endgame import Endgame
+from .errors import KernelError, MigrationFailed, NetpassError, QMPError
 from .migration import progress_line, stop_task
 from .nics import discover, virtio_backend
 from .packet import ShadowRing
@@ -62,7 +62,7 @@ from .srcqemu import ACTIVE, QemuControl
 from .srcsettle import Settlement, VmRings, remove_reader
 from .srcship import Shipper
 from .srcstate import MigrateOptions, SourceNic, SourceState
-from .srctail import Tail
+from .srctail import Tail, lost_after_completion
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,6 @@ Progress = Callable[[str, dict[str, Any]], None]
 # The lab's way to have every stop come unforeseen, as a management layer's
 # or a last window's would: netpass never plans the park.
 _ENDGAME_OFF = os.environ.get("NETPASS_ENDGAME") == "off"
-_TRACE = open(os.environ["NETPASS_ENDGAME_TRACE"], "a") if os.environ.get("NETPASS_ENDGAME_TRACE") else None
 
 
 class SourceSession(SourceState):
@@ -253,26 +252,8 @@ class SourceSession(SourceState):
             now = time.monotonic()
             status = str(info.get("status"))
             if self.endgame is not None:
-                self.endgame.qmp_answered(now - asked)
-                self.qmp_rtt_s = max(self.qmp_rtt_s, 0.5 * self.qmp_rtt_s + 0.5 * (now - asked))
-            if self.endgame is not None:
-                ram = info.get("ram", {})
-                step = self.endgame.feed(Sample(now, status, ram.get("remaining"), ram.get("transferred")))
-                if _TRACE:
-                    _TRACE.write(f"{now:.6f} {status} {ram.get('remaining')} {ram.get('transferred')} "
-                                 f"{self.endgame.phase.value} {len(self.endgame.windows)} {step.value}\n")
-                if step is Step.LIMIT:
-                    await self._set_param("max-bandwidth", self.endgame.max_bandwidth)
-                    log.info("session=%s %d bytes of RAM left, sent all along: QEMU limited to %d bytes/s "
-                             "to plan the end", self.sid, ram.get("remaining"), self.endgame.max_bandwidth)
-                elif step is Step.THROTTLE:
-                    await self.parking.prepare_destination()
-                    await self._set_param("max-bandwidth", THROTTLE_BANDWIDTH)
-                    log.info("session=%s %d bytes of RAM left: QEMU throttled until the park",
-                             self.sid, ram.get("remaining"))
-                elif step is Step.ENGAGE:
-                    assert self.mon is not None and self.endgame is not None
-                    await self.parking.engage(self.mon, self.endgame)
+                assert self.qemu is not None
+                await self.parking.follow(self.endgame, info, asked, now, self.qemu)
             if status == "completed":
                 await self._stopped(None, "query-migrate said completed")
                 self._completed()
@@ -428,13 +409,13 @@ class SourceSession(SourceState):
                 if not isinstance(exc, NetpassError) or not self.netpass_active or \
                         self.channel_error is not None:
                     await self.tail.count_lost(exc)
-                    self._lost_after_completion(exc)
+                    lost_after_completion(self, exc, self.channel_error)
             if self.netpass_active:
                 try:
                     await self.tail.switch_over(self.settle_task)
                 except ChannelError as exc:
                     await self.tail.count_lost(exc)
-                    self._lost_after_completion(exc)
+                    lost_after_completion(self, exc, self.channel_error)
         except BaseException as exc:
             error = exc
             await self._abort_unstarted(exc)
@@ -442,7 +423,7 @@ class SourceSession(SourceState):
                 self.phases.reach(Phase.FAILED, str(exc) or type(exc).__name__)
             raise
         finally:
-            self._read_overflow()  # while the taps are still there
+            self.host.read_overflow()  # while the taps are still there
             try:
                 await self.undo.aclose()  # every change, in reverse order
             except Exception as exc:  # noqa: BLE001 - the rest of the undo ran; say what did not
@@ -463,21 +444,6 @@ class SourceSession(SourceState):
         except (ChannelError, TimeoutError):
             pass
 
-    def _lost_after_completion(self, exc: BaseException) -> NoReturn:
-        """The VM moved, and netpass cannot finish delivering its frames."""
-        n = self.unconfirmed() if self.netpass_active else 0
-        if not isinstance(exc, NetpassError):
-            raise exc
-        if isinstance(self.channel_error, RemoteError):
-            exc = self.channel_error  # what the agent said before the connection went
-        if isinstance(exc, RemoteError) and exc.code == "dest_vm_gone":
-            raise MigrationFailed(f"the migration completed, then {exc}: the VM runs on neither host "
-                                  "(the source QEMU keeps its state, paused); the frames netpass "
-                                  "held for it are lost with it") from exc
-        raise FramesLost(f"{exc}; the migration completed: the VM runs on the destination, and "
-                         f"{n} frame(s) netpass held were not confirmed delivered (counted in "
-                         "frames_dropped.channel_lost)") from exc
-
     async def _arm_or_not(self) -> None:
         try:
             await self.arm()
@@ -495,20 +461,6 @@ class SourceSession(SourceState):
             self.host = Host(self, self.undo, self._step)
             self.parking = Parking(self, self, self.host)
             await self._connect_monitor()
-
-    def _read_overflow(self) -> None:
-        """Frames the rings dropped: the VM's own since arm time (not drained
-        in time after an unforeseen stop) and the parking tap's."""
-        for sn in self.nics:
-            if sn.ring_overflow is None:
-                try:  # (the tap is gone with a killed QEMU once our fds are closed: then unknown)
-                    sn.ring_overflow = links.tx_dropped(sn.nic.tap) - sn.tx_dropped0
-                except NetpassError:
-                    pass
-            if sn.park_overflow is None:
-                sn.park_overflow = sn.park.dropped()
-                if sn.park_overflow:
-                    sn.drop("parking_ring_full", sn.park_overflow)
 
     def _write_pcap(self) -> None:
         """The frames the destination took for replay, as Wireshark reads them."""

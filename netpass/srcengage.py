@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any, Protocol
 
 from . import tapfd, wire
-from .endgame import Endgame
+from .endgame import THROTTLE_BANDWIDTH, Endgame, Sample, Step
 from .qmp import Monitor
 from .session import Phase
 from .srchost import Host
+from .srcqemu import QemuControl
 from .srcstate import SourceState
 
 log = logging.getLogger(__name__)
+
+# The lab's trace of every sample the endgame took (docs/lab.md).
+_TRACE = open(os.environ["NETPASS_ENDGAME_TRACE"], "a") if os.environ.get("NETPASS_ENDGAME_TRACE") else None
 
 VERIFY_BOUND_S = 2.0  # QEMU reads the sacrificial frames within this, or netpass says it did not
 # At the engage, how long the bandwidth waits for QEMU to read the sacrificial
@@ -42,6 +47,31 @@ def log_failure(task: asyncio.Task[Any]) -> None:
 class Parking:
     def __init__(self, st: SourceState, io: ParkIO, host: Host) -> None:
         self.st, self.io, self.host = st, io, host
+
+    async def follow(self, endgame: Endgame, info: dict[str, Any], asked: float, now: float,
+                     qemu: QemuControl) -> None:
+        """One ``query-migrate`` answer (asked at ``asked``, answered at
+        ``now``) to the endgame, and its step taken: limit the bandwidth to
+        plan the end, throttle it until the park, or engage."""
+        st = self.st
+        status, ram = str(info.get("status")), info.get("ram", {})
+        endgame.qmp_answered(now - asked)
+        st.qmp_rtt_s = max(st.qmp_rtt_s, 0.5 * st.qmp_rtt_s + 0.5 * (now - asked))
+        step = endgame.feed(Sample(now, status, ram.get("remaining"), ram.get("transferred")))
+        if _TRACE:
+            _TRACE.write(f"{now:.6f} {status} {ram.get('remaining')} {ram.get('transferred')} "
+                         f"{endgame.phase.value} {len(endgame.windows)} {step.value}\n")
+        if step is Step.LIMIT:
+            await qemu.set_param("max-bandwidth", endgame.max_bandwidth)
+            log.info("session=%s %d bytes of RAM left, sent all along: QEMU limited to %d bytes/s "
+                     "to plan the end", st.sid, ram.get("remaining"), endgame.max_bandwidth)
+        elif step is Step.THROTTLE:
+            await self.prepare_destination()
+            await qemu.set_param("max-bandwidth", THROTTLE_BANDWIDTH)
+            log.info("session=%s %d bytes of RAM left: QEMU throttled until the park",
+                     st.sid, ram.get("remaining"))
+        elif step is Step.ENGAGE:
+            await self.engage(qemu.mon, endgame)
 
     async def engage(self, mon: Monitor, endgame: Endgame) -> None:
         """Park every frame bound for the VM, send the sacrificial frames, wait

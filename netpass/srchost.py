@@ -116,3 +116,17 @@ class Host:
         sn.pinned = False
         if self.guard is not None:
             await off_loop(self.guard.unpin, sn.nic.tap, sn.nic.mac)
+
+    def read_overflow(self) -> None:
+        """Frames the rings dropped: the VM's own since arm time (not drained
+        in time after an unforeseen stop) and the parking tap's."""
+        for sn in self.st.nics:
+            if sn.ring_overflow is None:
+                try:  # (the tap is gone with a killed QEMU once our fds are closed: then unknown)
+                    sn.ring_overflow = links.tx_dropped(sn.nic.tap) - sn.tx_dropped0
+                except NetpassError:
+                    pass
+            if sn.park_overflow is None:
+                sn.park_overflow = sn.park.dropped()
+                if sn.park_overflow:
+                    sn.drop("parking_ring_full", sn.park_overflow)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
-from .errors import MigrationFailed, NetpassError
+from .channel import RemoteError
+from .errors import FramesLost, MigrationFailed, NetpassError
 from .session import Phase
 from .srcstate import SourceState
 
@@ -129,3 +130,19 @@ class Tail:
                                 "frames that could not cross")
                 return
             await asyncio.sleep(0.01)
+
+
+def lost_after_completion(st: SourceState, exc: BaseException, channel_error: NetpassError | None) -> NoReturn:
+    """The VM moved, and netpass cannot finish delivering its frames."""
+    n = st.unconfirmed() if st.netpass_active else 0
+    if not isinstance(exc, NetpassError):
+        raise exc
+    if isinstance(channel_error, RemoteError):
+        exc = channel_error  # what the agent said before the connection went
+    if isinstance(exc, RemoteError) and exc.code == "dest_vm_gone":
+        raise MigrationFailed(f"the migration completed, then {exc}: the VM runs on neither host "
+                              "(the source QEMU keeps its state, paused); the frames netpass "
+                              "held for it are lost with it") from exc
+    raise FramesLost(f"{exc}; the migration completed: the VM runs on the destination, and "
+                     f"{n} frame(s) netpass held were not confirmed delivered (counted in "
+                     "frames_dropped.channel_lost)") from exc
