@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 
 from netpass import channel, wire
-from netpass.agent import Agent, AgentConfig, DestNic, DestSession, SessionError, retained
+from netpass.agent import Agent, AgentConfig, DestNic, DestSession, SessionError
 from netpass.channel import CONTROL, AuthError, ChannelError, RemoteError
 from netpass.errors import UsageError
 from netpass.nics import Nic
+from netpass.pending import retained
 
 TOKEN = b"9f1c3e7a52d04b8e6a1f0c2d7b94e3a5c8d16f2e0b7a4c9d3e58f1a06b2c7d4e"
 
@@ -394,7 +395,7 @@ def test_source_mac_split_across_two_records_is_still_replayed(tmp_path: Path) -
 
 
 def test_release_pace_follows_the_vm_and_the_ring() -> None:
-    from netpass.agent import RELEASE_FLOOR_FPS, RELEASE_SETTLE_S, next_release_pace
+    from netpass.pacing import RELEASE_FLOOR_FPS, RELEASE_SETTLE_S, next_release_pace
 
     # An eighth-full ring (release_aim): exactly what the VM reads.
     assert next_release_pace(3000.0, 125, 1000) == 3000.0
@@ -424,7 +425,7 @@ def _release(capacity: float, stall_every: int = 0, steps: int = 200,
     what it is given up to ``capacity`` (nothing at all one step in
     ``stall_every``) and a kernel that delivers ``delivers`` of the pace:
     the last pace, the fullest ring, the average read."""
-    from netpass.agent import RELEASE_STEP_S, next_release_pace, repace_needed, vm_reading
+    from netpass.pacing import RELEASE_STEP_S, next_release_pace, repace_needed, vm_reading
 
     ring, rate, level, estimate, top, total = 1000, 12_500.0, 0, None, 0, 0.0
     for i in range(steps):
@@ -468,7 +469,7 @@ def test_a_release_is_not_dragged_down_by_short_stalls() -> None:
 
 
 def test_vm_reading_follows_a_stall_at_once() -> None:
-    from netpass.agent import vm_reading
+    from netpass.pacing import vm_reading
 
     assert vm_reading(4000.0, None, 0, 1000) == 4000.0
     assert vm_reading(0.0, 5000.0, 300, 1000) == 0.0  # frames wait: a stall, at once
