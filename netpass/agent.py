@@ -16,16 +16,14 @@ import ssl
 import stat
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import heap, links, tapfd, wire
+from . import destreport, heap, links, tapfd, wire
 from . import hold as holdmod
 from .blocking import off_loop
 from .channel import (
@@ -40,6 +38,7 @@ from .channel import (
     serve,
     server_handshake,
 )
+from .deststate import AgentConfig, DestNic, DestState
 from .errors import KernelError, NetpassError, QMPError, UsageError
 from .metrics import AgentMetrics
 from .nics import Nic, discover, rss_in_use
@@ -52,34 +51,16 @@ from .pacing import (
     vm_reading,
 )
 from .packet import Shadow, Tally, TxRing
-from .pending import Pending, retained
+from .pending import retained
 from .qmp import Monitor, peer_pid
-from .session import State, StateMachine
+from .session import State
 
 log = logging.getLogger(__name__)
 
-DEFAULT_AGENT_CACHE = 256 << 20
 MAX_UNAUTHENTICATED = 64
 MAX_UNAUTHENTICATED_PER_ADDRESS = 8
 # A session id names the hold's state files: hex only, never a path.
 SESSION_ID = re.compile(r"[0-9a-f]{1,64}")
-
-
-@dataclass
-class AgentConfig:
-    listen: str
-    token: bytes
-    qmp_root: Path
-    max_cache_bytes: int = DEFAULT_AGENT_CACHE
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    state_dir: Path = Path("/run/netpass")
-    metrics_listen: str | None = None
-    qemu_uids: frozenset[int] = frozenset({0})  # who may own a QMP socket the agent opens
-
-    @property
-    def holds_dir(self) -> Path:
-        return self.state_dir / "holds"
 
 
 # Strict ordering, multiqueue: after the tap is given its own queue choice
@@ -121,95 +102,29 @@ class SessionError(NetpassError):
         self.code = code
 
 
-@dataclass
-class DestNic:
-    nic: Nic
-    ring: TxRing
-    fds: list[int]
-    orig_qlen: int
-    mac_bytes: bytes = b""
-    shadow: Shadow | None = None  # the live frames entering the tap, read (when no hold mirrors them)
-    tally: Tally | None = None  # their count only (when a hold mirrors them)
-    live_enqueued: int = 0
-    last_pos: int = 0
-    mark_enq: int = 0
-    mark_tx: int = 0
-    direct: dict[int, int] = field(default_factory=dict)
-    duplicates: int = 0
-    pending: Pending = field(default_factory=Pending)
-    replayed: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-    hold: holdmod.Hold | None = None
-    live_at_stop: int | None = None
-    reordered: int = 0
-    # Group frames among the forwarded ones that came after live frames had
-    # entered the ring: floods, which reach this host directly too.
-    late_group: int = 0
-    held_times: deque[float] = field(default_factory=lambda: deque(maxlen=65536))
-    pacing: Pacing | None = None  # the release of its hold's live frames, once it started
-    tx_dropped0: int = 0  # the tap's drop counter at arm time
-    direct_unicast: int = 0  # frames to the VM's own MAC among those counted in ``direct``
-    tx0: int = 0  # QEMU's reads from the tap at arm time (none until the VM runs)
-    first_read_t: float | None = None  # when QEMU was first seen reading after that
-    tx_counter: links.Counter | None = None  # the tap's tx_packets, kept open (polled often)
-    watch: tapfd.Watch | None = None  # whether its ring holds a frame
-    pinned_t: float | None = None  # since when every frame toward the VM goes to queue 0
-    pinned_ms: float | None = None  # how long that lasted
+class DestSession(DestState):
+    """The destination's I/O for one session: the channel to the source, the
+    VM's monitor and taps; the facts it gathers are its ``DestState``."""
 
-    def read_tx(self) -> int:
-        """QEMU's reads from the tap so far (its tx_packets)."""
-        if self.tx_counter is None:
-            self.tx_counter = links.Counter(self.nic.tap, "tx_packets")
-        return self.tx_counter.read()
-
-    def ring_empty(self) -> bool:
-        if self.watch is None:
-            self.watch = tapfd.Watch(self.fds)
-        return not self.watch.readable()
-
-    def drop(self, reason: str, n: int = 1) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + n
-
-
-class DestSession:
     def __init__(self, cfg: AgentConfig, ch: Channel, sid: str, metrics: AgentMetrics | None = None) -> None:
-        self.cfg = cfg
+        super().__init__(cfg, sid)
         self.metrics = metrics
         self.ch = ch
-        self.sid = sid
-        self.sm = StateMachine(sid)
         self.mon: Monitor | None = None
-        self.nics: list[DestNic] = []
-        self.next_seq = 0
-        self.running = False
-        self.resume_t: float | None = None
-        self.last_consumed_t: float | None = None
-        self.cache_bytes = 0
-        self.batches = 0
         self.feeder: asyncio.Task[None] | None = None
-        self.unconsumed = False
-        self.strict = False
         self.flow_release: asyncio.Task[None] | None = None  # without strict ordering: the paced release
         self.strict_release: asyncio.Task[None] | None = None  # strict: the release once the source settled
-        self.finishing = False  # the source is done: flow control ends
-        self.hold_timeout_ms = 0
-        self.hold_closed = False
-        self.hold_timed_out = False
-        self.hold_notes: list[str] = []
         self.hold_lock = asyncio.Lock()  # one hold operation at a time (feeder, finish, cleanup)
         self.final_report: dict[str, Any] | None = None
-        self.direct_told = False
         self.cpu0 = time.process_time()  # this agent process's CPU (user + system)
         # Every change the session makes is undone from here, in reverse
         # order, each step on its own: one that fails does not stop the rest.
         self.undo = AsyncExitStack()
         self.cleanup_errors: list[str] = []
         self.fail_after: str | None = None  # tests: fail the arm right after this step
-        self.source_lost: str | None = None
         self.fed_told, self.fed_told_t = 0, 0.0
         self.tell_fed = True  # (the bench's session has no source to tell)
         self.vm_pidfd: int | None = None
-        self.vm_gone: str | None = None
 
     def _vm_exited(self, pid: int) -> None:
         self._forget_vm_pidfd()
@@ -449,12 +364,9 @@ class DestSession:
         # the source's park may come a few milliseconds before the resume.
         await self.close_holds()
 
-    def _holding(self) -> bool:
-        return any(dn.hold is not None for dn in self.nics)
-
     async def close_holds(self) -> None:
         """The source parked: from now on the destination holds live RX (and guest TX, strict)."""
-        if not self._holding() or self.hold_closed:
+        if not self.holding() or self.hold_closed:
             return
         self.hold_closed = True
         for dn in self.nics:
@@ -721,14 +633,8 @@ class DestSession:
                 if taken < asked:
                     break  # the ring is full after all: again once QEMU has read
 
-    def _fed(self) -> int:
-        """Frames put into the VM's rings so far, in all: the source counts
-        only those as delivered should this agent vanish (a ring outlives
-        the agent; its cache does not)."""
-        return sum(dn.replayed for dn in self.nics)
-
     async def _tell_fed(self) -> None:
-        fed = self._fed()
+        fed = self.fed()
         if self.tell_fed and fed != self.fed_told and time.monotonic() >= self.fed_told_t + FED_REPORT_S:
             self.fed_told, self.fed_told_t = fed, time.monotonic()
             try:
@@ -1013,7 +919,7 @@ class DestSession:
             # Now, with the source done, every forwarded frame is in.
             await self._release_in_order(deadline)
             await self._remove_holds()
-        elif self._holding():
+        elif self.holding():
             self.finishing = True
             if self.flow_release is not None:
                 try:
@@ -1029,94 +935,7 @@ class DestSession:
         return self.report()
 
     def report(self) -> dict[str, Any]:
-        delay = read_fps = None
-        if self.resume_t is not None and self.last_consumed_t is not None:
-            delay = round(max(0.0, self.last_consumed_t - self.resume_t) * 1000, 1)
-        reads = [dn.first_read_t for dn in self.nics if dn.first_read_t is not None]
-        if reads:
-            # The rate the VM read a backlog at, from its first read: what
-            # bounds the replay delay when netpass keeps the ring fed.
-            replayed = sum(dn.replayed for dn in self.nics)
-            if self.last_consumed_t is not None and self.last_consumed_t > min(reads) and replayed >= 1000:
-                read_fps = round(replayed / (self.last_consumed_t - min(reads)))
-        return {
-            "session": self.sid,
-            "state": self.sm.state.value,
-            "batches": self.batches,
-            "replay_delay_ms": delay,
-            "vm_replay_read_fps": read_fps,
-            "agent_cpu_ms": round((time.process_time() - self.cpu0) * 1000, 1),
-            "nics": [{"mac": dn.nic.mac, "tap": dn.nic.tap, "replayed": dn.replayed,
-                      "duplicates_suppressed": dn.duplicates,
-                      "reordered_estimate": dn.reordered,
-                      "one_queue_ms": dn.pinned_ms,
-                      "dropped": dict(dn.dropped)} for dn in self.nics],
-            "reordered_estimate": sum(dn.reordered for dn in self.nics),
-            # Of those, broadcast or multicast: a LAN floods them to both hosts,
-            # so the VM also got this host's own copy, in order.
-            "reordered_group_estimate": sum(min(dn.late_group, dn.reordered) for dn in self.nics),
-            "dest_ring_overflow": self._ring_overflow(),
-            "dest_ring_overflow_after_hold": self._ring_overflow_after_hold(),
-            "replay_refused": sum(dn.ring.refused for dn in self.nics),
-            **self._hold_report(),
-        }
-
-    def _ring_overflow(self) -> int | None:
-        """Frames the destination taps' rings dropped during the session (a
-        VM slow to read after its resume, with live frames and ours in the
-        ring): not netpass's loss to hide.  The tap's drop counter also
-        counts each replay the tap refused (ENOBUFS: a full ring, or a large
-        frame the tap could not take before QEMU set its offloads), and
-        those frames were kept and sent again: they are not in it."""
-        try:
-            return sum(self._dropped_by(dn, caught_up=True) - dn.tx_dropped0 - dn.ring.refused for dn in self.nics)
-        except NetpassError:
-            return None
-
-    def _ring_overflow_after_hold(self) -> int | None:
-        """What the rings dropped after their holds opened because the VM
-        had caught up: the VM's own, as without netpass (a VM that stalls
-        for longer than its ring lasts at its traffic's rate)."""
-        try:
-            return sum(self._dropped_by(dn, caught_up=False) - self._dropped_by(dn, caught_up=True)
-                       for dn in self.nics)
-        except NetpassError:
-            return None
-
-    @staticmethod
-    def _dropped_by(dn: DestNic, caught_up: bool) -> int:
-        """The tap's drop counter when its hold opened with the VM caught up
-        (``caught_up``), or now."""
-        if caught_up and dn.hold is not None and dn.hold.stats.tap_dropped_caught_up is not None:
-            return dn.hold.stats.tap_dropped_caught_up
-        return links.tx_dropped(dn.nic.tap)
-
-    def _hold_report(self) -> dict[str, Any]:
-        holds = [dn.hold.stats for dn in self.nics if dn.hold is not None]
-        if not holds:
-            return {"strict_ordering": self.strict, "hold_notes": list(self.hold_notes)}
-        released = [h.rx_released_t for h in holds if h.rx_released_t is not None]
-        hold_ms = None
-        if self.resume_t is not None and released:
-            hold_ms = round(max(0.0, max(released) - self.resume_t) * 1000, 1)
-        caught = [h.rx_caught_up_t for h in holds if h.rx_caught_up_t is not None]
-        caught_ms = None
-        if self.resume_t is not None and caught and len(caught) == len(holds):
-            caught_ms = round(max(0.0, max(caught) - self.resume_t) * 1000, 1)
-        tx_ms = None
-        tx_rel = [h.tx_released_t for h in holds if h.tx_released_t is not None]
-        if self.resume_t is not None and tx_rel:
-            tx_ms = round(max(0.0, max(tx_rel) - self.resume_t) * 1000, 1)
-        notes = list(self.hold_notes)
-        for h in holds:
-            notes += h.notes
-        return {"strict_ordering": self.strict, "held_tx": sum(h.held_tx for h in holds),
-                "held_rx": sum(h.held_rx for h in holds), "hold_ms": hold_ms,
-                "hold_caught_up_ms": caught_ms, "hold_tx_ms": tx_ms,
-                "hold_timeout": self.hold_timed_out,
-                "hold_dropped": sum(h.dropped_rx + h.dropped_tx for h in holds),
-                "hold_backlog_dropped": sum(h.backlog_dropped for h in holds),
-                "hold_late": any(h.late for h in holds), "hold_notes": notes}
+        return destreport.build(self, (time.process_time() - self.cpu0) * 1000)
 
     def abort(self, reason: str = "aborted") -> dict[str, Any]:
         for dn in self.nics:
@@ -1237,7 +1056,7 @@ class DestSession:
                         ack = self.accept(payload)
                     except wire.WireError as exc:
                         raise SessionError("bad_batch", f"batch {self.next_seq} rejected: {exc}") from exc
-                    await ch.send_json(CONTROL, {"op": "ack", **ack, "fed": self._fed()})
+                    await ch.send_json(CONTROL, {"op": "ack", **ack, "fed": self.fed()})
                     continue
                 msg = _control(payload, mtype)
                 op = msg.get("op")

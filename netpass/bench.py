@@ -318,7 +318,8 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
     its feeder replays the cache into the tap, as during a migration; a
     forked sink reads the tap as the VM's QEMU would."""
     from . import heap
-    from .agent import AgentConfig, DestNic, DestSession
+    from .agent import DestSession
+    from .deststate import AgentConfig, DestNic
     from .nics import Nic
 
     heap.keep_freed()  # as the agent does (Agent.start)
@@ -514,7 +515,8 @@ def _cache_fill(cap_mib: int, size: int) -> dict[str, Any]:
     """The agent's cache while the VM is still paused: batches arrive, nothing
     can be replayed yet, the cap must hold.  Runs the agent's own accept()."""
 
-    from .agent import AgentConfig, DestNic, DestSession
+    from .agent import DestSession
+    from .deststate import AgentConfig, DestNic
     from .nics import Nic
 
     class PausedVm:  # a ring the VM has not started to read

@@ -400,8 +400,9 @@ def _qemu_uids(users: list[str] | None) -> frozenset[int]:
 def cmd_agent(args: argparse.Namespace) -> int:
     _require_root("netpass agent")
 
-    from .agent import Agent, AgentConfig
+    from .agent import Agent
     from .channel import load_token
+    from .deststate import AgentConfig
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")

@@ -10,7 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from netpass.agent import AgentConfig, DestSession
+from netpass.agent import DestSession
+from netpass.deststate import AgentConfig
 from netpass.errors import NetpassError
 
 

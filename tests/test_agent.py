@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from netpass import channel, wire
-from netpass.agent import Agent, AgentConfig, DestNic, DestSession, SessionError
+from netpass.agent import Agent, DestSession, SessionError
 from netpass.channel import CONTROL, AuthError, ChannelError, RemoteError
+from netpass.deststate import AgentConfig, DestNic
 from netpass.errors import UsageError
 from netpass.nics import Nic
 from netpass.pending import retained

@@ -45,7 +45,8 @@ def _rig(mode: str, state: Path) -> dict[str, Any]:
     """Inside the namespace: tap0, a closed hold with HELD frames, a slow
     reader; release by ``mode`` ('agent' or 'fixed'); what the 'VM' got."""
     from netpass import hold, links, tapfd
-    from netpass.agent import AgentConfig, DestNic, DestSession
+    from netpass.agent import DestSession
+    from netpass.deststate import AgentConfig, DestNic
     from netpass.nics import Nic
     from netpass.packet import Injector, Shadow, TxRing
 
