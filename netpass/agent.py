@@ -21,8 +21,6 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import destreport, heap, links, tapfd, wire
 from . import hold as holdmod
 from .blocking import off_loop
@@ -38,8 +36,9 @@ from .channel import (
     serve,
     server_handshake,
 )
+from .destfeed import Replay
 from .deststate import AgentConfig, DestNic, DestState
-from .errors import KernelError, NetpassError, QMPError, UsageError
+from .errors import KernelError, NetpassError, QMPError, SessionError, UsageError
 from .metrics import AgentMetrics
 from .nics import Nic, discover, rss_in_use
 from .pacing import (
@@ -51,7 +50,6 @@ from .pacing import (
     vm_reading,
 )
 from .packet import Shadow, Tally, TxRing
-from .pending import retained
 from .qmp import Monitor, peer_pid
 from .session import State
 
@@ -83,9 +81,6 @@ FLOW_STUCK_S = 3.0
 # A source that still sends batches this long after its VM resumed here is
 # refused: its linger is bounded by 60 s (--linger-max-ms).
 LATE_BATCH_BOUND_S = 90.0
-# How often, at most, the agent tells the source how many frames it has put
-# into the VM's rings (besides each batch's ack).
-FED_REPORT_S = 0.02
 # The source gone before it said the migration completed: how long the agent
 # waits to see whether its VM runs here anyway (the migration completed, and
 # what the agent holds is the only copy: it goes in) or not (it is dropped:
@@ -94,14 +89,6 @@ SOURCE_LOST_WAIT_S = 30.0
 # The arm's steps, in order; a test makes the session fail right after each
 # (DestSession.fail_after) and checks that nothing is left.
 ARM_STEPS = ("monitor", "checked", "fds", "ring", "tally", "holds", "shadow")
-class SessionError(NetpassError):
-    """A session request the agent refuses, with a code for the client."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 class DestSession(DestState):
     """The destination's I/O for one session: the channel to the source, the
     VM's monitor and taps; the facts it gathers are its ``DestState``."""
@@ -122,8 +109,7 @@ class DestSession(DestState):
         self.undo = AsyncExitStack()
         self.cleanup_errors: list[str] = []
         self.fail_after: str | None = None  # tests: fail the arm right after this step
-        self.fed_told, self.fed_told_t = 0, 0.0
-        self.tell_fed = True  # (the bench's session has no source to tell)
+        self.replay = Replay(self, ch, metrics)
         self.vm_pidfd: int | None = None
 
     def _vm_exited(self, pid: int) -> None:
@@ -240,7 +226,7 @@ class DestSession(DestState):
                 shadow = Shadow(dn.nic.tap, keep=100_000)  # emptied on every pull
                 self._on_exit(f"closing {dn.nic.tap}'s shadow", self._close_shadow, shadow)
                 dn.shadow = shadow
-                loop.add_reader(shadow.fileno(), self._pull_direct, dn)
+                loop.add_reader(shadow.fileno(), self.replay.pull_direct, dn)
         self._step("shadow")
         self.sm.to(State.ARMED)
         return {"nics": [{"mac": d.nic.mac, "tap": d.nic.tap, "ring": d.orig_qlen} for d in self.nics],
@@ -338,7 +324,7 @@ class DestSession(DestState):
                 raise SessionError("strict", f"strict ordering is not possible on {dn.nic.tap}: {exc}") from exc
             await off_loop(dn.hold.start_guard)
             if dn.hold.mirror_fd is not None:
-                asyncio.get_running_loop().add_reader(dn.hold.mirror_fd, self._pull_mirror, dn)
+                asyncio.get_running_loop().add_reader(dn.hold.mirror_fd, self.replay.pull_mirror, dn)
 
     async def _install_flow_holds(self) -> None:
         """Flow control without strict ordering: the live frames toward the
@@ -359,7 +345,7 @@ class DestSession(DestState):
                 continue
             await off_loop(dn.hold.start_guard)
             if dn.hold.mirror_fd is not None:
-                asyncio.get_running_loop().add_reader(dn.hold.mirror_fd, self._pull_mirror, dn)
+                asyncio.get_running_loop().add_reader(dn.hold.mirror_fd, self.replay.pull_mirror, dn)
         # Closed at once: until the VM runs nothing reads the tap anyway, and
         # the source's park may come a few milliseconds before the resume.
         await self.close_holds()
@@ -409,11 +395,6 @@ class DestSession(DestState):
                    dn.hold.stats.rx_release_started_t is None and
                    now > dn.hold.stats.closed_t + dn.hold.tight_s for dn in self.nics)
 
-    def _replay_read(self) -> bool:
-        """Every forwarded frame this agent has is inside the VM: none waits
-        to be fed, and the VM has read the last one fed."""
-        return not any(dn.pending for dn in self.nics) and all(self._consumed(dn) for dn in self.nics)
-
     async def _release_tx_when_ready_locked(self) -> None:
         """Guest TX is held until everything forwarded so far is inside the VM."""
         if not self.hold_closed or not self.running:
@@ -422,7 +403,7 @@ class DestSession(DestState):
         if not holds:
             return
         if not self._hold_expired():
-            if not self._replay_read():
+            if not self.replay.replay_read():
                 return
         for h in holds:
             await asyncio.to_thread(h.release_tx)
@@ -488,7 +469,7 @@ class DestSession(DestState):
     async def _release_in_order(self, deadline: float) -> None:
         """Strict ordering, once no forwarded frame is still due: the live
         frames go in after the VM has read every forwarded one."""
-        while self.running and not self._replay_read() and time.monotonic() < deadline:
+        while self.running and not self.replay.replay_read() and time.monotonic() < deadline:
             await asyncio.sleep(0.001)
         await self._unpin_queues(deadline, UNPIN_SETTLE_S)
         await self._release_rx(deadline)
@@ -515,7 +496,7 @@ class DestSession(DestState):
         core) to overflow the rest (lab, the flood with a busy core: 5 and
         27 probes lost in 2 of 9 runs; 0 in 8 runs since).  The VM reads
         no less for it; the replay, older, just goes first."""
-        while not self.finishing and not self._hold_expired() and not self._replay_read():
+        while not self.finishing and not self._hold_expired() and not self.replay.replay_read():
             await asyncio.sleep(RELEASE_STEP_S / 4)
         if self.finishing:
             return
@@ -554,7 +535,7 @@ class DestSession(DestState):
         ring's level, the pace for the next (next_release_pace)."""
         ring = dn.orig_qlen or 500
         now, tx = time.monotonic(), dn.read_tx()
-        level = self._ring_level(dn)
+        level = self.replay.ring_level(dn)
         p.estimate = vm_reading((tx - p.tx) / max(1e-3, now - p.t), p.estimate, level, ring)
         pace = next_release_pace(p.estimate, level, ring, p.rate)
         p.t, p.tx = now, tx
@@ -581,71 +562,10 @@ class DestSession(DestState):
             h.stop_guard()  # the hold object stays: its counts go in the report
 
     # -- replay -------------------------------------------------------------------------
-    def _ring_level(self, dn: DestNic) -> int:
-        """Frames in the tap's ring now, whoever put them there.
-
-        Frames enter from the network (the shadow counts them) and from us;
-        QEMU's reads are tx_packets.  Whenever the ring is seen empty,
-        everything entered so far is read: that is a mark to count from.
-        """
-        self._pull_direct(dn)
-        tx = dn.read_tx()
-        if dn.first_read_t is None and tx > dn.tx0:
-            dn.first_read_t = time.monotonic()
-        entered = dn.live_enqueued + dn.replayed
-        if dn.ring_empty():
-            dn.mark_enq, dn.mark_tx = entered, tx
-        return max(0, entered - dn.mark_enq - (tx - dn.mark_tx))
-
-    def _room(self, dn: DestNic) -> int:
-        """Frames we may still queue.  Without a hold, half the ring stays
-        free for live frames that arrive meanwhile: a VM slow to start
-        reading would otherwise see them dropped by a full ring (seen)."""
-        ring = dn.orig_qlen or 500
-        # Before the VM runs, with the hold closed, nothing else enters; once
-        # it runs, the hold's paced release aims at half the ring too.
-        share = ring * 3 // 4 if self.hold_closed and not self.running else ring // 2
-        return max(0, share - self._ring_level(dn))
-
-    def feed(self) -> None:
-        for dn in self.nics:
-            if not dn.pending:
-                continue
-            room = self._room(dn)
-            while dn.pending and room > 0:
-                try:
-                    asked, taken = dn.pending.replay(dn.ring, room)
-                except NetpassError as exc:
-                    log.warning("session=%s replay failed on %s: %s", self.sid, dn.nic.tap, exc)
-                    self.cache_bytes -= dn.pending.pop(1)
-                    dn.drop("inject_error")
-                    continue
-                self.cache_bytes -= dn.pending.pop(taken)
-                dn.replayed += taken
-                if dn.live_at_stop is not None and dn.live_enqueued > dn.live_at_stop:
-                    # Frames the network delivered here after the source VM
-                    # stopped are ahead of these older ones in the ring.
-                    dn.reordered += taken
-                room -= taken
-                dn.last_pos = dn.live_enqueued + dn.replayed
-                if taken:
-                    self.unconsumed = True
-                if taken < asked:
-                    break  # the ring is full after all: again once QEMU has read
-
-    async def _tell_fed(self) -> None:
-        fed = self.fed()
-        if self.tell_fed and fed != self.fed_told and time.monotonic() >= self.fed_told_t + FED_REPORT_S:
-            self.fed_told, self.fed_told_t = fed, time.monotonic()
-            try:
-                await self.ch.send_json(CONTROL, {"op": "fed", "fed": fed})
-            except ChannelError:
-                pass  # the session's receive says why
-
     async def _feeder(self) -> None:
         while True:
             self._check_vm_alive()
-            await self._tell_fed()
+            await self.replay.tell_fed()
             if not self.running:
                 await self._see_resume()
             if self.strict:
@@ -664,185 +584,17 @@ class DestSession(DestState):
                 # Flow control: live frames go in at the pace the VM reads, from now on.
                 self.flow_release = self._task(self._flow_control(), "paced release")
             if any(dn.pending for dn in self.nics):
-                self.feed()
+                self.replay.feed()
                 # A paused VM reads nothing (accept() and migrated() feed
                 # too): polling it only takes CPU from the incoming migration.
                 await asyncio.sleep(0.0005 if self.running else 0.002)
             elif self.unconsumed and self.running:
-                if all(self._consumed(dn) for dn in self.nics):
+                if all(self.replay.consumed(dn) for dn in self.nics):
                     self.last_consumed_t = time.monotonic()
                     self.unconsumed = False
                 await asyncio.sleep(0.0005)
             else:
                 await asyncio.sleep(0.002)
-
-    def _pull_direct(self, dn: DestNic) -> None:
-        """Count the frames the network delivers to the destination tap itself.
-
-        Broadcasts, and anything else the LAN floods, reach both hosts during
-        the switchover; the destination's own copy reaches the VM, so the copy
-        captured on the source must not be replayed too.  Our own replays
-        bypass the transmit path and are not seen here.
-        """
-        if dn.shadow is None:
-            # A hold mirrors the live frames (from its install to its removal,
-            # which comes once the source is done): only their count matters here.
-            assert dn.tally is not None
-            dn.live_enqueued += dn.tally.count()
-            return
-        dn.shadow.pull()
-        steered = dn.hold is not None and dn.hold.stats.rx_released_t is None and not dn.hold.removed
-        while dn.shadow.frames:
-            _idx, _vnet, data = dn.shadow.frames.popleft()
-            dn.live_enqueued += 1
-            if not steered:  # while the hold steers, its mirror sees the live frames first
-                self._count_direct(dn, data)
-                self._maybe_tell_direct(dn, data)
-
-    def _pull_mirror(self, dn: DestNic) -> None:
-        """Live frames the hold took: delivered later, but delivered."""
-        if dn.hold is not None:
-            now = time.monotonic()
-            for data in dn.hold.read_mirror():
-                self._count_direct(dn, data)
-                dn.held_times.append(now)
-                self._maybe_tell_direct(dn, data)
-
-    def _maybe_tell_direct(self, dn: DestNic, data: bytes) -> None:
-        """The network now delivers the VM's unicast frames here: tell the
-        source, whose late tail can then end with a quiet period (a pause in
-        the traffic alone must not end it: frames could still come there)."""
-        if self.direct_told or not self.running or data[:6] != dn.mac_bytes:
-            return
-        self.direct_told = True
-        log.info("session=%s the network delivers the VM's frames here directly", self.sid)
-        task = asyncio.get_running_loop().create_task(self.ch.send_json(CONTROL, {"op": "direct"}))
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
-
-    @staticmethod
-    def _count_direct(dn: DestNic, data: bytes) -> None:
-        key = hash(data)
-        dn.direct[key] = dn.direct.get(key, 0) + 1
-        if data[:6] == dn.mac_bytes:
-            dn.direct_unicast += 1
-        if len(dn.direct) > 1_000_000:
-            dn.direct.clear()  # bounded; only the switchover's frames matter
-            dn.direct_unicast = 0
-
-    def _consumed(self, dn: DestNic) -> bool:
-        """Whether the VM has read the last frame we queued on this NIC.
-
-        The ring is FIFO.  Frames enter it from the network (the shadow counts
-        them) and from us; QEMU's reads are tx_packets.  Whenever the ring is
-        seen empty, everything entered so far is read: that is a mark.  From
-        the last mark, the read count says how far into the ring QEMU is.
-        """
-        level = self._ring_level(dn)  # pulls the shadow, moves the mark
-        # Frames read so far = frames entered less those still in the ring.
-        return dn.live_enqueued + dn.replayed - level >= dn.last_pos
-
-    def _mark_stop(self) -> None:
-        for dn in self.nics:
-            if dn.live_at_stop is None:
-                self._pull_direct(dn)
-                dn.live_at_stop = dn.live_enqueued
-
-    def accept(self, blob: bytes | bytearray | memoryview) -> dict[str, Any]:
-        return self.accept_batch(wire.decode(blob, nic_count=len(self.nics)))
-
-    def accept_batch(self, batch: wire.Batch) -> dict[str, Any]:
-        """Cache a batch's frames for the VM and feed what fits; the batch was
-        decoded for this session (``nic_count=len(self.nics)``)."""
-        self._mark_stop()
-        if self.metrics is not None:
-            self.metrics.batch(len(batch), int(batch.offsets[-1] - batch.offsets[0]) - sum(batch.hdr_lens))
-        if batch.seq != self.next_seq:
-            raise SessionError("bad_batch", f"batch {batch.seq} out of sequence (expected {self.next_seq})")
-        self.next_seq += 1
-        self.batches += 1
-        if self._accept_whole(batch):
-            self.feed()
-            return {"seq": batch.seq, "accepted": len(batch), "dropped": 0, "skipped": []}
-        accepted = dropped = 0
-        skipped: list[int] = []  # indexes in the batch not replayed
-        zero_hdr = bytes(wire.VNET_HDR_LEN)
-        keep: dict[int, list[bytes | memoryview]] = {}
-        rec: bytes | memoryview
-        for i, (nic, h, rec) in enumerate(zip(batch.nics, batch.hdr_lens, batch.records, strict=True)):
-            dn = self.nics[nic]
-            data = rec[h:] if h else rec
-            dst = wire.dst_mac(data)
-            if dst != dn.mac_bytes and not wire.is_group(dst):
-                dn.drop("foreign_mac")
-                dropped += 1
-                skipped.append(i)
-                continue
-            if data[6:12] == dn.mac_bytes:
-                dn.drop("own_frame")
-                dropped += 1
-                skipped.append(i)
-                continue
-            if not i % 32:
-                # Often, not only per batch: a flooded copy can reach the
-                # destination while the batch is being handled.
-                self._pull_direct(dn)
-                self._pull_mirror(dn)
-            if dn.direct:
-                # (a view of a received message hashes only as bytes)
-                key = hash(data if isinstance(data, bytes) else bytes(data))
-                if dn.direct.get(key):
-                    dn.direct[key] -= 1
-                    dn.duplicates += 1
-                    skipped.append(i)
-                    continue
-            if dn.live_at_stop is not None and dn.live_enqueued > dn.live_at_stop and wire.is_group(dst):
-                dn.late_group += 1  # goes in behind live frames (feed counts it reordered)
-            if not h:
-                rec = zero_hdr + rec  # the TX ring takes a virtio-net header with each frame
-            # (A copied record costs its bytes and its 4-byte offset; each
-            # NIC's chunk 4 more, counted below.)
-            if self.cache_bytes + len(rec) + 8 > self.cfg.max_cache_bytes:
-                dn.drop("agent_cache_full")
-                dropped += 1
-                skipped.append(i)
-                continue
-            keep.setdefault(nic, []).append(rec)
-            self.cache_bytes += len(rec) + 4
-            accepted += 1
-        for nic, recs in keep.items():
-            self.cache_bytes += self.nics[nic].pending.add(recs) - sum(map(len, recs)) - 4 * len(recs)
-        self.feed()
-        return {"seq": batch.seq, "accepted": accepted, "dropped": dropped, "skipped": skipped}
-
-    def _accept_whole(self, batch: wire.Batch) -> bool:
-        """The usual batch in one go: every record for one NIC, with its
-        virtio-net header, to the VM's own MAC and not from it, none that a
-        frame delivered here directly could duplicate, and room in the
-        cache.  The cache then keeps the received body itself (no copy).
-        False when anything is unusual: the per-frame path decides."""
-        n = len(batch)
-        if not n or batch.nics.count(batch.nics[0]) != n or \
-                batch.hdr_lens.count(wire.VNET_HDR_LEN) != n:
-            return False
-        dn = self.nics[batch.nics[0]]
-        self._pull_direct(dn)
-        self._pull_mirror(dn)
-        # Frames delivered here directly can only duplicate records with the
-        # same destination: group frames among them never match these.
-        if dn.direct_unicast:
-            return False
-        # What keeping the body costs: all of the buffer, not only its records.
-        size = retained(batch.body) + 4 * len(batch.offsets)
-        if self.cache_bytes + size > self.cfg.max_cache_bytes:
-            return False
-        if len(dn.mac_bytes) != 6:
-            return False
-        mac = np.frombuffer(dn.mac_bytes, np.uint8)
-        macs = batch.column(wire.VNET_HDR_LEN, 12)  # each frame's destination and source
-        if not (macs[:, :6] == mac).all() or (macs[:, 6:] == mac).all(axis=1).any():
-            return False
-        self.cache_bytes += dn.pending.add_span(batch.body, batch.offsets)
-        return True
 
     async def _see_resume(self) -> None:
         """The VM here resumed (its own RESUME event): it runs whether or not
@@ -878,7 +630,7 @@ class DestSession(DestState):
         while status != "running" and time.monotonic() < deadline:
             self._check_vm_alive()
             ev = await self.mon.next_event(0.002)
-            self.feed()
+            self.replay.feed()
             if ev is not None and ev.name == "RESUME":
                 self.resume_t = ev.emitted
                 status = "running"
@@ -888,7 +640,7 @@ class DestSession(DestState):
                 status = await self.mon.status()
         if status == "running" and self.resume_t is None:
             self.resume_t = time.monotonic()
-        self.feed()
+        self.replay.feed()
         self.running = status == "running"
         return {"status": status}
 
@@ -901,10 +653,10 @@ class DestSession(DestState):
                     await asyncio.to_thread(dn.hold.stop_mirror)
         while time.monotonic() < deadline:
             self._check_vm_alive()
-            self.feed()
+            self.replay.feed()
             # (the ring itself may never be empty: live frames keep coming)
             if not any(dn.pending for dn in self.nics) and \
-                    (not self.running or all(self._consumed(dn) for dn in self.nics)):
+                    (not self.running or all(self.replay.consumed(dn) for dn in self.nics)):
                 break
             await asyncio.sleep(0.001)
         if self.unconsumed or self.last_consumed_t is None:
@@ -1053,7 +805,7 @@ class DestSession(DestState):
                         self.sm.to(State.CAPTURING)
                         self.sm.to(State.SHIPPING)
                     try:
-                        ack = self.accept(payload)
+                        ack = self.replay.accept(payload)
                     except wire.WireError as exc:
                         raise SessionError("bad_batch", f"batch {self.next_seq} rejected: {exc}") from exc
                     await ch.send_json(CONTROL, {"op": "ack", **ack, "fed": self.fed()})
@@ -1070,7 +822,7 @@ class DestSession(DestState):
                         self.sm.to(State.CAPTURING)
                         self.sm.to(State.SHIPPING)
                     await self.close_holds()
-                    self._mark_stop()
+                    self.replay.mark_stop()
                 elif op == "migrated":
                     if self.sm.state is State.ARMED:
                         self.sm.to(State.CAPTURING)

@@ -347,7 +347,7 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
         ring = _TimedRing(TxRing(tap, vnet_hdr=True))
         cfg = AgentConfig(listen=f"{DST_IP}:{PORT}", token=token, qmp_root=Path("/nonexistent"))
         sess = DestSession(cfg, ch, "bench")
-        sess.tell_fed = False
+        sess.replay.to_source = False
         dn = DestNic(nic=Nic(mac=VM_MAC_TEXT, tap=tap),
                      ring=ring, fds=[fd], orig_qlen=DST_QLEN, mac_bytes=VM_MAC,  # type: ignore[arg-type]
                      shadow=Shadow(tap, keep=100_000))
@@ -369,7 +369,7 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
                 # The source stamps each batch once: its frames share the stamp.
                 entry = [batch.ts_us[0], len(batch)]
                 ring.queue.append(entry)
-                ack = sess.accept_batch(batch)  # feeds the ring too
+                ack = sess.replay.accept_batch(batch)  # feeds the ring too
                 entry[1] = max(0, entry[1] - (len(batch) - ack["accepted"]))
             while dn.pending:
                 await asyncio.sleep(0.0005)
@@ -515,8 +515,8 @@ def _cache_fill(cap_mib: int, size: int) -> dict[str, Any]:
     """The agent's cache while the VM is still paused: batches arrive, nothing
     can be replayed yet, the cap must hold.  Runs the agent's own accept()."""
 
-    from .agent import DestSession
-    from .deststate import AgentConfig, DestNic
+    from .destfeed import Replay
+    from .deststate import AgentConfig, DestNic, DestState
     from .nics import Nic
 
     class PausedVm:  # a ring the VM has not started to read
@@ -529,16 +529,15 @@ def _cache_fill(cap_mib: int, size: int) -> dict[str, Any]:
     pool = mixed_frames(4096, size)
     cfg = AgentConfig(listen="127.0.0.1:1", token=b"x" * 32, qmp_root=Path("/nonexistent"),
                       max_cache_bytes=cap_mib << 20)
-    sess = DestSession(cfg, None, "bench")  # type: ignore[arg-type]
+    sess = DestState(cfg, "bench")
+    replay = Replay(sess, None, None)  # type: ignore[arg-type]  # (it never talks to a source here)
     sess.nics.append(DestNic(nic=Nic(mac=VM_MAC_TEXT, tap="none"), ring=PausedVm(),  # type: ignore[arg-type]
                              fds=[], orig_qlen=1000, mac_bytes=VM_MAC))
-    sess._room = lambda dn: 0  # type: ignore[method-assign]
-    sess._pull_direct = lambda dn: None  # type: ignore[method-assign]
     base = _rss_mib()
     seq = offered = offered_bytes = 0
     while True:
         recs = [bytes(HDR) + f for f in pool[seq % 8 * 512:(seq % 8 + 1) * 512]]
-        ack = sess.accept(wire.encode_records(seq, recs, 0, HDR, seq))
+        ack = replay.accept(wire.encode_records(seq, recs, 0, HDR, seq), feed=False)
         seq += 1
         offered += len(recs)
         offered_bytes += sum(map(len, recs))

@@ -57,3 +57,11 @@ class LabError(NetpassError):
 
 class ImageBuildError(LabError):
     """The guest image could not be built."""
+
+
+class SessionError(NetpassError):
+    """A session request the agent refuses, with a code for the client."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code

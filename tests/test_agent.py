@@ -152,8 +152,8 @@ def _session(tmp_path: Path) -> tuple[DestSession, FakeRing]:
     nic = Nic(mac="52:54:00:00:00:01", tap="nonexistent0")
     dn = DestNic(nic=nic, ring=inj, fds=[], orig_qlen=1000, mac_bytes=VM)  # type: ignore[arg-type]
     sess.nics.append(dn)
-    sess._room = lambda dn: 1000  # type: ignore[method-assign]
-    sess._pull_direct = lambda dn: None  # type: ignore[method-assign]
+    sess.replay.room = lambda dn: 1000  # type: ignore[method-assign]
+    sess.replay.pull_direct = lambda dn: None  # type: ignore[method-assign]
     sess.running = True
     return sess, inj
 
@@ -167,19 +167,19 @@ def frame(dst: bytes, src: bytes = PEER, n: int = 0) -> bytes:
 def test_batches_checked_before_anything_is_replayed(tmp_path: Path) -> None:
     sess, inj = _session(tmp_path)
     good = wire.encode(0, [wire.Frame(0, b"", frame(VM, n=1)), wire.Frame(0, b"", frame(b"\xff" * 6, n=2))])
-    assert sess.accept(good) == {"seq": 0, "accepted": 2, "dropped": 0, "skipped": []}
+    assert sess.replay.accept(good) == {"seq": 0, "accepted": 2, "dropped": 0, "skipped": []}
     assert len(inj.sent) == 2
     # Out of sequence (a replayed batch): refused whole.
     with pytest.raises(SessionError, match="out of sequence"):
-        sess.accept(good)
+        sess.replay.accept(good)
     # Corrupt: refused whole, nothing replayed.
     bad = bytearray(wire.encode(1, [wire.Frame(0, b"", frame(VM, n=3))]))
     bad[-1] ^= 0xFF
     with pytest.raises(wire.WireError):
-        sess.accept(bytes(bad))
+        sess.replay.accept(bytes(bad))
     # A NIC index the session does not have.
     with pytest.raises(wire.WireError, match="NIC index"):
-        sess.accept(wire.encode(1, [wire.Frame(3, b"", frame(VM))]))
+        sess.replay.accept(wire.encode(1, [wire.Frame(3, b"", frame(VM))]))
     assert len(inj.sent) == 2
 
 
@@ -190,7 +190,7 @@ def test_only_frames_for_the_vm_are_replayed(tmp_path: Path, vnet: bytes) -> Non
               wire.Frame(0, vnet, frame(bytes.fromhex("525400000099"))),   # someone else
               wire.Frame(0, vnet, frame(b"\x01\x00\x5e\x00\x00\x01")),     # multicast
               wire.Frame(0, vnet, frame(b"\xff" * 6, src=VM))]             # the VM's own
-    ack = sess.accept(wire.encode(0, frames))
+    ack = sess.replay.accept(wire.encode(0, frames))
     assert ack == {"seq": 0, "accepted": 2, "dropped": 2, "skipped": [1, 3]}
     assert inj.sent == [frames[0].data, frames[2].data]
     assert sess.nics[0].dropped == {"foreign_mac": 1, "own_frame": 1}
@@ -199,8 +199,8 @@ def test_only_frames_for_the_vm_are_replayed(tmp_path: Path, vnet: bytes) -> Non
 def test_agent_cache_is_bounded(tmp_path: Path) -> None:
     sess, inj = _session(tmp_path)
     sess.cfg.max_cache_bytes = 100
-    sess._room = lambda dn: 0  # type: ignore[method-assign]  # ring full: everything is held
-    ack = sess.accept(wire.encode(0, [wire.Frame(0, b"", frame(VM, n=i)) for i in range(5)]))
+    sess.replay.room = lambda dn: 0  # type: ignore[method-assign]  # ring full: everything is held
+    ack = sess.replay.accept(wire.encode(0, [wire.Frame(0, b"", frame(VM, n=i)) for i in range(5)]))
     assert ack["accepted"] == 1 and ack["dropped"] == 4
     assert sess.nics[0].dropped == {"agent_cache_full": 4}
     assert sess.cache_bytes <= 100
@@ -213,18 +213,18 @@ def test_cache_cap_counts_what_the_fast_path_keeps(tmp_path: Path) -> None:
     sess, inj = _session(tmp_path)
     cap = 200_000
     sess.cfg.max_cache_bytes = cap
-    sess._room = lambda dn: 0  # type: ignore[method-assign]
+    sess.replay.room = lambda dn: 0  # type: ignore[method-assign]
     dropped = 0
     for seq in range(60):
         frames = [wire.Frame(0, bytes(10), frame(VM, n=seq * 256 + i)[:54]) for i in range(256)]
         blob = bytearray(wire.encode(seq, frames, compress=False))
-        ack = sess.accept(memoryview(blob).toreadonly())
+        ack = sess.replay.accept(memoryview(blob).toreadonly())
         dropped += ack["dropped"]
     assert dropped, "the cap was never reached: the test proves nothing"
     kept = sum(retained(c[0]) + c[1].nbytes for c in sess.nics[0].pending.chunks)
     assert kept <= cap and sess.cache_bytes == kept
-    sess._room = lambda dn: 10**9  # type: ignore[method-assign]
-    sess.feed()
+    sess.replay.room = lambda dn: 10**9  # type: ignore[method-assign]
+    sess.replay.feed()
     assert sess.cache_bytes == 0
 
 
@@ -352,13 +352,13 @@ def test_flooded_copy_suppressed_from_a_received_view(tmp_path: Path) -> None:
     must still find the frame the network delivered directly."""
     sess, inj = _session(tmp_path)
     f = frame(VM, n=7)
-    sess._count_direct(sess.nics[0], f)
+    sess.replay.count_direct(sess.nics[0], f)
     for seq, vnet in enumerate([b"", bytes(10)]):
         if seq:
-            sess._count_direct(sess.nics[0], f)
+            sess.replay.count_direct(sess.nics[0], f)
         blob = bytearray(wire.encode(seq, [wire.Frame(0, vnet, f), wire.Frame(0, vnet, frame(VM, n=8))],
                                      compress=False))
-        ack = sess.accept(memoryview(blob).toreadonly())
+        ack = sess.replay.accept(memoryview(blob).toreadonly())
         assert ack["skipped"] == [0] and sess.nics[0].duplicates == seq + 1 and len(inj.sent) == seq + 1
 
 
@@ -367,11 +367,11 @@ def test_usual_batch_is_cached_without_a_copy(tmp_path: Path, compress: bool) ->
     """Every frame to the VM, with its virtio-net header: the cache keeps the
     received body itself, and replays exactly those frames, in order."""
     sess, inj = _session(tmp_path)
-    sess._room = lambda dn: 0  # type: ignore[method-assign]  # the VM is paused
+    sess.replay.room = lambda dn: 0  # type: ignore[method-assign]  # the VM is paused
     frames = [wire.Frame(0, bytes([i % 256]) * 10, frame(VM, n=i)) for i in range(300)]
-    sess._count_direct(sess.nics[0], frame(b"\xff" * 6, n=1))  # a broadcast seen here cannot match
+    sess.replay.count_direct(sess.nics[0], frame(b"\xff" * 6, n=1))  # a broadcast seen here cannot match
     blob = bytearray(wire.encode(0, frames, compress=compress))
-    ack = sess.accept(memoryview(blob).toreadonly())
+    ack = sess.replay.accept(memoryview(blob).toreadonly())
     assert ack == {"seq": 0, "accepted": 300, "dropped": 0, "skipped": []}
     chunk = sess.nics[0].pending.chunks[0]
     if not compress:
@@ -379,8 +379,8 @@ def test_usual_batch_is_cached_without_a_copy(tmp_path: Path, compress: bool) ->
     # What the cache counts is what it keeps alive: the whole message, not only the records.
     assert sess.cache_bytes == retained(chunk[0]) + chunk[1].nbytes
     assert sess.cache_bytes > sum(len(f.vnet_hdr) + len(f.data) for f in frames)
-    sess._room = lambda dn: 1000  # type: ignore[method-assign]
-    sess.feed()
+    sess.replay.room = lambda dn: 1000  # type: ignore[method-assign]
+    sess.replay.feed()
     assert inj.sent == [f.data for f in frames] and sess.cache_bytes == 0
 
 
@@ -390,7 +390,7 @@ def test_source_mac_split_across_two_records_is_still_replayed(tmp_path: Path) -
     sess, inj = _session(tmp_path)
     frames = [wire.Frame(0, bytes(10), frame(VM, src=b"\x02\x00\x00" + VM[:3], n=1)),
               wire.Frame(0, bytes(10), frame(VM, src=VM[3:] + b"\x00\x00\x02", n=2))]
-    ack = sess.accept(wire.encode(0, frames))
+    ack = sess.replay.accept(wire.encode(0, frames))
     assert ack == {"seq": 0, "accepted": 2, "dropped": 0, "skipped": []}
     assert inj.sent == [f.data for f in frames]
 
