@@ -354,7 +354,7 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
         dn.mark_tx = dn.tx0 = links.tx_packets(tap)
         sess.nics.append(dn)
         sess.running = True  # the 'VM' reads from the start
-        feeder = asyncio.get_running_loop().create_task(sess._feeder())
+        feeder = asyncio.get_running_loop().create_task(sess.feed_loop())
         cpu0 = None
         try:
             while True:

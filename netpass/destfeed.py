@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 
-from . import wire
+from . import links, tapfd, wire
+from .blocking import off_loop
 from .channel import CONTROL, Channel, ChannelError
 from .deststate import DestNic, DestState
 from .errors import NetpassError, SessionError
 from .metrics import AgentMetrics
+from .nics import Nic
+from .packet import Tally, TxRing
 from .pending import retained
 
 log = logging.getLogger(__name__)
@@ -28,11 +33,48 @@ log = logging.getLogger(__name__)
 FED_REPORT_S = 0.02
 
 
+class ReplayIO(Protocol):
+    def on_exit(self, what: str, fn: Callable[..., Any], *args: Any) -> None: ...
+
+
 class Replay:
-    def __init__(self, st: DestState, ch: Channel, metrics: AgentMetrics | None) -> None:
-        self.st, self.ch, self.metrics = st, ch, metrics
+    def __init__(self, st: DestState, ch: Channel, metrics: AgentMetrics | None, io: ReplayIO | None = None) -> None:
+        """``io``: where the undo of what :meth:`take_nics` takes goes."""
+        self.st, self.ch, self.metrics, self.io = st, ch, metrics, io
         self.fed_told, self.fed_told_t = 0, 0.0
         self.to_source = True  # tell the source what is fed (the bench's session has no source)
+
+    def take_nics(self, nics: list[Nic], pid: int, step: Callable[[str], None]) -> None:
+        """The destination VM's tap fds, TX rings and tallies: each
+        registers its undo as it is taken (in a worker thread)."""
+        assert self.io is not None
+        pidfd = tapfd.pidfd_open(pid)
+        try:
+            for nic in nics:
+                fds: list[int] = []
+                for qfd in nic.qemu_fds:  # each fd owned from the moment it is ours
+                    fd = tapfd.pidfd_getfd(pidfd, qfd)
+                    self.io.on_exit(f"closing {nic.tap}'s fd", os.close, fd)
+                    fds.append(fd)
+                step("fds")
+                info = links.info(None, nic.tap)
+                ring = TxRing(nic.tap)
+                # (closing a packet ring waits for a grace period too: off the loop)
+                self.io.on_exit(f"closing {nic.tap}'s TX ring", off_loop, ring.close)
+                step("ring")
+                tally = Tally(nic.tap)
+                self.io.on_exit(f"closing {nic.tap}'s tally", off_loop, tally.close)
+                step("tally")
+                dn = DestNic(nic=nic, ring=ring, fds=fds, orig_qlen=info.txqueuelen,
+                             mac_bytes=bytes.fromhex(nic.mac.replace(":", "")), tally=tally)
+                self.io.on_exit(f"closing {nic.tap}'s counter", _close_counter, dn)
+                self.st.nics.append(dn)
+                # The ring is used at its size: changing txqueuelen on a live
+                # tap drops frames; what does not fit is fed as the VM reads.
+                dn.mark_tx = dn.tx0 = info.tx_packets
+                dn.tx_dropped0 = info.tx_dropped
+        finally:
+            os.close(pidfd)
 
     def replay_read(self) -> bool:
         """Every forwarded frame this agent has is inside the VM: none waits
@@ -270,3 +312,9 @@ class Replay:
             return False
         self.st.cache_bytes += dn.pending.add_span(batch.body, batch.offsets)
         return True
+
+
+def _close_counter(dn: DestNic) -> None:
+    if dn.tx_counter is not None:
+        dn.tx_counter.close()
+        dn.tx_counter = None

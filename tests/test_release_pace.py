@@ -4,7 +4,7 @@ A slow 'VM' (this test reading the tap's fd at 3,000 frames/s) gets 2,000
 held frames and more live ones while they are released.  The tap's ring is
 small (256), the only buffer between the release's pace and the VM: a pace
 above the VM's reading overflows it, and tun drops frames for good.  The
-agent's own release (DestSession._release_rx) must deliver every frame, in
+agent's own release (Holds.release_rx, destflow.py) must deliver every frame, in
 order, with the ring dropping none; a release at a fixed fast pace, as the
 agent used to start one from a quickly read replay, drops hundreds (the
 teeth).
@@ -104,7 +104,7 @@ def _rig(mode: str, state: Path) -> dict[str, Any]:
                 sess.resume_t = time.monotonic()
                 sess.last_consumed_t = sess.resume_t + 0.05
                 dn.replayed = 1000
-                asyncio.run(sess._release_rx(time.monotonic() + 10))
+                asyncio.run(sess.holds.release_rx(time.monotonic() + 10))
         finally:
             sender.join()
             quiet = time.monotonic()
