@@ -227,10 +227,19 @@ class Replay:
             raise SessionError("bad_batch", f"batch {batch.seq} out of sequence (expected {self.st.next_seq})")
         self.st.next_seq += 1
         self.st.batches += 1
+        skipped: list[int]
         if self._accept_whole(batch):
-            if feed:
-                self.feed()
-            return {"seq": batch.seq, "accepted": len(batch), "dropped": 0, "skipped": []}
+            accepted, dropped, skipped = len(batch), 0, []
+        else:
+            accepted, dropped, skipped = self._accept_frames(batch)
+        if feed:
+            self.feed()
+        return {"seq": batch.seq, "accepted": accepted, "dropped": dropped, "skipped": skipped}
+
+    def _accept_frames(self, batch: wire.Batch) -> tuple[int, int, list[int]]:
+        """A batch frame by frame: each checked, suppressed if the network
+        delivered it here already, kept within the cache's cap.  What was
+        accepted, dropped, and the indexes not replayed."""
         accepted = dropped = 0
         skipped: list[int] = []  # indexes in the batch not replayed
         zero_hdr = bytes(wire.VNET_HDR_LEN)
@@ -240,13 +249,9 @@ class Replay:
             dn = self.st.nics[nic]
             data = rec[h:] if h else rec
             dst = wire.dst_mac(data)
-            if dst != dn.mac_bytes and not wire.is_group(dst):
-                dn.drop("foreign_mac")
-                dropped += 1
-                skipped.append(i)
-                continue
-            if data[6:12] == dn.mac_bytes:
-                dn.drop("own_frame")
+            foreign, own = dst != dn.mac_bytes and not wire.is_group(dst), data[6:12] == dn.mac_bytes
+            if foreign or own:
+                dn.drop("foreign_mac" if foreign else "own_frame")
                 dropped += 1
                 skipped.append(i)
                 continue
@@ -279,9 +284,7 @@ class Replay:
             accepted += 1
         for nic, recs in keep.items():
             self.st.cache_bytes += self.st.nics[nic].pending.add(recs) - sum(map(len, recs)) - 4 * len(recs)
-        if feed:
-            self.feed()
-        return {"seq": batch.seq, "accepted": accepted, "dropped": dropped, "skipped": skipped}
+        return accepted, dropped, skipped
 
     def _accept_whole(self, batch: wire.Batch) -> bool:
         """The usual batch in one go: every record for one NIC, with its
