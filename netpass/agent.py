@@ -597,6 +597,33 @@ class Agent:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def _authenticate(self, ch: Channel, addr: str) -> bool:
+        """The handshake, within the caps on connections waiting for one."""
+        # Unauthenticated connections are capped, in all and per address (as
+        # OpenSSH's MaxStartups): a flood of them costs a few KiB each, for
+        # one handshake deadline at most, and cannot crowd a real one out
+        # of another address.
+        if self.unauthenticated >= MAX_UNAUTHENTICATED or \
+                self.unauthenticated_from.get(addr, 0) >= MAX_UNAUTHENTICATED_PER_ADDRESS:
+            log.warning("refused %s: too many connections waiting to authenticate", ch.peer)
+            return False
+        self.unauthenticated += 1
+        self.unauthenticated_from[addr] = self.unauthenticated_from.get(addr, 0) + 1
+        try:
+            await server_handshake(ch, self.cfg.token)
+            return True
+        except AuthError as exc:
+            log.error("refused %s: %s", ch.peer, exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - anything a stranger sends ends its connection
+            log.error("handshake with %s failed: %s", ch.peer, exc)
+            return False
+        finally:
+            self.unauthenticated -= 1
+            left = self.unauthenticated_from.pop(addr, 1) - 1
+            if left:
+                self.unauthenticated_from[addr] = left
+
     async def _handle(self, reader: Wire, writer: Any) -> None:
         peer = writer.get_extra_info("peername")
         addr = str(peer[0]) if peer else "?"
@@ -605,28 +632,9 @@ class Agent:
         # OpenSSH's MaxStartups): a flood of them costs a few KiB each, for
         # one handshake deadline at most, and cannot crowd a real one out
         # of another address.
-        if self.unauthenticated >= MAX_UNAUTHENTICATED or \
-                self.unauthenticated_from.get(addr, 0) >= MAX_UNAUTHENTICATED_PER_ADDRESS:
-            log.warning("refused %s: too many connections waiting to authenticate", ch.peer)
+        if not await self._authenticate(ch, addr):
             await ch.close()
             return
-        self.unauthenticated += 1
-        self.unauthenticated_from[addr] = self.unauthenticated_from.get(addr, 0) + 1
-        try:
-            await server_handshake(ch, self.cfg.token)
-        except AuthError as exc:
-            log.error("refused %s: %s", ch.peer, exc)
-            await ch.close()
-            return
-        except Exception as exc:  # noqa: BLE001 - anything a stranger sends ends its connection
-            log.error("handshake with %s failed: %s", ch.peer, exc)
-            await ch.close()
-            return
-        finally:
-            self.unauthenticated -= 1
-            left = self.unauthenticated_from.pop(addr, 1) - 1
-            if left:
-                self.unauthenticated_from[addr] = left
         try:
             mtype, payload = await ch.recv(timeout=60)
             msg = _control(payload, mtype)
