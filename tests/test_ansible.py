@@ -137,7 +137,8 @@ def test_role_refuses_a_guessable_token_and_a_mismatched_key(installed: dict[str
     assert (installed["prefix"] / "etc/netpass/tls-key.pem").read_text() == installed["extra"]["netpass_tls_key"]
 
 
-def test_role_refuses_a_missing_token() -> None:
+def test_role_refuses_a_missing_token(root_required: None) -> None:
+    # (root: the play becomes root before its first task, as on a hypervisor)
     res = playbook(str(ANSIBLE / "site.yml"), extra={"netpass_prefix": "/nonexistent-netpass-prefix"})
     assert res.returncode != 0
     assert "netpass needs netpass_token" in res.stdout

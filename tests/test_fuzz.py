@@ -1,7 +1,8 @@
 """Fuzz targets: the batch decoder and the control messages, each end's.
 
-Run in CI for a bounded number of examples (NETPASS_FUZZ_EXAMPLES, 1,500
-by default: some seconds each).  Hypothesis keeps what it finds in
+Run for a bounded number of examples (NETPASS_FUZZ_EXAMPLES): 300 by
+default, so that ``pytest -m unit`` takes seconds; 1,500 in CI
+(scripts/test), some seconds each.  Hypothesis keeps what it finds in
 tests/hypothesis-db, in the repository: a failure found once, anywhere, is
 tried first ever after.  The only outcomes allowed are a result or a clean
 NetpassError; and no call raises the peak memory by more than a bound (a decoder that
@@ -30,7 +31,7 @@ from netpass.srcship import Shipper
 from netpass.srcstate import MigrateOptions, SourceState
 
 FUZZ = settings(database=DirectoryBasedExampleDatabase(str(Path(__file__).parent / "hypothesis-db")),
-                max_examples=int(os.environ.get("NETPASS_FUZZ_EXAMPLES", "1500")), deadline=None,
+                max_examples=int(os.environ.get("NETPASS_FUZZ_EXAMPLES", "300")), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.filter_too_much])
 # What one call may add to the process's peak RSS: a batch decompresses to
