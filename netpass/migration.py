@@ -75,33 +75,9 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
     Raises :class:`MigrationFailed` when QEMU reports failure or cancel.
     """
     res = MigrationResult()
-    caps = [{"capability": "events", "state": True}]
-    if opts.switchover_pause_ms > 0 or opts.cancel_at_pre_switchover:
-        caps.append({"capability": "pause-before-switchover", "state": True})
-    await src.execute("migrate-set-capabilities", {"capabilities": caps})
-    params: dict[str, Any] = {}
-    if opts.downtime_limit_ms is not None:
-        params["downtime-limit"] = opts.downtime_limit_ms
-    if opts.max_bandwidth is not None:
-        params["max-bandwidth"] = opts.max_bandwidth
-    if params:
-        await src.execute("migrate-set-parameters", params)
-
+    await _configure(src, opts)
     dst_resumed = asyncio.Event()
-
-    async def watch_dst() -> None:
-        assert dst is not None
-        while True:
-            ev = await dst.next_event(1.0)
-            if ev is None:
-                continue
-            res.events.append((ev.received, "dst", ev.name))
-            if ev.name == "RESUME":
-                res.dst_resume_t = ev.emitted
-                dst_resumed.set()
-                return
-
-    dst_task = asyncio.create_task(watch_dst()) if dst is not None else None
+    dst_task = asyncio.create_task(_watch_dst(dst, res, dst_resumed)) if dst is not None else None
     try:
         await src.execute("migrate", {"uri": opts.uri})
         deadline = time.monotonic() + opts.timeout_s
@@ -112,29 +88,8 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
                 await src.execute("migrate_cancel")
                 raise MigrationFailed(f"migration did not finish within {opts.timeout_s:.0f} s; cancelled")
             ev: Event | None = await src.next_event(0.05)
-            if ev is not None:
-                res.events.append((ev.received, "src", ev.name + ":" + str(ev.data.get("status", ""))))
-                if ev.name == "STOP" and res.src_stop_t is None:
-                    res.src_stop_t = ev.emitted
-                    if on_stop is not None:
-                        await on_stop()
-                if ev.name == "MIGRATION":
-                    status = ev.data.get("status")
-                    res.status = str(status)
-                    if status == "pre-switchover" and opts.cancel_at_pre_switchover:
-                        await asyncio.sleep(opts.switchover_pause_ms / 1000)
-                        await src.execute("migrate_cancel")
-                    elif status == "pre-switchover" and opts.switchover_pause_ms > 0:
-                        if before_continue is not None:
-                            await before_continue()
-                        await asyncio.sleep(opts.switchover_pause_ms / 1000)
-                        await src.execute("migrate-continue", {"state": "pre-switchover"})
-                    elif status == "completed":
-                        res.completed_t = ev.emitted
-                        break
-                    elif status in ("failed", "cancelled"):
-                        info = await src.execute("query-migrate")
-                        raise MigrationFailed(f"migration {status}: {info.get('error-desc', 'no reason given')}")
+            if ev is not None and await _on_src_event(src, ev, opts, res, before_continue, on_stop):
+                break
             if opts.stop_at_remaining is not None and not stopped_by_us:
                 info = await src.execute("query-migrate")
                 ram = info.get("ram", {})
@@ -166,6 +121,62 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
     finally:
         if dst_task is not None and not dst_task.done():
             await stop_task(dst_task)
+
+
+async def _configure(src: Monitor, opts: MigrationOptions) -> None:
+    caps = [{"capability": "events", "state": True}]
+    if opts.switchover_pause_ms > 0 or opts.cancel_at_pre_switchover:
+        caps.append({"capability": "pause-before-switchover", "state": True})
+    await src.execute("migrate-set-capabilities", {"capabilities": caps})
+    params: dict[str, Any] = {}
+    if opts.downtime_limit_ms is not None:
+        params["downtime-limit"] = opts.downtime_limit_ms
+    if opts.max_bandwidth is not None:
+        params["max-bandwidth"] = opts.max_bandwidth
+    if params:
+        await src.execute("migrate-set-parameters", params)
+
+
+async def _watch_dst(dst: Monitor, res: MigrationResult, resumed: asyncio.Event) -> None:
+    """Until the destination's RESUME."""
+    while True:
+        ev = await dst.next_event(1.0)
+        if ev is None:
+            continue
+        res.events.append((ev.received, "dst", ev.name))
+        if ev.name == "RESUME":
+            res.dst_resume_t = ev.emitted
+            resumed.set()
+            return
+
+
+async def _on_src_event(src: Monitor, ev: Event, opts: MigrationOptions, res: MigrationResult,
+                        before_continue: HookFn | None, on_stop: HookFn | None) -> bool:
+    """One event of the source's; True once the migration completed."""
+    res.events.append((ev.received, "src", ev.name + ":" + str(ev.data.get("status", ""))))
+    if ev.name == "STOP" and res.src_stop_t is None:
+        res.src_stop_t = ev.emitted
+        if on_stop is not None:
+            await on_stop()
+    if ev.name != "MIGRATION":
+        return False
+    status = ev.data.get("status")
+    res.status = str(status)
+    if status == "pre-switchover" and opts.cancel_at_pre_switchover:
+        await asyncio.sleep(opts.switchover_pause_ms / 1000)
+        await src.execute("migrate_cancel")
+    elif status == "pre-switchover" and opts.switchover_pause_ms > 0:
+        if before_continue is not None:
+            await before_continue()
+        await asyncio.sleep(opts.switchover_pause_ms / 1000)
+        await src.execute("migrate-continue", {"state": "pre-switchover"})
+    elif status == "completed":
+        res.completed_t = ev.emitted
+        return True
+    elif status in ("failed", "cancelled"):
+        info = await src.execute("query-migrate")
+        raise MigrationFailed(f"migration {status}: {info.get('error-desc', 'no reason given')}")
+    return False
 
 
 async def stop_task(task: asyncio.Task[Any]) -> None:
