@@ -30,12 +30,16 @@ import time
 import zlib
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import links, netns, tapfd, tc, wire
 from .channel import BATCH, CONTROL, Channel, Wire, connect, serve, server_handshake
 from .errors import LabError
 from .packet import Shadow, TxRing, send_frames
+
+if TYPE_CHECKING:
+    from .agent import DestSession
+    from .deststate import DestNic
 
 PORT = 7412
 VM_MAC = bytes.fromhex("525400123456")
@@ -313,25 +317,14 @@ class _TimedRing:
         self.ring.close()
 
 
-async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
-    """The destination: the agent's own DestSession accepts each batch and
-    its feeder replays the cache into the tap, as during a migration; a
-    forked sink reads the tap as the VM's QEMU would."""
-    from . import heap
-    from .agent import DestSession
-    from .deststate import AgentConfig, DestNic
-    from .nics import Nic
-
-    heap.keep_freed()  # as the agent does (Agent.start)
-    tap = "npb-dst"
-    fd = tapfd.open_tap(tap, vnet_hdr=True)  # the sink's, as a QEMU's; the agent polls it too
-    links.set_txqueuelen(None, tap, DST_QLEN)
-    links.set_up(None, tap)
-    os.set_blocking(fd, False)
+def _fork_sink(fd: int, expect: int, verify: bool) -> tuple[int, int]:
+    """The sink, a forked process that reads the tap as the VM's QEMU would
+    (nothing of asyncio runs in it), ready; its pid and the pipe its
+    results come on."""
     rd, wr = os.pipe()
     ready_r, ready_w = os.pipe()
     sink_pid = os.fork()
-    if sink_pid == 0:  # the sink process: nothing of asyncio runs in it
+    if sink_pid == 0:
         os.close(rd)
         try:
             _sink(fd, expect, ready_w, wr, verify)
@@ -339,21 +332,53 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
             os._exit(0)
     os.close(wr)
     os.read(ready_r, 1)
+    return sink_pid, rd
+
+
+def _session(ch: Channel, token: bytes, tap: str, fd: int, ring: _TimedRing) -> tuple[DestSession, DestNic]:
+    """The agent's own session over the bench's tap, its VM running."""
+    from .agent import DestSession
+    from .deststate import AgentConfig, DestNic
+    from .nics import Nic
+
+    cfg = AgentConfig(listen=f"{DST_IP}:{PORT}", token=token, qmp_root=Path("/nonexistent"))
+    sess = DestSession(cfg, ch, "bench")
+    sess.replay.to_source = False
+    dn = DestNic(nic=Nic(mac=VM_MAC_TEXT, tap=tap),
+                 ring=ring, fds=[fd], orig_qlen=DST_QLEN, mac_bytes=VM_MAC,  # type: ignore[arg-type]
+                 shadow=Shadow(tap, keep=100_000))
+    dn.mark_tx = dn.tx0 = links.tx_packets(tap)
+    sess.nics.append(dn)
+    sess.running = True  # the 'VM' reads from the start
+    return sess, dn
+
+
+def _receiver_fields(cpu_s: float, ring: _TimedRing, dn: DestNic) -> dict[str, Any]:
+    return {"receiver_cpu_s": cpu_s, "latency_p50_ms": _percentile(ring.lat, 0.5),
+            "latency_p99_ms": _percentile(ring.lat, 0.99), "frames_dropped": dn.dropped,
+            "peak_rss_mib": round(_rss_mib("VmHWM"), 1)}
+
+
+async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
+    """The destination: the agent's own DestSession accepts each batch and
+    its feeder replays the cache into the tap, as during a migration; a
+    forked sink reads the tap as the VM's QEMU would."""
+    from . import heap
+
+    heap.keep_freed()  # as the agent does (Agent.start)
+    tap = "npb-dst"
+    fd = tapfd.open_tap(tap, vnet_hdr=True)  # the sink's, as a QEMU's; the agent polls it too
+    links.set_txqueuelen(None, tap, DST_QLEN)
+    links.set_up(None, tap)
+    os.set_blocking(fd, False)
+    sink_pid, rd = _fork_sink(fd, expect, verify)
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def handle(reader: Wire, writer: Any) -> None:
         ch = Channel(reader, writer, peer="bench")
         await server_handshake(ch, token)
         ring = _TimedRing(TxRing(tap, vnet_hdr=True))
-        cfg = AgentConfig(listen=f"{DST_IP}:{PORT}", token=token, qmp_root=Path("/nonexistent"))
-        sess = DestSession(cfg, ch, "bench")
-        sess.replay.to_source = False
-        dn = DestNic(nic=Nic(mac=VM_MAC_TEXT, tap=tap),
-                     ring=ring, fds=[fd], orig_qlen=DST_QLEN, mac_bytes=VM_MAC,  # type: ignore[arg-type]
-                     shadow=Shadow(tap, keep=100_000))
-        dn.mark_tx = dn.tx0 = links.tx_packets(tap)
-        sess.nics.append(dn)
-        sess.running = True  # the 'VM' reads from the start
+        sess, dn = _session(ch, token, tap, fd, ring)
         feeder = asyncio.get_running_loop().create_task(sess.feed_loop())
         cpu0 = None
         try:
@@ -375,14 +400,8 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
                 await asyncio.sleep(0.0005)
         finally:
             feeder.cancel()
-        cpu = _cpu() - (cpu0 or 0.0)
         res = json.loads(await asyncio.to_thread(os.read, rd, 4096) or b"{}")
-        rss = _rss_mib("VmHWM")
-        await ch.send_json(CONTROL, {**res, "receiver_cpu_s": cpu,
-                                     "latency_p50_ms": _percentile(ring.lat, 0.5),
-                                     "latency_p99_ms": _percentile(ring.lat, 0.99),
-                                     "frames_dropped": dn.dropped,
-                                     "peak_rss_mib": round(rss, 1)})
+        await ch.send_json(CONTROL, {**res, **_receiver_fields(_cpu() - (cpu0 or 0.0), ring, dn)})
         ring.close()
         dn.shadow.close()  # type: ignore[union-attr]
         await ch.close()
@@ -450,6 +469,18 @@ def run(size: int, count: int, batch_frames: int = 512, verify: bool = False,
                 pass
         netns.remove(a)
         netns.remove(b)
+    out = _fields(res, raw, session_us, size, compress, link_mbit)
+    if verify:
+        expect = 0
+        for f in frames:
+            expect = zlib.crc32(f, expect)
+        out["content_ok"] = res["receiver"].get("crc") == expect
+    return out
+
+def _fields(res: dict[str, Any], raw: float, session_us: float, size: int, compress: str,
+            link_mbit: int | None) -> dict[str, Any]:
+    """The bench's fields, from what the source (``res``) and the receiver
+    (``res["receiver"]``) measured."""
     r = res["receiver"]
     seconds = r["t_last"] - res["t0"] if r.get("t_last") else float("inf")
     fps = res["frames"] / seconds
@@ -473,11 +504,6 @@ def run(size: int, count: int, batch_frames: int = 512, verify: bool = False,
                              "receiver": round(r["receiver_cpu_s"] / res["frames"] * 1e6, 2),
                              "sink": round(r["sink_cpu_s"] / res["frames"] * 1e6, 2)},
     }
-    if verify:
-        expect = 0
-        for f in frames:
-            expect = zlib.crc32(f, expect)
-        out["content_ok"] = r.get("crc") == expect
     return out
 
 
