@@ -37,12 +37,11 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import links, procs, rps, tapfd, tc
+from . import holdguard, links, procs, rps, tapfd, tc
 from .errors import KernelError, NetpassError, UsageError
 from .packet import Injector
 
@@ -129,6 +128,47 @@ class HoldStats:
     backlog_dropped: int = 0
 
 
+
+class Primers:
+    """netpass's own frames through an ifb's qdisc, which the ifb drops after
+    (it only passes on what tc redirected to it): two empty a plug's bucket,
+    one wakes a bucket's qdisc.  One socket per ifb, kept until :meth:`close`:
+    closing an AF_PACKET socket waits for an RCU grace period
+    (packet_release -> synchronize_net), 13-20 ms here, which made closing a
+    strict hold take 30-60 ms, longer than a fast switchover (the VM resumed
+    first)."""
+
+    def __init__(self, burst: int) -> None:
+        head = PRIMER_DST + PRIMER_SRC + PRIMER_TYPE
+        body = b"netpass hold primer"
+        self.frames = [head + body.ljust(burst - 64 - 14, b"\0"), head + body.ljust(64 - 14, b"\0")]
+        self._senders: dict[str, Injector] = {}
+
+    def open(self, ifb: str) -> Injector:
+        if ifb not in self._senders:
+            self._senders[ifb] = Injector(ifb, vnet_hdr=False, bypass=False)
+        return self._senders[ifb]
+
+    def send(self, ifb: str, frames: list[bytes]) -> None:
+        sender = self.open(ifb)
+        if not all(sender.send(b"", f) for f in frames):
+            raise KernelError(f"{ifb} refused a frame of netpass's own")
+
+    def empty(self, ifb: str) -> None:
+        """Both primers: a plug's bucket is empty after them."""
+        self.send(ifb, self.frames)
+
+    def kick(self, ifb: str) -> None:
+        """A ``tc change`` refills the bucket but does not wake the qdisc,
+        whose timer may be minutes away; an arriving frame does."""
+        self.send(ifb, self.frames[1:])
+
+    def close(self) -> None:
+        for sender in self._senders.values():
+            sender.close()
+        self._senders.clear()
+
+
 class Hold:
     def __init__(self, spec: HoldSpec, state_dir: Path) -> None:
         self.spec = spec
@@ -141,11 +181,7 @@ class Hold:
         self.qdiscs = tc.QdiscReader(None)  # polled while held frames leave; closed by remove()
         self._avg = 1514  # bytes a held frame takes, as last known (see _frame_bytes)
         self._sent = (0, 0)  # the RX ifb's sent packets and bytes at the last look
-        # One socket per ifb for the primers, kept until remove(): closing an
-        # AF_PACKET socket waits for an RCU grace period (packet_release ->
-        # synchronize_net), 13-20 ms here, which made closing a strict hold
-        # take 30-60 ms, longer than a fast switchover (the VM resumed first).
-        self._senders: dict[str, Injector] = {}
+        self.primers = Primers(spec.burst)  # (their sockets kept until remove())
 
     # -- state file ---------------------------------------------------------------------
     def _save(self, phase: str | None = None) -> None:
@@ -163,17 +199,7 @@ class Hold:
         """Put the (open) hold path in place on ``tap``; nothing is held yet.
         ``tx``: hold the VM's transmissions too (strict ordering); without
         it only live frames toward the VM are held (flow control)."""
-        info = links.info(None, tap)
-        # Room for the largest frame and 64 bytes of tags; two primers empty it.
-        burst = info.mtu + 14 + 64
-        leak_s = tc.plug_leaks_after_s(burst)
-        if hold_timeout_ms / 1000 > 0.8 * leak_s:
-            raise UsageError(f"--hold-timeout-ms {hold_timeout_ms} is too long for tap {tap} (MTU "
-                             f"{info.mtu}): the kernel hold is only tight for {0.8 * leak_s:.1f} s")
-        for direction in ("ingress", "egress"):
-            if {PREF, PASS_PREF, MIRROR_PREF} & tc.filter_prefs(None, tap, direction):
-                raise UsageError(f"tap {tap} already has an {direction} filter with preference "
-                                 f"{PREF}: another netpass hold is active on it")
+        burst = _burst_for(tap, hold_timeout_ms)
         rnd = os.urandom(3).hex()
         spec = HoldSpec(session=session, tap=tap, ifb_rx=f"{IFB_PREFIX}{rnd}r",
                         ifb_tx=f"{IFB_PREFIX}{rnd}t" if tx else "",
@@ -191,7 +217,7 @@ class Hold:
             for ifb in hold.ifbs:
                 links.add_ifb(None, ifb)
                 tc.tbf_open(None, ifb, HANDLE, limit, op="add")
-                hold._sender(ifb)  # opened now, not at the close
+                hold.primers.open(ifb)  # opened now, not at the close
             try:
                 tc.add_clsact(None, tap)
                 spec.made_clsact = True
@@ -200,23 +226,9 @@ class Hold:
                 # for bandwidth limits.  Our filters join it, with our preference.
                 pass
             hold._save()
-            # QEMU's announcement is not the guest's: it goes out at once, so
-            # the network learns the VM's new place at the usual time; what
-            # then arrives here directly waits in the RX hold.
             if spec.ifb_tx:
                 hold._steer_rx_per_flow()
-                tc.pass_protocol(None, tap, "ingress", PASS_PREF, RARP)
-                tc.redirect_all(None, tap, spec.ifb_tx, "ingress", pref=PREF)
-                tc.redirect_all(None, tap, spec.ifb_rx, "egress", pref=PREF, mirror=spec.mirror)
-            else:
-                # Flow control only: frames are copied only while the source
-                # may still send some of them too (stop_mirror ends that),
-                # then held uncopied: copying and reading every frame for as
-                # long as the hold lasted cost a VM under a 30,000/s flood what
-                # it needed to keep up (854-1,481 probes lost, against 83-148
-                # without a hold, and 15-23 copying group frames only).
-                tc.redirect_all(None, tap, spec.ifb_rx, "egress", pref=MIRROR_PREF, mirror=spec.mirror)
-                tc.redirect_all(None, tap, spec.ifb_rx, "egress", pref=PREF)
+            _redirect(spec)
         except NetpassError:
             hold.remove()
             raise
@@ -256,39 +268,12 @@ class Hold:
         return [i for i in (self.spec.ifb_rx, self.spec.ifb_tx) if i]
 
     # -- close --------------------------------------------------------------------------
-    def _primers(self) -> list[bytes]:
-        head = PRIMER_DST + PRIMER_SRC + PRIMER_TYPE
-        body = b"netpass hold primer"
-        return [head + body.ljust(self.spec.burst - 64 - 14, b"\0"), head + body.ljust(64 - 14, b"\0")]
-
-    def _send(self, ifb: str, frames: list[bytes]) -> None:
-        """Frames of our own through an ifb's qdisc; the ifb drops them after
-        (it only passes on what tc redirected to it)."""
-        sender = self._sender(ifb)
-        if not all(sender.send(b"", f) for f in frames):
-            raise KernelError(f"{ifb} refused a frame of netpass's own")
-
-    def _sender(self, ifb: str) -> Injector:
-        if ifb not in self._senders:
-            self._senders[ifb] = Injector(ifb, vnet_hdr=False, bypass=False)
-        return self._senders[ifb]
-
-    def _close_senders(self) -> None:
-        for sender in self._senders.values():
-            sender.close()
-        self._senders.clear()
-
-    def _kick(self, ifb: str) -> None:
-        """A ``tc change`` refills the bucket but does not wake the qdisc,
-        whose timer may be minutes away; an arriving frame does."""
-        self._send(ifb, self._primers()[1:])
-
     def _plug(self, ifb: str) -> None:
         """Turn ``ifb``'s open bucket into a plug, then empty the bucket."""
         before = self.qdiscs.root(ifb)
         self._base_drops[ifb] = before.drops if before else 0
         tc.tbf_plug(None, ifb, HANDLE, self.spec.burst, self.spec.limit, op="change")
-        self._send(ifb, self._primers())
+        self.primers.empty(ifb)
         after = self.qdiscs.root(ifb)
         if before is not None and after is not None and after.sent_packets < before.sent_packets + 2:
             self.stats.notes.append(f"the plug on {ifb} did not pass its primers; a frame may pass it")
@@ -340,7 +325,7 @@ class Hold:
             self.stats.tap_dropped_caught_up = links.info(None, self.spec.tap).tx_dropped
             self.stats.rx_caught_up_t = time.monotonic()
         tc.tbf_open(None, ifb, HANDLE, self.spec.limit)
-        self._kick(ifb)
+        self.primers.kick(ifb)
         self._unsteer(ifb, direction)
         return self._drops(ifb)
 
@@ -359,7 +344,7 @@ class Hold:
             avg = max(60, held_bytes // held)
             tc.tbf_pace(None, ifb, HANDLE, TX_RELEASE_FPS * avg, max(self.spec.burst, TX_RELEASE_BURST * avg),
                         self.spec.limit)
-            self._kick(ifb)
+            self.primers.kick(ifb)
             self._drain_wait(ifb, 1.0 + 4 * held / TX_RELEASE_FPS)
         self.stats.dropped_tx = self._open(ifb, "ingress")
         self.stats.tx_released_t = time.monotonic()
@@ -428,7 +413,7 @@ class Hold:
         avg = self._avg
         tc.tbf_pace(None, self.spec.ifb_rx, HANDLE, int(rate_fps * avg), max(self.spec.burst, 32 * avg),
                     self.spec.limit)
-        self._kick(self.spec.ifb_rx)
+        self.primers.kick(self.spec.ifb_rx)
 
     def release_all(self, rate_fps: float, bound_s: float) -> None:
         """Release both directions, RX at a fixed ``rate_fps``, and wait up to
@@ -548,7 +533,7 @@ class Hold:
             attempt("give the tap its receive steering back", self._give_rx_steering_back)
         attempt("give the tap its queue choice back", self.unpin_queue)
         self.close_mirror()
-        self._close_senders()
+        self.primers.close()
         self.qdiscs.close()
         self.path.unlink(missing_ok=True)
         self.removed = True
@@ -575,27 +560,54 @@ class Hold:
 
     # -- guard --------------------------------------------------------------------------
     def start_guard(self) -> None:
-        """A separate process that undoes the hold if this agent dies
-        (``netpass.holdguard``: light until it has something to undo)."""
-        # Isolated (-I: no working directory, no PYTHON* variables, no user
-        # site on the path) and from /: a netpass/ planted in the agent's
-        # working directory ran as root otherwise.
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-m", "netpass.holdguard", str(self.path), str(os.getpid())],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True, cwd="/")
-        self.spec.guard_pid = proc.pid
+        """A separate process that undoes the hold if this agent dies (``holdguard.py``)."""
+        self._guard = holdguard.start(self.path, os.getpid())
+        self.spec.guard_pid = self._guard.pid
         self._save()
-        self._guard = proc
 
     def stop_guard(self) -> None:
-        proc = self._guard
-        if proc is not None:
-            try:
-                proc.wait(timeout=2)  # it leaves once the state file is gone
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                proc.wait()
+        if self._guard is not None:
+            holdguard.stop(self._guard)  # it leaves once the state file is gone
             self._guard = None
+
+
+def _burst_for(tap: str, hold_timeout_ms: int) -> int:
+    """The plug's bucket for ``tap``: room for its largest frame and 64
+    bytes of tags (two primers empty it); a UsageError if the plug would
+    not stay tight for ``hold_timeout_ms``, or the tap has a hold already."""
+    info = links.info(None, tap)
+    burst = info.mtu + 14 + 64
+    leak_s = tc.plug_leaks_after_s(burst)
+    if hold_timeout_ms / 1000 > 0.8 * leak_s:
+        raise UsageError(f"--hold-timeout-ms {hold_timeout_ms} is too long for tap {tap} (MTU "
+                         f"{info.mtu}): the kernel hold is only tight for {0.8 * leak_s:.1f} s")
+    for direction in ("ingress", "egress"):
+        if {PREF, PASS_PREF, MIRROR_PREF} & tc.filter_prefs(None, tap, direction):
+            raise UsageError(f"tap {tap} already has an {direction} filter with preference "
+                             f"{PREF}: another netpass hold is active on it")
+    return burst
+
+
+def _redirect(spec: HoldSpec) -> None:
+    """The tap's frames into the hold's ifbs (its clsact is in place).
+
+    QEMU's announcement is not the guest's: it goes out at once, so the
+    network learns the VM's new place at the usual time; what then arrives
+    here directly waits in the RX hold."""
+    tap = spec.tap
+    if spec.ifb_tx:
+        tc.pass_protocol(None, tap, "ingress", PASS_PREF, RARP)
+        tc.redirect_all(None, tap, spec.ifb_tx, "ingress", pref=PREF)
+        tc.redirect_all(None, tap, spec.ifb_rx, "egress", pref=PREF, mirror=spec.mirror)
+    else:
+        # Flow control only: frames are copied only while the source may
+        # still send some of them too (stop_mirror ends that), then held
+        # uncopied: copying and reading every frame for as long as the hold
+        # lasted cost a VM under a 30,000/s flood what it needed to keep up
+        # (854-1,481 probes lost, against 83-148 without a hold, and 15-23
+        # copying group frames only).
+        tc.redirect_all(None, tap, spec.ifb_rx, "egress", pref=MIRROR_PREF, mirror=spec.mirror)
+        tc.redirect_all(None, tap, spec.ifb_rx, "egress", pref=PREF)
 
 
 def recover(state_dir: Path) -> list[str]:

@@ -14,6 +14,8 @@ import argparse
 import logging
 import os
 import select
+import subprocess
+import sys
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,25 @@ def guard(state: Path, owner: int) -> int:
         state.unlink(missing_ok=True)
         return 1
     return 0
+
+
+def start(state: Path, owner: int) -> subprocess.Popen[bytes]:
+    """The guard of the hold whose state file is ``state``, for the agent ``owner``."""
+    # Isolated (-I: no working directory, no PYTHON* variables, no user
+    # site on the path) and from /: a netpass/ planted in the agent's
+    # working directory ran as root otherwise.
+    return subprocess.Popen([sys.executable, "-I", "-m", "netpass.holdguard", str(state), str(owner)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
+                            cwd="/")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for a guard to leave (it does once the state file is gone); end it after 2 s."""
+    try:
+        proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
