@@ -185,7 +185,7 @@ def check_strict_hold(ns: str) -> Check:
 
 
 def check_queue_pin(ns: str) -> Check:
-    """The multiqueue pin (agent._pin_queue) on a throw-away 2-queue tap:
+    """The multiqueue pin (destflow.Holds.pin_queue) on a throw-away 2-queue tap:
     load the steering program, attach it, take it off."""
     try:
         with netns.entered(ns):

@@ -93,7 +93,7 @@ class HoldSpec:
     phase: str = "installing"
     guard_pid: int | None = None
     # [QEMU's pid, one of its fds of the tap]: the tap's queues are pinned to
-    # one (agent._pin_queue), to be given back by whoever undoes the hold.
+    # one (destflow.Holds.pin_queue), to be given back by whoever undoes the hold.
     queue_pin: list[int] | None = None
     # The tap's receive steering before the hold steered it to rps_cpus (TX
     # held only): queue -> CPU mask, to be given back.

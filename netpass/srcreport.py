@@ -149,7 +149,7 @@ def _destination(st: SourceState) -> dict[str, Any]:
         "dest_ring_overflow": dest.get("dest_ring_overflow"),
         "dest_ring_overflow_after_hold": dest.get("dest_ring_overflow_after_hold"),
         "dest_replay_refused": dest.get("replay_refused"),
-        # Multiqueue: how long every frame toward the VM went to its queue 0 (agent._pin_queue).
+        # Multiqueue: how long every frame toward the VM went to its queue 0 (destflow.Holds.pin_queue).
         "dest_one_queue_ms": [n.get("one_queue_ms") for n in dest.get("nics", [])
                               if isinstance(n, dict)] or None,
         **({"pcap": st.o.save_pcap, "pcap_frames": st.pcap_written} if st.o.save_pcap else {}),

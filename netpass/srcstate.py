@@ -230,7 +230,7 @@ class SourceState:
         for buf in bufs:
             data = buf[hdr:]
             if data in sn.own_set:
-                sn.own_seen.add(data)  # our own, back from the VM's ring (see _settle_stop)
+                sn.own_seen.add(data)  # our own, back from the VM's ring (see srcsettle.py)
                 continue
             self._capture(sn, buf[:wire.VNET_HDR_LEN] if hdr else b"", data, now)
 
