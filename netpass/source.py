@@ -348,12 +348,7 @@ class SourceSession(SourceState):
         raise MigrationFailed("lost the source QEMU's monitor before the migration ended"
                               + ("; QEMU exited" if gone else ""))
 
-    # -- after completion -----------------------------------------------------------------
     # -- failure --------------------------------------------------------------------------
-    async def _set_param(self, name: str, value: int) -> None:
-        assert self.qemu is not None
-        await self.qemu.set_param(name, value)
-
     async def _cancel_migration(self) -> None:
         """netpass failed while QEMU migrates: cancel, so the VM stays where it is."""
         if self.qemu is not None and not self.completed and await self.qemu.cancel():
