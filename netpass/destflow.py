@@ -20,14 +20,7 @@ from .destfeed import Replay
 from .deststate import DestNic, DestState
 from .errors import KernelError, NetpassError, SessionError
 from .nics import rss_in_use
-from .pacing import (
-    MIN_RELEASE_FPS,
-    RELEASE_STEP_S,
-    Pacing,
-    next_release_pace,
-    repace_needed,
-    vm_reading,
-)
+from .pacing import RELEASE_STEP_S, Window, ask_hold, grant_needed, release_window, window_min
 from .qmp import Monitor
 
 log = logging.getLogger(__name__)
@@ -230,22 +223,9 @@ class Holds:
             await asyncio.to_thread(h.release_tx)
         log.info("session=%s guest TX released", self.st.sid)
 
-    def _release_rate(self, dn: DestNic) -> float:
-        """Frames per second to release held live frames at: what the VM was
-        seen to take during the replay, and above what is arriving now (more
-        in one burst made the lab guest fail to answer some: seen at 4x)."""
-        rate = float(MIN_RELEASE_FPS)
-        if self.st.resume_t is not None and self.st.last_consumed_t is not None and dn.replayed:
-            took = self.st.last_consumed_t - self.st.resume_t
-            if took > 0.005:
-                rate = max(rate, dn.replayed / took)
-        now = time.monotonic()
-        recent = [t for t in dn.held_times if t > now - 0.2]
-        return max(rate, 1.5 * len(recent) / 0.2)
-
     async def _release_rx_locked(self, deadline: float) -> None:
-        """Live RX goes in after the last forwarded frame, paced in the kernel
-        at what the VM takes (see next_release_pace); past flow control's
+        """Live RX goes in after the last forwarded frame, in windows the VM's
+        ring has room for (pacing.py); past flow control's
         bound or ``deadline``, all at once (and the report says so)."""
         for dn in self.st.nics:
             h = dn.hold
@@ -253,16 +233,16 @@ class Holds:
                 continue
             if h.stats.tx_released_t is None:
                 await asyncio.to_thread(h.release_tx)
-            pacing = await self._start_pacing(dn, h, keep=False)
-            log.info("session=%s releasing %d held frame(s) toward the VM at %.0f/s",
-                     self.st.sid, h.stats.held_rx, pacing.rate)
+            await self._start_window(dn, h, keep=False)
+            log.info("session=%s releasing %d held frame(s) toward the VM, as its ring has room",
+                     self.st.sid, h.stats.held_rx)
             # Once the release runs, the frames it holds are newer than every
             # forwarded one: order is kept whatever their pace, and the strict
             # hold timeout (which bounds the wait for forwarded frames) no
             # longer applies.  Dumping them at that timeout overflowed the
             # ring of a VM that took a flood at nearly its pace (lab, 10,000
-            # frames/s: 236-310 probes lost in 7 of 9 runs, where pacing
-            # on lost none).  The bound is flow control's.
+            # frames/s: 236-310 probes lost in 7 of 9 runs, where a paced
+            # release lost none).  The bound is flow control's.
             bound = min(deadline, self.flow_bound())
             started = time.monotonic()
             # The least the hold held, and when: a VM that gains on its
@@ -284,8 +264,8 @@ class Holds:
                                            f"into their release ({why}): released the rest at once")
                     await asyncio.to_thread(h.release_rx_now)
                     break
-                await asyncio.sleep(max(0.001, pacing.t + RELEASE_STEP_S - time.monotonic()))
-                await self._pace_step(dn, h, pacing)
+                await _next_step(dn)
+                await self._window_step(dn, h)
 
     async def release_in_order(self, deadline: float) -> None:
         """Strict ordering, once no forwarded frame is still due: the live
@@ -305,7 +285,7 @@ class Holds:
 
     async def flow_control(self) -> None:
         """Without strict ordering: the live frames held since the park go in
-        at the pace the VM reads (next_release_pace), and so do the ones
+        as the VM's ring has room (pacing.py), and so do the ones
         that keep coming, until the session ends (then the hold goes) or
         the hold's time bound after the resume (then the rest goes at once,
         and the report says so).  A VM that reads fast empties the hold and
@@ -324,9 +304,9 @@ class Holds:
         async with self.lock:
             holds = [(dn, dn.hold) for dn in self.st.nics if dn.hold is not None and not dn.hold.removed]
             for dn, h in holds:
-                pacing = await self._start_pacing(dn, h, keep=True)
-                log.info("session=%s flow control: %d live frame(s) held, going in from %.0f/s",
-                         self.st.sid, h.stats.held_rx, pacing.rate)
+                await self._start_window(dn, h, keep=True)
+                log.info("session=%s flow control: %d live frame(s) held, going in as the VM's ring has room",
+                         self.st.sid, h.stats.held_rx)
             while not self.st.finishing:
                 if self.expired():
                     self.st.hold_timed_out = True
@@ -335,35 +315,44 @@ class Holds:
                     for _dn, h in holds:
                         await asyncio.to_thread(h.release_rx_now)
                     return
-                await asyncio.sleep(RELEASE_STEP_S)
+                await _next_step(holds[0][0] if holds else None)
                 for dn, h in holds:
-                    assert dn.pacing is not None
-                    await self._pace_step(dn, h, dn.pacing)
+                    await self._window_step(dn, h)
 
-    async def _start_pacing(self, dn: DestNic, h: holdmod.Hold, keep: bool) -> Pacing:
-        """Start the paced release of ``dn``'s held live frames (a release
-        that flow control started goes on at its pace).  No more in the
-        first step than a quarter ring: the rate the replay was read at may
-        be a first burst the VM does not keep up."""
-        if dn.pacing is None:
-            rate = min(self._release_rate(dn), (dn.orig_qlen or 500) // 4 / RELEASE_STEP_S)
-            await asyncio.to_thread(h.release_rx, rate, keep)
-            dn.pacing = Pacing(rate, time.monotonic(), dn.read_tx())
-        return dn.pacing
+    async def _start_window(self, dn: DestNic, h: holdmod.Hold, keep: bool) -> None:
+        """Start the windowed release of ``dn``'s held live frames (a release
+        that flow control started goes on)."""
+        if dn.window is None:
+            frames = release_window(self.replay.ring_level(dn), dn.orig_qlen or 500)
+            dn.window = Window(granted=frames, entered0=dn.live_enqueued)
+            await asyncio.to_thread(h.release_rx, frames, keep)
 
-    async def _pace_step(self, dn: DestNic, h: holdmod.Hold, p: Pacing) -> None:
-        """One step of a paced release: the VM's reading since the last, the
-        ring's level, the pace for the next (next_release_pace)."""
+    async def _window_step(self, dn: DestNic, h: holdmod.Hold) -> None:
+        """One step of a windowed release: the ring's level, and a new window
+        once the last one is used (grant_needed).  What the hold let through
+        is what entered the tap since the grant (counted in the kernel: no
+        netlink read a step, which took 3-7 ms of a 10 ms step with a
+        30,000 frames/s flood).  Only a window not half used asks the
+        hold whether frames wait behind it (ask_hold)."""
+        w = dn.window
+        if w is None:
+            return
+        w.step_t = time.monotonic()
+        if h.stats.rx_released_t is not None:
+            return
         ring = dn.orig_qlen or 500
-        now, tx = time.monotonic(), dn.read_tx()
-        level = self.replay.ring_level(dn)
-        p.estimate = vm_reading((tx - p.tx) / max(1e-3, now - p.t), p.estimate, level, ring)
-        pace = next_release_pace(p.estimate, level, ring, p.rate)
-        p.t, p.tx = now, tx
-        if repace_needed(p.rate, pace, ring):
-            p.rate = pace
-            await asyncio.to_thread(h.repace, pace)
-            log.debug("session=%s release pace %.0f/s", self.st.sid, pace)
+        level = self.replay.ring_level(dn)  # (counts what entered the tap)
+        entered, now = dn.live_enqueued, time.monotonic()
+        frames = release_window(level, ring)
+        due = grant_needed(frames, ring, entered - w.entered0, w.granted)
+        if not due and frames >= window_min(ring) and ask_hold(w, entered, now):
+            q = await asyncio.to_thread(h.rx_queue)
+            w.asked_t, w.idle = now, q is None or q.backlog_packets == 0
+            due = not w.idle
+        w.entered_step = entered
+        if due:
+            w.granted, w.entered0, w.idle = frames, entered, False
+            await asyncio.to_thread(h.grant_rx, frames)
 
     async def _remove_locked(self) -> None:
         for dn in self.st.nics:
@@ -433,3 +422,10 @@ class Holds:
             await self.release_rx(deadline)
             await self.unpin_queues(deadline)
             await self.remove()
+
+
+async def _next_step(dn: DestNic | None) -> None:
+    """Until a release's next step: RELEASE_STEP_S after its last one began
+    (a step's own work is inside its period, not added to it)."""
+    last = dn.window.step_t if dn is not None and dn.window is not None else time.monotonic()
+    await asyncio.sleep(max(0.001, last + RELEASE_STEP_S - time.monotonic()))

@@ -13,7 +13,7 @@ from pathlib import Path
 from . import hold as holdmod
 from . import links, tapfd
 from .nics import Nic
-from .pacing import Pacing
+from .pacing import Window
 from .packet import Shadow, Tally, TxRing
 from .pending import Pending
 from .session import StateMachine
@@ -64,7 +64,7 @@ class DestNic:
     # entered the ring: floods, which reach this host directly too.
     late_group: int = 0
     held_times: deque[float] = field(default_factory=lambda: deque(maxlen=65536))
-    pacing: Pacing | None = None  # the release of its hold's live frames, once it started
+    window: Window | None = None  # the release of its hold's live frames, once it started
     tx_dropped0: int = 0  # the tap's drop counter at arm time
     direct_unicast: int = 0  # frames to the VM's own MAC among those counted in ``direct``
     tx0: int = 0  # QEMU's reads from the tap at arm time (none until the VM runs)

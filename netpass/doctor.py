@@ -172,7 +172,7 @@ def check_strict_hold(ns: str) -> Check:
                 steered = h.spec.rps_saved is not None
                 try:
                     h.close()
-                    h.release_all(1000, 2)
+                    h.release_all(64, 2)
                 finally:
                     h.remove(vm_running=False)
             finally:

@@ -128,8 +128,6 @@ class HoldStats:
     backlog_dropped: int = 0
 
 
-# The fewest frames an average frame size is taken from (Hold._frame_bytes).
-FRAME_SAMPLE = 16
 
 
 class Primers:
@@ -146,7 +144,6 @@ class Primers:
         body = b"netpass hold primer"
         self.frames = [head + body.ljust(burst - 64 - 14, b"\0"), head + body.ljust(64 - 14, b"\0")]
         self._senders: dict[str, Injector] = {}
-        self.sent: dict[str, tuple[int, int]] = {}  # ifb -> primers sent through it: frames, bytes
 
     def open(self, ifb: str) -> Injector:
         if ifb not in self._senders:
@@ -155,11 +152,8 @@ class Primers:
 
     def send(self, ifb: str, frames: list[bytes]) -> None:
         sender = self.open(ifb)
-        for f in frames:
-            if not sender.send(b"", f):
-                raise KernelError(f"{ifb} refused a frame of netpass's own")
-            n, size = self.sent.get(ifb, (0, 0))
-            self.sent[ifb] = (n + 1, size + len(f))
+        if not all(sender.send(b"", f) for f in frames):
+            raise KernelError(f"{ifb} refused a frame of netpass's own")
 
     def empty(self, ifb: str) -> None:
         """Both primers: a plug's bucket is empty after them."""
@@ -186,8 +180,6 @@ class Hold:
         self._guard: subprocess.Popen[bytes] | None = None
         self.mirror_fd: int | None = None
         self.qdiscs = tc.QdiscReader(None)  # polled while held frames leave; closed by remove()
-        self._avg = 1514  # bytes a held frame takes, as last known (see _frame_bytes)
-        self._sent = (0, 0)  # the RX ifb's sent packets and bytes at the last look
         self.primers = Primers(spec.burst)  # (their sockets kept until remove())
 
     # -- state file ---------------------------------------------------------------------
@@ -373,74 +365,57 @@ class Hold:
     def rx_backlog(self) -> tuple[int, int]:
         return self._backlog(self.spec.ifb_rx)
 
-    def _frame_bytes(self, q: tc.QdiscInfo | None) -> int:
-        """The bytes of a held frame, on average, to turn a pace in frames
-        into the token bucket's bytes: of what is held now, else of what
-        went through since the last look, else as last known (at first, the
-        largest frame).  Each only from FRAME_SAMPLE frames or more, and the
-        counts less the primers netpass sent through the qdisc.  A pace in
-        bytes too low for the frames grows the hold (a release stuck; one
-        too high is corrected by the pace in frames, which follows the
-        ring).  Taken from fewer: an empty hold taken as 128 bytes a frame
-        once paced 1442-byte frames at a ninth of the pace asked (the hold
-        grew for 3 s and was let go at once into the ring, 2,435 probes of
-        2,000 a second lost); a hold of the plug's 64-byte primer and one
-        small stray frame made 110 bytes, and 1442-byte frames at 1,500 a
-        second grew it to 533 in 0.45 s (kernel test, 1 run in 5); the
-        plug's two primers counted as sent made 789, and 242 (CI).  ``q``:
-        the RX ifb's root qdisc, as just read."""
-        if q is not None:
-            own_frames, own_bytes = self.primers.sent.get(self.spec.ifb_rx, (0, 0))
-            sent, sent_bytes = q.sent_packets - own_frames, q.sent_bytes - own_bytes
-            if q.backlog_packets >= FRAME_SAMPLE:
-                self._avg = q.backlog_bytes // q.backlog_packets
-                self._sent = (sent, sent_bytes)
-            elif sent - self._sent[0] >= FRAME_SAMPLE:  # (fewer: they add up to the next look)
-                self._avg = (sent_bytes - self._sent[1]) // (sent - self._sent[0])
-                self._sent = (sent, sent_bytes)
-        self._avg = max(60, self._avg)
-        return self._avg
+    def release_rx(self, frames: int, keep: bool = False) -> None:
+        """Start letting the held live frames into the tap, in order, in
+        windows: ``frames`` now, then what :meth:`grant_rx` allows (the
+        agent's release, pacing.py); with ``keep`` the hold stays even
+        when it holds nothing (flow control: frames keep coming through it)."""
+        if self._begin_rx(keep):
+            self.grant_rx(frames)
 
-    def release_rx(self, rate_fps: float, keep: bool = False) -> None:
-        """Start letting the held live frames into the tap, in order, paced
-        at ``rate_fps``; with ``keep`` the hold stays even when it holds
-        nothing (flow control: frames keep coming through it, paced)."""
+    def _begin_rx(self, keep: bool) -> bool:
+        """A release's start: what it holds, counted.  False: nothing to
+        release (a release started already, or an empty hold opened)."""
         if self.stats.rx_released_t is not None or self.stats.rx_release_started_t is not None:
-            return
+            return False
         q = self.qdiscs.root(self.spec.ifb_rx)
-        pkts = q.backlog_packets if q is not None else 0
-        self.stats.held_rx = pkts
+        self.stats.held_rx = pkts = q.backlog_packets if q is not None else 0
         self.stats.rx_release_started_t = time.monotonic()
         if pkts == 0 and not keep:
             self._open_rx(caught_up=True)
-            return
-        self._frame_bytes(q)
-        self._pace(rate_fps)
+            return False
         self._save("releasing")
+        return True
 
-    def repace(self, rate_fps: float) -> None:
-        """Change the pace of a release in progress (live frames keep arriving:
-        a pace below their rate would never empty the hold)."""
+    def rx_queue(self) -> tc.QdiscInfo | None:
+        """The RX ifb's root qdisc and its counts, now."""
+        return self.qdiscs.root(self.spec.ifb_rx)
+
+    def grant_rx(self, frames: int) -> None:
+        """Let ``frames`` more held frames through (at least one), then hold
+        again: a window (tc.tbf_allow).  The frame that wakes the qdisc
+        (Primers.kick) takes a place in it only if nothing waits before it."""
         if self.stats.rx_released_t is not None:
             return
-        self._frame_bytes(self.qdiscs.root(self.spec.ifb_rx))
-        self._pace(rate_fps)
-
-    def _pace(self, rate_fps: float) -> None:
-        avg = self._avg
-        tc.tbf_pace(None, self.spec.ifb_rx, HANDLE, int(rate_fps * avg), max(self.spec.burst, 32 * avg),
-                    self.spec.limit)
+        tc.tbf_allow(None, self.spec.ifb_rx, HANDLE, frames, self.frame_max, self.spec.limit)
         self.primers.kick(self.spec.ifb_rx)
 
-    def release_all(self, rate_fps: float, bound_s: float) -> None:
-        """Release both directions, RX at a fixed ``rate_fps``, and wait up to
-        ``bound_s`` for the held frames to be in (a check's or a test's
-        release; the agent paces RX by what the VM reads)."""
+    @property
+    def frame_max(self) -> int:
+        """The tap's MTU and Ethernet header: the spec's burst less the 64
+        bytes it has for tags (_burst_for)."""
+        return self.spec.burst - 64
+
+    def release_all(self, window: int, bound_s: float) -> None:
+        """Release both directions, RX ``window`` frames every 5 ms, and wait
+        up to ``bound_s`` for the held frames to be in (a check's or a
+        test's release; the agent's windows follow the VM's ring)."""
         self.release_tx()
-        self.release_rx(rate_fps)
+        self.release_rx(window)
         deadline = time.monotonic() + bound_s
         while not self.rx_done() and time.monotonic() < deadline:
             time.sleep(0.005)
+            self.grant_rx(window)
 
     def release_rx_now(self) -> None:
         """Let the rest of the held live frames go at once (a timeout)."""

@@ -132,21 +132,23 @@ def plug_leaks_after_s(burst: int) -> float:
     return MIN_FRAME * 8 / plug_rate(burst)
 
 
-def _tbf(ns: str | None, dev: str, op: str, handle: str, rate_bits: int, burst: int, limit: int) -> None:
+def _tbf(ns: str | None, dev: str, op: str, handle: str, rate_bits: int, burst: int, limit: int,
+         mpu: int = 0) -> None:
     # Through the tc program: with pyroute2 0.9, a tbf "change" to the plug
     # made the qdisc drop every later frame in our test (not understood);
     # tc's change keeps the queue and works.
     _tc(ns, "qdisc", op, "dev", dev, "root", "handle", handle, "tbf",
-        "rate", f"{rate_bits}bit", "burst", str(burst), "limit", str(limit))
+        "rate", f"{rate_bits}bit", "burst", str(burst), *(("mpu", str(mpu)) if mpu else ()), "limit", str(limit))
 
 
-def tbf_plug(ns: str | None, dev: str, handle: str, burst: int, limit: int, op: str = "add") -> None:
+def tbf_plug(ns: str | None, dev: str, handle: str, burst: int, limit: int, op: str = "add", mpu: int = 0) -> None:
     """A token bucket at a few bytes per second (``op``: add, change, replace).
 
     Its bucket starts full: the caller empties it with frames totalling
-    ``burst`` bytes, after which it holds everything.
+    ``burst`` bytes, after which it holds everything.  ``mpu``: every frame
+    costs at least that many bytes.
     """
-    _tbf(ns, dev, op, handle, plug_rate(burst), burst, limit)
+    _tbf(ns, dev, op, handle, plug_rate(burst), burst, limit, mpu)
 
 
 def tbf_open(ns: str | None, dev: str, handle: str, limit: int, op: str = "change") -> None:
@@ -154,15 +156,20 @@ def tbf_open(ns: str | None, dev: str, handle: str, limit: int, op: str = "chang
     _tbf(ns, dev, op, handle, OPEN_RATE_BITS, OPEN_BURST, limit)
 
 
-def tbf_allow(ns: str | None, dev: str, handle: str, nbytes: int, limit: int, min_burst: int) -> None:
-    """Let about ``nbytes`` of held frames through, in order, then hold again.
+def tbf_allow(ns: str | None, dev: str, handle: str, frames: int, frame_max: int, limit: int) -> None:
+    """Let ``frames`` more held frames through, in order, then hold again.
 
-    A change refills the bucket: with ``burst`` = ``nbytes`` that many bytes
-    pass, then the slow rate holds the rest.  The burst never goes below
-    ``min_burst`` (the largest frame): a frame larger than the bucket would
-    never leave, and new ones would be dropped as oversized.
+    A change refills the bucket (it does not add to it), and every frame
+    costs at least ``frame_max`` bytes (tbf's ``mpu``, checked here: 10
+    frames of 60 bytes passed a bucket of 10 x 1514, and no more): so
+    ``frames`` of any size up to ``frame_max`` pass, fewer of larger ones.
+    Then the plug's slow rate holds the rest.  The bucket has 64 bytes
+    more (less than one more frame) and room for one frame at least: tbf
+    drops an arriving frame larger than its bucket, and one with tags may
+    be that much over ``frame_max``.
     """
-    tbf_plug(ns, dev, handle, max(nbytes, min_burst), limit, op="change")
+    burst = max(1, frames) * frame_max + 64
+    tbf_plug(ns, dev, handle, burst, limit, op="change", mpu=frame_max)
 
 
 def shape(ns: str | None, dev: str, rate_bits: int) -> None:

@@ -2,12 +2,12 @@
 
 A slow 'VM' (this test reading the tap's fd at 3,000 frames/s) gets 2,000
 held frames and more live ones while they are released.  The tap's ring is
-small (256), the only buffer between the release's pace and the VM: a pace
-above the VM's reading overflows it, and tun drops frames for good.  The
-agent's own release (Holds.release_rx, destflow.py) must deliver every frame, in
-order, with the ring dropping none; a release at a fixed fast pace, as the
-agent used to start one from a quickly read replay, drops hundreds (the
-teeth).
+small (256), the only buffer between the release and the VM: more than
+the VM reads overflows it, and tun drops frames for good.  The agent's own
+release (Holds.release_rx, destflow.py: windows the ring has room for)
+must deliver every frame, in order, with the ring dropping none; a release
+that does not look at the ring (windows of 20,000 frames) drops hundreds
+(the teeth).
 
 The rig runs under ``ip netns exec`` in a namespace of its own: the release
 reads the tap's counters from sysfs, which shows a namespace's devices only
@@ -144,7 +144,7 @@ def test_release_keeps_to_what_a_slow_vm_reads(root_required: None, tmp_path: Pa
 
 
 def test_a_fixed_fast_release_overflows_the_ring(root_required: None, tmp_path: Path) -> None:
-    """The teeth: the rig sees what a pace above the VM's reading does."""
+    """The teeth: the rig sees what a release above the VM's reading does."""
     res = run_rig("fixed", tmp_path)
     assert res["ring_dropped"] >= 100 and res["missing"] >= 100, res
 
