@@ -63,6 +63,12 @@ class Cell:
             "exit_code": rep.get("exit_code"), "swallowed_account": rep.get("swallowed_account"),
             "dropped": rep.get("frames_dropped"), "dest_ring_overflow": rep.get("dest_ring_overflow"),
             "fault": res.get("dst_guest_fault"), "error": rep.get("error"), "notes": rep.get("notes"),
+            # Where each run of lost probes falls (lab clock, ms): before the
+            # park (the source's own tap ring, tap_ring_overflow), in the
+            # session, or after the VM caught up with the hold.
+            "lost_runs_ms": res.get("lost_runs_ms"), "pause_start_ms": res.get("pause_start_ms"),
+            "dst_resume_ms": res.get("dst_resume_ms"), "hold_caught_up_ms": rep.get("hold_caught_up_ms"),
+            "tap_ring_overflow": rep.get("tap_ring_overflow"),
             # What went wrong, kept for a failed run only (one exit 4 in a
             # 60-run matrix left nothing to look at).
             "log_tails": ({k: str(v).splitlines()[-40:] for k, v in (rep.get("logs") or {}).items()}
