@@ -337,17 +337,16 @@ class Holds:
         w = dn.window
         if w is None:
             return
-        w.step_t = time.monotonic()
+        w.step_t = now = time.monotonic()
         if h.stats.rx_released_t is not None:
             return
         ring = dn.orig_qlen or 500
         level = self.replay.ring_level(dn)  # (counts what entered the tap)
-        entered, now = dn.live_enqueued, time.monotonic()
+        entered = dn.live_enqueued
         frames = release_window(level, ring)
         due = grant_needed(frames, ring, entered - w.entered0, w.granted)
         if not due and frames >= window_min(ring) and ask_hold(w, entered, now):
-            q = await asyncio.to_thread(h.rx_queue)
-            w.asked_t, w.idle = now, q is None or q.backlog_packets == 0
+            w.asked_t, w.idle = now, (await asyncio.to_thread(h.rx_backlog))[0] == 0
             due = not w.idle
         w.entered_step = entered
         if due:

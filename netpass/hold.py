@@ -128,8 +128,6 @@ class HoldStats:
     backlog_dropped: int = 0
 
 
-
-
 class Primers:
     """netpass's own frames through an ifb's qdisc, which the ifb drops after
     (it only passes on what tc redirected to it): two empty a plug's bucket,
@@ -378,18 +376,13 @@ class Hold:
         release (a release started already, or an empty hold opened)."""
         if self.stats.rx_released_t is not None or self.stats.rx_release_started_t is not None:
             return False
-        q = self.qdiscs.root(self.spec.ifb_rx)
-        self.stats.held_rx = pkts = q.backlog_packets if q is not None else 0
+        self.stats.held_rx = pkts = self.rx_backlog()[0]
         self.stats.rx_release_started_t = time.monotonic()
         if pkts == 0 and not keep:
             self._open_rx(caught_up=True)
             return False
         self._save("releasing")
         return True
-
-    def rx_queue(self) -> tc.QdiscInfo | None:
-        """The RX ifb's root qdisc and its counts, now."""
-        return self.qdiscs.root(self.spec.ifb_rx)
 
     def grant_rx(self, frames: int) -> None:
         """Let ``frames`` more held frames through (at least one), then hold
@@ -402,9 +395,9 @@ class Hold:
 
     @property
     def frame_max(self) -> int:
-        """The tap's MTU and Ethernet header: the spec's burst less the 64
-        bytes it has for tags (_burst_for)."""
-        return self.spec.burst - 64
+        """The tap's MTU and Ethernet header: the spec's burst less its room
+        for tags (_burst_for)."""
+        return self.spec.burst - tc.TAG_ROOM
 
     def release_all(self, window: int, bound_s: float) -> None:
         """Release both directions, RX ``window`` frames every 5 ms, and wait
@@ -568,7 +561,7 @@ def _burst_for(tap: str, hold_timeout_ms: int) -> int:
     bytes of tags (two primers empty it); a UsageError if the plug would
     not stay tight for ``hold_timeout_ms``, or the tap has a hold already."""
     info = links.info(None, tap)
-    burst = info.mtu + 14 + 64
+    burst = info.mtu + 14 + tc.TAG_ROOM
     leak_s = tc.plug_leaks_after_s(burst)
     if hold_timeout_ms / 1000 > 0.8 * leak_s:
         raise UsageError(f"--hold-timeout-ms {hold_timeout_ms} is too long for tap {tap} (MTU "

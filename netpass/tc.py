@@ -35,6 +35,7 @@ PLUG_BUCKET_S = 200
 OPEN_RATE_BITS = 100_000_000_000
 OPEN_BURST = 4 << 20
 MIN_FRAME = 42  # an ARP request without padding: the smallest frame that may wait
+TAG_ROOM = 64  # bytes a bucket has beyond the largest untagged frame, for tags
 
 
 def _tc(ns: str | None, *args: str) -> str:
@@ -163,12 +164,12 @@ def tbf_allow(ns: str | None, dev: str, handle: str, frames: int, frame_max: int
     costs at least ``frame_max`` bytes (tbf's ``mpu``, checked here: 10
     frames of 60 bytes passed a bucket of 10 x 1514, and no more): so
     ``frames`` of any size up to ``frame_max`` pass, fewer of larger ones.
-    Then the plug's slow rate holds the rest.  The bucket has 64 bytes
-    more (less than one more frame) and room for one frame at least: tbf
+    Then the plug's slow rate holds the rest.  The bucket has TAG_ROOM
+    bytes more (less than one more frame) and room for one frame at least: tbf
     drops an arriving frame larger than its bucket, and one with tags may
     be that much over ``frame_max``.
     """
-    burst = max(1, frames) * frame_max + 64
+    burst = max(1, frames) * frame_max + TAG_ROOM
     tbf_plug(ns, dev, handle, burst, limit, op="change", mpu=frame_max)
 
 
