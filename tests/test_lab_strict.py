@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from .test_lab_netpass import assert_zero_loss, run, summary
+from .test_lab_zeroloss import assert_zero_loss_but_the_vms_own
 
 pytestmark = pytest.mark.lab
 
@@ -100,11 +101,17 @@ def test_strict_with_four_queues(guest_image, no_leftovers) -> None:
 def test_strict_under_a_flood_the_vm_absorbs(guest_image, no_leftovers) -> None:
     """10,000 frames/s to the VM all along: the held ones go in at its pace
     however long that takes (dumped at the 3 s hold timeout, they overflowed
-    its ring: 236-310 probes lost in 7 of 9 runs)."""
+    its ring: 236-310 probes lost in 7 of 9 runs).  As in the non-strict
+    flood tests, the flooded VM's own losses on the source before the park
+    are accepted and nothing else: a busy-core CI lost 38 probes sent in the
+    30 ms before the park, with the source tap's ``tap_ring_overflow`` 236
+    (38 is the probes' share of 236 frames), an exact account and no
+    destination overflow.  Strict ordering changes nothing on the source
+    before the park."""
     res = run(guest_image, "netpass", migrate_args=STRICT, **FLOOD)
-    assert_zero_loss(res)
+    assert_zero_loss_but_the_vms_own(res)
     rep = res["report"]
-    assert res["lost"] == 0 and res["reordered"] == 0, summary(res)
+    assert res["reordered"] == 0, summary(res)
     assert rep["dest_ring_overflow"] == 0, rep
 
 
@@ -112,13 +119,22 @@ def test_strict_tcp_flow_stalls_only_for_the_pause(guest_image, no_leftovers) ->
     """A 20 Mbit/s TCP flow into the VM (its plain twin, which retransmits,
     is in test_lab_zeroloss).  The live segments wait only until the source
     has settled, not for its linger to end: held until then, they stalled
-    the flow 275-287 ms, 60-70 ms past stop->resume."""
+    the flow 275-287 ms, 60-70 ms past stop->resume.
+
+    Strict ordering holds the VM's own frames, its ACKs, until it has read
+    every forwarded one, so the flow also waits for the resumed VM to read
+    them: on a loaded host a TCG guest took 27-49 ms after its resume to read
+    3-4 segments (5 runs with a busy core: stall 242-347 ms, 13-35 ms past
+    the network's pause), and a busy-core CI stalled 64 ms past it.  The
+    bound allows the VM that read time, and the TX hold must end with it."""
     res = run(guest_image, "netpass", migrate_args=STRICT, proto="tcp", tcp_rate_mbit=20.0,
               switchover_pause_ms=200)
     rep = res["report"]
     assert rep["exit_code"] == 0 and rep["frames_dropped"] == {}, summary(res)
     assert res["retransmits"] <= 1, res
-    assert res["stall_ms"] <= res["network_pause_ms"] + 50, res
+    read_ms = rep["replay_delay_ms"] or 0.0
+    assert res["stall_ms"] <= res["network_pause_ms"] + max(50.0, read_ms + 25), res
+    assert rep["hold_tx_ms"] is not None and rep["hold_tx_ms"] <= read_ms + 20, rep
     assert rep["reordered_estimate"] - rep["reordered_group_estimate"] == 0, rep  # as in assert_strict
     assert rep["hold_timeout"] is False, rep
     # The tap refused GSO replays before QEMU set its offloads: kept and sent
