@@ -36,7 +36,7 @@ from .channel import (
     serve,
     server_handshake,
 )
-from .destfeed import Replay
+from .destfeed import Gauge, Replay
 from .destflow import Holds
 from .deststate import AgentConfig, DestState
 from .errors import KernelError, NetpassError, QMPError, SessionError, UsageError
@@ -69,7 +69,9 @@ class DestSession(DestState):
     """The destination's I/O for one session: the channel to the source, the
     VM's monitor and taps; the facts it gathers are its ``DestState``."""
 
-    def __init__(self, cfg: AgentConfig, ch: Channel, sid: str, metrics: AgentMetrics | None = None) -> None:
+    def __init__(self, cfg: AgentConfig, ch: Channel, sid: str, metrics: AgentMetrics | None = None,
+                 gauge: Gauge | None = None) -> None:
+        """``gauge``: the taps' ring level (None: the kernel's; tests give their own)."""
         super().__init__(cfg, sid)
         self.metrics = metrics
         self.ch = ch
@@ -82,7 +84,7 @@ class DestSession(DestState):
         self.undo = AsyncExitStack()
         self.cleanup_errors: list[str] = []
         self.fail_after: str | None = None  # tests: fail the arm right after this step
-        self.replay = Replay(self, ch, metrics, self)
+        self.replay = Replay(self, ch, metrics, self, gauge)
         self.holds = Holds(self, self.replay, self)
         self.vm_pidfd: int | None = None
 

@@ -37,10 +37,18 @@ class ReplayIO(Protocol):
     def on_exit(self, what: str, fn: Callable[..., Any], *args: Any) -> None: ...
 
 
+# How many frames a destination tap's ring holds now (Replay.ring_level
+# reads the kernel; a test gives its own).
+Gauge = Callable[[DestNic], int]
+
+
 class Replay:
-    def __init__(self, st: DestState, ch: Channel, metrics: AgentMetrics | None, io: ReplayIO | None = None) -> None:
-        """``io``: where the undo of what :meth:`take_nics` takes goes."""
+    def __init__(self, st: DestState, ch: Channel, metrics: AgentMetrics | None, io: ReplayIO | None = None,
+                 gauge: Gauge | None = None) -> None:
+        """``io``: where the undo of what :meth:`take_nics` takes goes;
+        ``gauge``: the rings' level (None: the kernel's, :meth:`ring_level`)."""
         self.st, self.ch, self.metrics, self.io = st, ch, metrics, io
+        self.gauge: Gauge = gauge or self.ring_level
         self.fed_told, self.fed_told_t = 0, 0.0
         self.to_source = True  # tell the source what is fed (the bench's session has no source)
 
@@ -105,7 +113,7 @@ class Replay:
         # Before the VM runs, with the hold closed, nothing else enters; once
         # it runs, the hold's paced release aims at half the ring too.
         share = ring * 3 // 4 if self.st.hold_closed and not self.st.running else ring // 2
-        return max(0, share - self.ring_level(dn))
+        return max(0, share - self.gauge(dn))
 
     def feed(self) -> None:
         for dn in self.st.nics:
@@ -203,7 +211,7 @@ class Replay:
         seen empty, everything entered so far is read: that is a mark.  From
         the last mark, the read count says how far into the ring QEMU is.
         """
-        level = self.ring_level(dn)  # pulls the shadow, moves the mark
+        level = self.gauge(dn)  # (the kernel's: pulls the shadow, moves the mark)
         # Frames read so far = frames entered less those still in the ring.
         return dn.live_enqueued + dn.replayed - level >= dn.last_pos
 

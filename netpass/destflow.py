@@ -323,7 +323,7 @@ class Holds:
         """Start the windowed release of ``dn``'s held live frames (a release
         that flow control started goes on)."""
         if dn.window is None:
-            frames = release_window(self.replay.ring_level(dn), dn.orig_qlen or 500)
+            frames = release_window(self.replay.gauge(dn), dn.orig_qlen or 500)
             dn.window = Window(granted=frames, entered0=dn.live_enqueued)
             await asyncio.to_thread(h.release_rx, frames, keep)
 
@@ -341,7 +341,7 @@ class Holds:
         if h.stats.rx_released_t is not None:
             return
         ring = dn.orig_qlen or 500
-        level = self.replay.ring_level(dn)  # (counts what entered the tap)
+        level = self.replay.gauge(dn)  # (counts what entered the tap)
         entered = dn.live_enqueued
         frames = release_window(level, ring)
         due = grant_needed(frames, ring, entered - w.entered0, w.granted)

@@ -11,6 +11,7 @@ from typing import Any
 
 from .errors import MigrationFailed, NetpassError
 from .qmp import Event, Monitor
+from .watch import AtPreSwitchover, Completed, Fact, Failed, Stopped, Watch
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +79,30 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
     await _configure(src, opts)
     dst_resumed = asyncio.Event()
     dst_task = asyncio.create_task(_watch_dst(dst, res, dst_resumed)) if dst is not None else None
+    watch = Watch()
+
+    async def act(facts: list[Fact], info: dict[str, Any] | None = None) -> None:
+        res.status = watch.status
+        for fact in facts:
+            await _on_fact(src, fact, info, opts, res, before_continue, on_stop)
+
     try:
         await src.execute("migrate", {"uri": opts.uri})
         deadline = time.monotonic() + opts.timeout_s
         next_poll = 0.0
         stopped_by_us = False
-        while True:
+        while not watch.completed:
             if time.monotonic() > deadline:
                 await src.execute("migrate_cancel")
                 raise MigrationFailed(f"migration did not finish within {opts.timeout_s:.0f} s; cancelled")
             ev: Event | None = await src.next_event(0.05)
-            if ev is not None and await _on_src_event(src, ev, opts, res, before_continue, on_stop):
-                break
+            if ev is not None:
+                res.events.append((ev.received, "src", ev.name + ":" + str(ev.data.get("status", ""))))
+                await act(watch.event(ev.name, ev.data, ev.emitted))
+                continue
             if opts.stop_at_remaining is not None and not stopped_by_us:
                 info = await src.execute("query-migrate")
+                await act(watch.polled(info), info)
                 ram = info.get("ram", {})
                 if info.get("status") == "active" and ram.get("total") and \
                         ram.get("remaining", 0) <= opts.stop_at_remaining * ram["total"]:
@@ -99,17 +110,10 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
                     stopped_by_us = True
             if progress is not None and time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + 0.5
-                progress(progress_line(await src.execute("query-migrate")))
-        info = await src.execute("query-migrate")
-        res.downtime_ms = info.get("downtime")
-        res.total_time_ms = info.get("total-time")
-        res.setup_time_ms = info.get("setup-time")
-        res.ram = dict(info.get("ram", {}))
-        if progress is not None:
-            progress(progress_line(info))
-        if dst is not None and stopped_by_us:
-            # The VM was paused when it crossed: the destination comes up paused.
-            await _cont_when_paused(dst, opts.resume_timeout_s)
+                info = await src.execute("query-migrate")
+                progress(progress_line(info))
+                await act(watch.polled(info), info)
+        await _finish(src, dst if stopped_by_us else None, opts, res, progress)
         if dst_task is not None:
             try:
                 async with asyncio.timeout(opts.resume_timeout_s):
@@ -121,6 +125,21 @@ async def migrate(src: Monitor, dst: Monitor | None, opts: MigrationOptions,
     finally:
         if dst_task is not None and not dst_task.done():
             await stop_task(dst_task)
+
+
+async def _finish(src: Monitor, paused_dst: Monitor | None, opts: MigrationOptions, res: MigrationResult,
+                  progress: ProgressFn | None) -> None:
+    """The migration completed: QEMU's own figures into ``res``; a VM that
+    crossed paused (``paused_dst``) is continued on the destination."""
+    info = await src.execute("query-migrate")
+    res.downtime_ms = info.get("downtime")
+    res.total_time_ms = info.get("total-time")
+    res.setup_time_ms = info.get("setup-time")
+    res.ram = dict(info.get("ram", {}))
+    if progress is not None:
+        progress(progress_line(info))
+    if paused_dst is not None:
+        await _cont_when_paused(paused_dst, opts.resume_timeout_s)
 
 
 async def _configure(src: Monitor, opts: MigrationOptions) -> None:
@@ -150,33 +169,30 @@ async def _watch_dst(dst: Monitor, res: MigrationResult, resumed: asyncio.Event)
             return
 
 
-async def _on_src_event(src: Monitor, ev: Event, opts: MigrationOptions, res: MigrationResult,
-                        before_continue: HookFn | None, on_stop: HookFn | None) -> bool:
-    """One event of the source's; True once the migration completed."""
-    res.events.append((ev.received, "src", ev.name + ":" + str(ev.data.get("status", ""))))
-    if ev.name == "STOP" and res.src_stop_t is None:
-        res.src_stop_t = ev.emitted
-        if on_stop is not None:
+async def _on_fact(src: Monitor, fact: Fact, info: dict[str, Any] | None, opts: MigrationOptions,
+                   res: MigrationResult, before_continue: HookFn | None, on_stop: HookFn | None) -> None:
+    """Act on one thing the watch learned: the stop's time, the pause before
+    the switchover (wait, then continue or cancel), the end."""
+    if isinstance(fact, Stopped):
+        if fact.emitted is not None and res.src_stop_t is None:
+            res.src_stop_t = fact.emitted  # the STOP event's own time
+        if fact.first and on_stop is not None:
             await on_stop()
-    if ev.name != "MIGRATION":
-        return False
-    status = ev.data.get("status")
-    res.status = str(status)
-    if status == "pre-switchover" and opts.cancel_at_pre_switchover:
-        await asyncio.sleep(opts.switchover_pause_ms / 1000)
-        await src.execute("migrate_cancel")
-    elif status == "pre-switchover" and opts.switchover_pause_ms > 0:
-        if before_continue is not None:
-            await before_continue()
-        await asyncio.sleep(opts.switchover_pause_ms / 1000)
-        await src.execute("migrate-continue", {"state": "pre-switchover"})
-    elif status == "completed":
-        res.completed_t = ev.emitted
-        return True
-    elif status in ("failed", "cancelled"):
-        info = await src.execute("query-migrate")
-        raise MigrationFailed(f"migration {status}: {info.get('error-desc', 'no reason given')}")
-    return False
+    elif isinstance(fact, AtPreSwitchover):
+        if opts.cancel_at_pre_switchover:
+            await asyncio.sleep(opts.switchover_pause_ms / 1000)
+            await src.execute("migrate_cancel")
+        elif opts.switchover_pause_ms > 0:
+            if before_continue is not None:
+                await before_continue()
+            await asyncio.sleep(opts.switchover_pause_ms / 1000)
+            await src.execute("migrate-continue", {"state": "pre-switchover"})
+    elif isinstance(fact, Completed):
+        res.completed_t = fact.emitted
+    elif isinstance(fact, Failed):
+        if info is None:
+            info = await src.execute("query-migrate")
+        raise MigrationFailed(f"migration {fact.status}: {info.get('error-desc', 'no reason given')}")
 
 
 async def stop_task(task: asyncio.Task[Any]) -> None:

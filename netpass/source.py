@@ -36,6 +36,7 @@ QEMU swallowed is (``swallowed_account: inferred | unknown``).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -58,11 +59,12 @@ from .session import Phase
 from .srcback import return_parked
 from .srcengage import Parking, log_failure
 from .srchost import Host
-from .srcqemu import ACTIVE, QemuControl
+from .srcqemu import QemuControl
 from .srcsettle import Settlement, VmRings, remove_reader
 from .srcship import Shipper
 from .srcstate import MigrateOptions, SourceNic, SourceState
 from .srctail import Tail, lost_after_completion
+from .watch import ACTIVE, Completed, Fact, Failed, Stopped, Watch
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,10 @@ Progress = Callable[[str, dict[str, Any]], None]
 # The lab's way to have every stop come unforeseen, as a management layer's
 # or a last window's would: netpass never plans the park.
 _ENDGAME_OFF = os.environ.get("NETPASS_ENDGAME") == "off"
+# The lab's record of what the source QEMU said (events, polled statuses)
+# and the phases the session reached, one JSON object a line: replayed
+# through watch.py and session.py by tests/test_watch.py.
+_CONTROL_TRACE = os.environ.get("NETPASS_CONTROL_TRACE")
 
 
 class SourceSession(SourceState):
@@ -99,6 +105,7 @@ class SourceSession(SourceState):
         self.parking = Parking(self, self, self.host)
         self.tail = Tail(self, self)
         self.final_report: dict[str, Any] | None = None
+        self.watch = Watch()  # what QEMU says of its migration
 
     @property
     def channel_error(self) -> NetpassError | None:
@@ -231,7 +238,8 @@ class SourceSession(SourceState):
 
     async def _watch(self) -> None:
         """Follow the migration to its end: events as they come, query-migrate
-        in between, the endgame's steps when it says so."""
+        in between, the endgame's steps when it says so.  What QEMU's events
+        and answers mean is watch.py's to say; this acts on it."""
         assert self.mon is not None
         deadline = time.monotonic() + self.o.timeout_s
         next_progress = 0.0
@@ -250,35 +258,38 @@ class SourceSession(SourceState):
             asked = time.monotonic()
             info = await self.mon.execute("query-migrate")
             now = time.monotonic()
-            status = str(info.get("status"))
             if self.endgame is not None:
                 assert self.qemu is not None
                 await self.parking.follow(self.endgame, info, asked, now, self.qemu)
-            if status == "completed":
-                await self._stopped(None, "query-migrate said completed")
-                self._completed()
+            self._trace({"t": now, "polled": str(info.get("status"))})
+            await self._act(self.watch.polled(info), info)
+            if self.completed:
                 return
-            if status in ("failed", "cancelled"):
-                raise MigrationFailed(f"migration {status}: {info.get('error-desc', 'no reason given')}")
-            if status in ("pre-switchover", "device") and self.stop_t is None:
-                await self._stopped(None, f"status {status}")
             if now >= next_progress:
                 next_progress = now + 0.5
                 self.progress("migration", progress_line(info))
 
     async def _on_event(self, ev: Event) -> None:
-        if ev.name == "STOP":
-            await self._stopped(ev.emitted, "STOP event")
-        elif ev.name == "MIGRATION":
-            status = ev.data.get("status")
-            if status == "completed":
-                await self._stopped(None, "completed")
+        self._trace({"t": ev.received, "event": ev.name, "data": ev.data, "emitted": ev.emitted})
+        await self._act(self.watch.event(ev.name, ev.data, ev.emitted))
+
+    def _trace(self, obj: dict[str, Any]) -> None:
+        if _CONTROL_TRACE:
+            with open(_CONTROL_TRACE, "a") as f:
+                f.write(json.dumps(obj) + "\n")
+
+    async def _act(self, facts: list[Fact], info: dict[str, Any] | None = None) -> None:
+        """What the watch newly learned, acted on in order."""
+        for fact in facts:
+            if isinstance(fact, Stopped):
+                await self._stopped(fact.emitted, fact.why)
+            elif isinstance(fact, Completed):
                 self._completed()
-            elif status in ("failed", "cancelled"):
-                info = await self.mon.execute("query-migrate") if self.mon else {}
-                raise MigrationFailed(f"migration {status}: {info.get('error-desc', 'no reason given')}")
-            elif status in ("pre-switchover", "device"):
-                await self._stopped(None, f"status {status}")
+            elif isinstance(fact, Failed):
+                if info is None and self.mon is not None:
+                    info = await self.mon.execute("query-migrate")
+                raise MigrationFailed(f"migration {fact.status}: "
+                                      f"{(info or {}).get('error-desc', 'no reason given')}")
 
     def _completed(self) -> None:
         if not self.completed:
@@ -425,6 +436,7 @@ class SourceSession(SourceState):
                 self.notes.append(f"cleanup incomplete: {exc}")
                 log.error("session=%s cleanup incomplete: %s", self.sid, exc)
             self._write_pcap()
+            self._trace({"phases": self.phases.history})
             self.final_report = self.report(error)
         return self.final_report
 

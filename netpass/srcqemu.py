@@ -16,10 +16,9 @@ from .qmp import Monitor
 from .session import Phase
 from .srchost import Host
 from .srcstate import SourceState
+from .watch import ACTIVE
 
 log = logging.getLogger(__name__)
-
-ACTIVE = ("setup", "active", "pre-switchover", "device", "cancelling")
 
 
 class QemuControl:

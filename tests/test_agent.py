@@ -146,16 +146,46 @@ class FakeRing:
         pass
 
 
+class Gauge:
+    """The tap ring's level, as the test sets it (the kernel's in the agent)."""
+
+    def __init__(self) -> None:
+        self.level = 0
+
+    def __call__(self, dn: DestNic) -> int:
+        return self.level
+
+
+RING = 1000
+FULL = RING  # a level at which the replay has no room (the VM paused, its ring full)
+
+
 def _session(tmp_path: Path) -> tuple[DestSession, FakeRing]:
-    sess = DestSession(AgentConfig(listen="127.0.0.1:1", token=TOKEN, qmp_root=tmp_path), None, "t")  # type: ignore[arg-type]
+    sess = DestSession(AgentConfig(listen="127.0.0.1:1", token=TOKEN, qmp_root=tmp_path), None, "t",  # type: ignore[arg-type]
+                       gauge=Gauge())
     inj = FakeRing()
     nic = Nic(mac="52:54:00:00:00:01", tap="nonexistent0")
-    dn = DestNic(nic=nic, ring=inj, fds=[], orig_qlen=1000, mac_bytes=VM)  # type: ignore[arg-type]
+    dn = DestNic(nic=nic, ring=inj, fds=[], orig_qlen=RING, mac_bytes=VM)  # type: ignore[arg-type]
     sess.nics.append(dn)
-    sess.replay.room = lambda dn: 1000  # type: ignore[method-assign]
-    sess.replay.pull_direct = lambda dn: None  # type: ignore[method-assign]
     sess.running = True
     return sess, inj
+
+
+def level(sess: DestSession, frames: int) -> None:
+    """The destination tap's ring holds ``frames`` from now on."""
+    gauge = sess.replay.gauge
+    assert isinstance(gauge, Gauge)
+    gauge.level = frames
+
+
+def feed_all(sess: DestSession) -> None:
+    """The VM reads as fast as the agent feeds: feed until nothing is pending."""
+    level(sess, 0)
+    for _ in range(10_000):
+        if not any(dn.pending for dn in sess.nics):
+            return
+        sess.replay.feed()
+    raise AssertionError("the feed never emptied")
 
 
 
@@ -199,7 +229,7 @@ def test_only_frames_for_the_vm_are_replayed(tmp_path: Path, vnet: bytes) -> Non
 def test_agent_cache_is_bounded(tmp_path: Path) -> None:
     sess, inj = _session(tmp_path)
     sess.cfg.max_cache_bytes = 100
-    sess.replay.room = lambda dn: 0  # type: ignore[method-assign]  # ring full: everything is held
+    level(sess, FULL)  # everything is held
     ack = sess.replay.accept(wire.encode(0, [wire.Frame(0, b"", frame(VM, n=i)) for i in range(5)]))
     assert ack["accepted"] == 1 and ack["dropped"] == 4
     assert sess.nics[0].dropped == {"agent_cache_full": 4}
@@ -213,7 +243,7 @@ def test_cache_cap_counts_what_the_fast_path_keeps(tmp_path: Path) -> None:
     sess, inj = _session(tmp_path)
     cap = 200_000
     sess.cfg.max_cache_bytes = cap
-    sess.replay.room = lambda dn: 0  # type: ignore[method-assign]
+    level(sess, FULL)
     dropped = 0
     for seq in range(60):
         frames = [wire.Frame(0, bytes(10), frame(VM, n=seq * 256 + i)[:54]) for i in range(256)]
@@ -223,8 +253,7 @@ def test_cache_cap_counts_what_the_fast_path_keeps(tmp_path: Path) -> None:
     assert dropped, "the cap was never reached: the test proves nothing"
     kept = sum(retained(c[0]) + c[1].nbytes for c in sess.nics[0].pending.chunks)
     assert kept <= cap and sess.cache_bytes == kept
-    sess.replay.room = lambda dn: 10**9  # type: ignore[method-assign]
-    sess.replay.feed()
+    feed_all(sess)
     assert sess.cache_bytes == 0
 
 
@@ -367,7 +396,7 @@ def test_usual_batch_is_cached_without_a_copy(tmp_path: Path, compress: bool) ->
     """Every frame to the VM, with its virtio-net header: the cache keeps the
     received body itself, and replays exactly those frames, in order."""
     sess, inj = _session(tmp_path)
-    sess.replay.room = lambda dn: 0  # type: ignore[method-assign]  # the VM is paused
+    level(sess, FULL)  # the VM is paused
     frames = [wire.Frame(0, bytes([i % 256]) * 10, frame(VM, n=i)) for i in range(300)]
     sess.replay.count_direct(sess.nics[0], frame(b"\xff" * 6, n=1))  # a broadcast seen here cannot match
     blob = bytearray(wire.encode(0, frames, compress=compress))
@@ -379,8 +408,7 @@ def test_usual_batch_is_cached_without_a_copy(tmp_path: Path, compress: bool) ->
     # What the cache counts is what it keeps alive: the whole message, not only the records.
     assert sess.cache_bytes == retained(chunk[0]) + chunk[1].nbytes
     assert sess.cache_bytes > sum(len(f.vnet_hdr) + len(f.data) for f in frames)
-    sess.replay.room = lambda dn: 1000  # type: ignore[method-assign]
-    sess.replay.feed()
+    feed_all(sess)
     assert inj.sent == [f.data for f in frames] and sess.cache_bytes == 0
 
 

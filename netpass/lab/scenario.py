@@ -19,6 +19,7 @@ from .. import links, netns
 from ..errors import LabError, MigrationFailed, QMPError
 from ..migration import MigrationOptions, MigrationResult, migrate
 from ..qmp import Monitor
+from ..watch import AtPreSwitchover, Completed, Stopped, Watch
 from .image import GuestImage
 from .topology import GUEST_IP, GUEST_MAC, MIG_DST, PEER_MAC, Lab
 from .vm import _die_with
@@ -363,37 +364,38 @@ class _LateLan:
             self.done = True  # the migration failed: nothing resumed
 
 
-async def _on_src_event(ev: Any, lab: Lab, opts: ScenarioOptions, res: MigrationResult,
+async def _on_src_event(ev: Any, watch: Watch, lab: Lab, opts: ScenarioOptions, res: MigrationResult,
                         sw: Monitor, agent: subprocess.Popen[bytes], say: Say) -> None:
-    """Play the management layer on the source's watch socket."""
+    """Play the management layer on the source's watch socket (what each
+    event means is watch.py's to say, as for netpass migrate)."""
     if ev is None:
         return
     assert lab.src_vm is not None
     res.events.append((ev.received, "src", ev.name + ":" + str(ev.data.get("status", ""))))
-    status = ev.data.get("status") if ev.name == "MIGRATION" else None
-    if ev.name == "STOP" and res.src_stop_t is None:
-        res.src_stop_t = ev.emitted
-        if opts.burst_frames:
-            task = asyncio.get_running_loop().create_task(_burst(lab, opts, res))
-            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
-        if opts.kill_agent_at_stop and agent.poll() is None:
-            await asyncio.sleep(0.05)  # let some frames cross first
-            say("lab: killing the destination agent")
-            agent.kill()
-    elif status == "pre-switchover":
-        await asyncio.sleep(opts.switchover_pause_ms / 1000)
-        try:
-            if opts.on_pre_switchover == "cancel":
-                say("lab: cancelling the migration at pre-switchover")
-                await sw.execute("migrate_cancel")
-            else:
-                await sw.execute("migrate-continue", {"state": "pre-switchover"})
-        except QMPError as exc:  # e.g. netpass cancelled it meanwhile
-            say(f"lab: pre-switchover action refused: {exc}")
-    elif status == "completed":
-        res.completed_t = ev.emitted
-        if opts.kill_source and lab.src_vm.proc is not None and lab.src_vm.alive():
-            lab.src_vm.proc.kill()  # at once, as libvirt does (SIGKILL)
+    for fact in watch.event(ev.name, ev.data, ev.emitted):
+        if isinstance(fact, Stopped) and fact.emitted is not None and res.src_stop_t is None:
+            res.src_stop_t = fact.emitted  # the STOP event's own time
+            if opts.burst_frames:
+                task = asyncio.get_running_loop().create_task(_burst(lab, opts, res))
+                task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+            if opts.kill_agent_at_stop and agent.poll() is None:
+                await asyncio.sleep(0.05)  # let some frames cross first
+                say("lab: killing the destination agent")
+                agent.kill()
+        elif isinstance(fact, AtPreSwitchover):
+            await asyncio.sleep(opts.switchover_pause_ms / 1000)
+            try:
+                if opts.on_pre_switchover == "cancel":
+                    say("lab: cancelling the migration at pre-switchover")
+                    await sw.execute("migrate_cancel")
+                else:
+                    await sw.execute("migrate-continue", {"state": "pre-switchover"})
+            except QMPError as exc:  # e.g. netpass cancelled it meanwhile
+                say(f"lab: pre-switchover action refused: {exc}")
+        elif isinstance(fact, Completed):
+            res.completed_t = fact.emitted
+            if opts.kill_source and lab.src_vm.proc is not None and lab.src_vm.alive():
+                lab.src_vm.proc.kill()  # at once, as libvirt does (SIGKILL)
 
 
 class _Manager:
@@ -611,6 +613,7 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say,
             if opts.max_bandwidth_mib:
                 await sw.execute("migrate-set-parameters", {"max-bandwidth": opts.max_bandwidth_mib << 20})
             manager = _Manager(lab, opts, res, sw, dw, say)
+            watch = Watch()
             if opts.fault == "preauth-attack":
                 strangers = await _start_strangers(lab, say)
             migrate_proc = await asyncio.create_subprocess_exec(
@@ -635,7 +638,7 @@ async def _drive_netpass(lab: Lab, opts: ScenarioOptions, say: Say,
                     (opts.fault and not await _migration_over(sw, lab) and time.monotonic() < over_by):
                 if src_watch:
                     sev = await sw.next_event(0.003 if manager.active else 0.01)
-                    await _on_src_event(sev, lab, opts, res, sw, agent, say)
+                    await _on_src_event(sev, watch, lab, opts, res, sw, agent, say)
                     await faults.step(None if sev is None else
                                       sev.name + ":" + str(sev.data.get("status", "")), False)
                     await manager.step()
