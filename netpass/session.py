@@ -156,3 +156,23 @@ class Phases:
         log.info("session=%s phase=%s%s", self.session_id, new.value, f" ({why})" if why else "")
         self.phase = new
         self.history.append((time.monotonic(), new.value))
+
+
+@dataclass(frozen=True)
+class StopPlan:
+    """What the source does when it learns the VM stopped.
+
+    ``park_now``: netpass had not parked (a management layer stopped the
+    VM, or QEMU finished sooner than its counters showed): park at once.
+    ``settle``: the account of what QEMU swallowed at the stop must be
+    made, by draining the VM's rings and reading QEMU's queues: after an
+    unforeseen stop, or a park whose sacrificial frames QEMU had not all
+    read before it stopped (then a real frame may be inside QEMU).
+    """
+
+    park_now: bool
+    settle: bool
+
+
+def plan_stop(parked: bool, verified: bool) -> StopPlan:
+    return StopPlan(park_now=not parked, settle=not parked or not verified)

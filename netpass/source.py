@@ -55,7 +55,7 @@ from .migration import progress_line, stop_task
 from .nics import discover, virtio_backend
 from .packet import ShadowRing
 from .qmp import Event, Monitor, peer_pid
-from .session import Phase
+from .session import Phase, plan_stop
 from .srcback import return_parked
 from .srcengage import Parking, log_failure
 from .srchost import Host
@@ -307,21 +307,22 @@ class SourceSession(SourceState):
         self.stop_t = emitted if emitted is not None else now
         if not self.netpass_active:
             return
-        self.settling = self.parked_t is None or not self.verified_before_stop()
+        plan = plan_stop(self.parked_t is not None, self.verified_before_stop())
+        self.settling = plan.settle
         if self.settling:
             for sn in self.nics:  # (first: QEMU may read its one frame any moment)
                 try:
                     sn.tx_at_stop, sn.reads_at_stop = links.tx_packets(sn.nic.tap), sn.vm_ring_drained
                 except NetpassError:
                     sn.tx_at_stop = None
-        if self.parked_t is None:
+        if plan.park_now:
             self.unforeseen = True
             await self.parking.park_all()
             self.vm_rings.start(self.undo)
             self.say(f"the VM stopped before netpass parked its frames ({why}): parked now; "
                       "draining what its ring holds")
             asyncio.get_running_loop().create_task(self.host.pin_all()).add_done_callback(log_failure)
-        elif not self.verified_before_stop():
+        elif plan.settle:
             # Parked, but QEMU had not read every sacrificial frame: what is
             # still in its rings after the one frame a queue's reader takes
             # at the stop is netpass's to carry.

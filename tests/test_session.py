@@ -91,3 +91,11 @@ def test_done_needs_the_destination_running_and_require_guards_steps() -> None:
     ph.require(Phase.ARMED)
     with pytest.raises(StateError, match="not allowed in phase armed"):
         ph.require(Phase.NEW)
+
+
+def test_the_stop_plan() -> None:
+    from netpass.session import StopPlan, plan_stop
+    assert plan_stop(parked=True, verified=True) == StopPlan(park_now=False, settle=False)  # the planned park
+    assert plan_stop(parked=True, verified=False) == StopPlan(park_now=False, settle=True)
+    assert plan_stop(parked=False, verified=False) == StopPlan(park_now=True, settle=True)  # unforeseen
+    assert plan_stop(parked=False, verified=True).park_now

@@ -3,6 +3,13 @@ and polled statuses in the orders a real monitor gives them."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netpass.session import Phase, Phases, plan_stop
 from netpass.watch import AtPreSwitchover, Completed, Failed, Stopped, Watch
 
 
@@ -59,3 +66,62 @@ def test_other_events_say_nothing() -> None:
     w = Watch()
     assert w.event("RESUME", {}, 1.0) == [] and w.event("NIC_RX_FILTER_CHANGED", {}, 1.0) == []
     assert not w.stopped and w.status == "none"
+
+
+# -- recorded lab sessions ---------------------------------------------------------------------
+
+TRACES = sorted((Path(__file__).parent / "data" / "control").glob("*.jsonl"))
+
+
+def replay(lines: list[dict[str, Any]]) -> list[tuple[float, str]]:
+    """A recorded session's control inputs through the core: what the source
+    QEMU said (events, polled statuses) through the watch, the park and the
+    destination's resume at their recorded times, each fact acted on as
+    netpass migrate acts on it (source.py), into a fresh phase machine.
+    Returns each phase reached with the time of the input that moved it."""
+    inputs: list[tuple[float, str, dict[str, Any]]] = [(x["t"], "qemu", x) for x in lines[:-1]]
+    for t, phase in lines[-1]["phases"]:
+        if phase in ("parked", "resumed"):
+            inputs.append((t, phase, {}))
+    inputs.sort(key=lambda x: x[0])
+    w, ph = Watch(), Phases("replay")
+    ph.reach(Phase.ARMED)
+    out = [(lines[-1]["phases"][0][0], "armed")]
+    for t, kind, x in inputs:
+        seen = len(ph.history)
+        if kind == "parked":
+            ph.reach(Phase.PARKED)
+        elif kind == "resumed":
+            ph.reach(Phase.RESUMED)
+        else:
+            facts = w.event(x["event"], x.get("data") or {}, x.get("emitted")) if "event" in x \
+                else w.polled({"status": x["polled"]})
+            for fact in facts:
+                if isinstance(fact, Stopped) and fact.first:
+                    if plan_stop(ph.past(Phase.PARKED), True).park_now:
+                        ph.reach(Phase.PARKED, "unforeseen")
+                    ph.reach(Phase.STOPPED, fact.why)
+                elif isinstance(fact, Completed):
+                    ph.reach(Phase.COMPLETED)
+        out += [(t, p) for _t, p in ph.history[seen:]]
+    return out
+
+
+@pytest.mark.parametrize("trace", TRACES, ids=[t.stem for t in TRACES])
+def test_a_recorded_lab_session_replays_to_the_phases_it_reached(trace: Path) -> None:
+    """tests/data/control holds what real lab sessions' source QEMU said
+    (NETPASS_CONTROL_TRACE, see docs/lab.md) and the phases each reached.
+    Replayed through the watch and the phase machine, each reaches the
+    same phases in the same order, each moved by an input the session had
+    read by then (at most 50 ms before the session recorded it: what it
+    did in between was I/O)."""
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    recorded = [(t, p) for t, p in lines[-1]["phases"] if p != "done"]
+    replayed = replay(lines)
+    assert [p for _t, p in replayed] == [p for _t, p in recorded]
+    for (t_replay, phase), (t_real, _p) in zip(replayed, recorded, strict=True):
+        assert 0 <= t_real - t_replay < 0.05, (phase, t_real - t_replay)
+
+
+def test_there_are_recorded_sessions() -> None:
+    assert len(TRACES) >= 2
