@@ -31,6 +31,14 @@ def test_before_the_park_without_the_source_tap_showing_it_is_netpass_s() -> Non
     assert placed.in_session == 38 and placed.why
 
 
+def test_before_the_park_within_the_guest_s_own_drops() -> None:
+    # A busy-core CI: 26 probes lost around the arm, the source tap dropping
+    # nothing, the guest's eth0 87,413 receive drops.
+    res = result([[1848.3, 1961.3, 26]])
+    res["guest_rx_dropped"] = 87_413
+    assert losses.place(res) == losses.Placed(26, 0, 0)
+
+
 def test_a_run_across_the_park_is_in_the_session() -> None:
     placed = losses.place(result([[3990.0, 4010.0, 5]], tap_ring_overflow=100))
     assert placed == losses.Placed(0, 5, 0, "lost between the park and the VM's catching up")

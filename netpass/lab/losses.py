@@ -2,7 +2,8 @@
 
 A flooded VM on a loaded host can lose frames by itself, with or without
 netpass: on the source while it runs, its tap's ring full because it reads
-slower than its traffic comes (the report's ``tap_ring_overflow``), or on
+slower than its traffic comes (the report's ``tap_ring_overflow``) or its
+own kernel dropping what its NIC took (the guest's receive drops), or on
 the destination once it has caught up with the hold and reads live traffic
 again (the destination tap's drops from then on).  netpass answers for
 everything from the park until the VM has caught up with the hold.
@@ -51,8 +52,12 @@ def place(res: dict[str, Any]) -> Placed:
     if park is None:
         return Placed(0, lost, 0, "no park or stop time")
     before = sum(n for _a, last, n in runs if last < park)
-    if before > (rep.get("tap_ring_overflow") or 0):
-        before = 0  # not shown by the source tap: not the VM's own
+    # Shown by the source tap's drops, or by the guest's own (eth0's receive
+    # drops: frames that reached its NIC, dropped by its kernel; a flooded
+    # TCG guest drops tens of thousands): before the park, netpass has not
+    # touched a frame toward the VM.
+    if before > (rep.get("tap_ring_overflow") or 0) + (res.get("guest_rx_dropped") or 0):
+        before = 0  # not shown by any counter: not the VM's own
     after = 0
     resume, caught = res.get("dst_resume_ms"), rep.get("hold_caught_up_ms")
     if resume is not None and caught is not None:
