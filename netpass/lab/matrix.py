@@ -55,7 +55,7 @@ class Cell:
         rep = res.get("report") or {}
         # netpass answers for what was lost from the park until the VM caught
         # up with the hold; a flooded VM's own losses outside that (each
-        # shown by a tap's drop counter) are counted apart (losses.py).  A
+        # shown by a drop counter) are counted apart (losses.py).  A
         # plain run has no report: all its losses count.
         placed = losses.place(res) if res.get("lost") is not None else None
         self.runs.append({
