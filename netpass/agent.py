@@ -203,6 +203,7 @@ class DestSession(DestState):
             await self.holds.step()
             if any(dn.pending for dn in self.nics):
                 self.replay.feed()
+                await self.replay.tell_fed()  # a backlog fed fast is told at once
                 # A paused VM reads nothing (accept() and migrated() feed
                 # too): polling it only takes CPU from the incoming migration.
                 await asyncio.sleep(0.0005 if self.running else 0.002)

@@ -28,9 +28,13 @@ from .pending import retained
 
 log = logging.getLogger(__name__)
 
-# How often, at most, the agent tells the source how many frames it has put
-# into the VM's rings (besides each batch's ack).
+# The agent tells the source how many frames it has put into the VM's rings
+# (besides each batch's ack) once FED_REPORT_FRAMES more are in, or, for
+# fewer, FED_REPORT_S after its last report.  What it fed and had not yet
+# reported when it vanished is counted lost: a backlog fed at thousands of
+# frames per second must not leave a timer's worth of them (a CI saw 133).
 FED_REPORT_S = 0.02
+FED_REPORT_FRAMES = 32
 
 
 class ReplayIO(Protocol):
@@ -143,7 +147,9 @@ class Replay:
 
     async def tell_fed(self) -> None:
         fed = self.st.fed()
-        if self.to_source and fed != self.fed_told and time.monotonic() >= self.fed_told_t + FED_REPORT_S:
+        if not self.to_source or fed == self.fed_told:
+            return
+        if fed - self.fed_told >= FED_REPORT_FRAMES or time.monotonic() >= self.fed_told_t + FED_REPORT_S:
             self.fed_told, self.fed_told_t = fed, time.monotonic()
             try:
                 await self.ch.send_json(CONTROL, {"op": "fed", "fed": fed})

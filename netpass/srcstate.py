@@ -208,7 +208,8 @@ class SourceState:
         """Frames captured that the agent did not confirm in the VM's rings
         (or dropped, or delivered there directly): lost, should the agent
         vanish.  Never fewer than were lost; more by what it put into a ring
-        in its last FED_REPORT_S, if it vanished after the resume."""
+        and had not yet reported (under FED_REPORT_FRAMES, or its last
+        FED_REPORT_S at a slow feed), if it vanished after the resume."""
         return max(0, self.captured() - self.agent_fed - self.agent_dropped - self.agent_duplicates)
 
     # -- capture: the frames read from the parking taps (and the VM's rings) ---------------

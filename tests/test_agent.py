@@ -226,6 +226,43 @@ def test_only_frames_for_the_vm_are_replayed(tmp_path: Path, vnet: bytes) -> Non
     assert sess.nics[0].dropped == {"foreign_mac": 1, "own_frame": 1}
 
 
+class Told:
+    """Stands in for the channel to the source: records the "fed" reports."""
+
+    def __init__(self) -> None:
+        self.fed: list[int] = []
+
+    async def send_json(self, stream: int, msg: dict[str, Any]) -> None:
+        assert stream == CONTROL and msg["op"] == "fed"
+        self.fed.append(msg["fed"])
+
+
+def test_a_backlog_fed_fast_is_reported_at_once(tmp_path: Path) -> None:
+    """What the agent fed and did not report is counted lost should it
+    vanish: a burst is reported as soon as it is in, a trickle within 20 ms."""
+    sess, inj = _session(tmp_path)
+    told = Told()
+    sess.replay.ch = told  # type: ignore[assignment]
+    level(sess, FULL)
+    sess.replay.accept(wire.encode(0, [wire.Frame(0, b"", frame(VM, n=i)) for i in range(200)]))
+    feed_all(sess)
+
+    async def body() -> None:
+        await sess.replay.tell_fed()
+        assert told.fed == [200]
+        level(sess, FULL)
+        sess.replay.accept(wire.encode(1, [wire.Frame(0, b"", frame(VM, n=i)) for i in range(5)]))
+        feed_all(sess)
+        await sess.replay.tell_fed()
+        assert told.fed == [200]  # five frames wait for the timer
+        await asyncio.sleep(0.025)
+        await sess.replay.tell_fed()
+        assert told.fed == [200, 205]
+
+    asyncio.run(body())
+    assert len(inj.sent) == 205
+
+
 def test_agent_cache_is_bounded(tmp_path: Path) -> None:
     sess, inj = _session(tmp_path)
     sess.cfg.max_cache_bytes = 100
