@@ -32,16 +32,19 @@ Zero pages (9 bytes each on the wire, against 4 KiB) let a window clear far
 more RAM than its bytes.  A lab guest's RAM ends in 60-110 MB of them and a
 tail of 2-8 MB of data: the window that reaches them clears the zero pages in
 8-15 ms and then the tail.  So, during a burst, netpass watches how much RAM
-each wire byte clears, polls finely while a run of zero pages goes on near
-the end, and throttles in the run once the RAM left is within a few windows'
-reach (the parked window then carries the rest of the run and the tail, and
-gets the bytes to send all of it as data).
+each wire byte clears, polls finely through each burst (and from just
+before each window's start) once the RAM left is within some windows' bytes,
+and throttles in a run once the RAM left is within a few windows' reach (the
+parked window then carries the rest of the run and the tail, and gets the
+bytes to send all of it as data).  The throttle stays capped by that reach:
+throttled earlier in a run, a run in the middle of the RAM left tens of MB of
+data to the parked window, and a busy lab host held the frames for 605 ms.
 
 What this cannot foresee: a window that clears a run of zero pages and a
-short tail behind it within one poll and QMP round trip, or that starts with
-the run and finishes it before a poll sees it.  Then QEMU stops the VM
-without warning, and the source takes its fallback (``source.py``), which
-the report names.
+short tail behind it within one poll and QMP round trip (polls that come
+4 ms late on a loaded host miss some; tests/test_endgame.py models it).
+Then QEMU stops the VM without warning, and the source takes its fallback
+(``source.py``), which the report names.
 """
 
 from __future__ import annotations
@@ -345,10 +348,20 @@ class Endgame:
             pace = self.unlimited_pace()
             near = pace is None or last.remaining <= pace * NEAR_WINDOWS * PERIOD_S
             return FINE_POLL_S if near else COARSE_POLL_S
-        if last.remaining <= NEAR_WINDOWS * quota or \
-                (self._ratio >= ZERO_RUN_RATIO and last.remaining <= ZERO_RUN_POLL_WINDOWS * quota):
+        if last.remaining <= NEAR_WINDOWS * quota:
+            return FINE_POLL_S
+        if last.remaining <= ZERO_RUN_POLL_WINDOWS * quota and self._in_or_near_burst(last.t):
+            # A run of zero pages can go in a few milliseconds: it must be
+            # sampled in, whether it starts the window or follows its data.
             return FINE_POLL_S
         return COARSE_POLL_S
+
+    def _in_or_near_burst(self, t: float) -> bool:
+        """QEMU is sending now, or the next window starts within a coarse poll."""
+        if self._last_move is not None and t - self._last_move < QUIET_S:
+            return True
+        nxt = self.next_start(t)
+        return nxt is None or nxt - t <= COARSE_POLL_S + FINE_POLL_S
 
     def engaged(self, took_s: float) -> None:
         """How long the park and restore took: the lead for next time."""

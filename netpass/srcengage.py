@@ -66,8 +66,9 @@ class Parking:
             log.info("session=%s %d bytes of RAM left, sent all along: QEMU limited to %d bytes/s "
                      "to plan the end", st.sid, ram.get("remaining"), endgame.max_bandwidth)
         elif step is Step.THROTTLE:
-            await self.prepare_destination()
+            # The throttle first: a run of zero pages may be finishing the RAM.
             await qemu.set_param("max-bandwidth", THROTTLE_BANDWIDTH)
+            await self.prepare_destination()
             log.info("session=%s %d bytes of RAM left: QEMU throttled until the park",
                      st.sid, ram.get("remaining"))
         elif step is Step.ENGAGE:
