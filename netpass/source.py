@@ -282,7 +282,7 @@ class SourceSession(SourceState):
         """What the watch newly learned, acted on in order."""
         for fact in facts:
             if isinstance(fact, Stopped):
-                await self._stopped(fact.emitted, fact.why)
+                await self._stopped(fact)
             elif isinstance(fact, Completed):
                 self._completed()
             elif isinstance(fact, Failed):
@@ -296,15 +296,16 @@ class SourceSession(SourceState):
             self.completed = True
             self.phases.reach(Phase.COMPLETED)
 
-    async def _stopped(self, emitted: float | None, why: str) -> None:
+    async def _stopped(self, fact: Stopped) -> None:
         """QEMU stopped the VM (or must have: a later state says so)."""
-        if self.stop_seen_t is not None:
-            if emitted is not None and self.stop_t is not None:
-                self.stop_t = min(self.stop_t, emitted)  # the event's own time is the better one
+        if not fact.first:  # the STOP event, after a status that implied it: its own time
+            if fact.emitted is not None and self.stop_t is not None:
+                self.stop_t = min(self.stop_t, fact.emitted)
             return
+        why = fact.why
         now = time.monotonic()
         self.stop_seen_t = now
-        self.stop_t = emitted if emitted is not None else now
+        self.stop_t = fact.emitted if fact.emitted is not None else now
         if not self.netpass_active:
             return
         plan = plan_stop(self.parked_t is not None, self.verified_before_stop())
@@ -351,11 +352,10 @@ class SourceSession(SourceState):
         if gone and self.parked_t is not None:
             # Killed at completion before its event reached us (a reset
             # connection drops what was unread): the destination decides.
-            await self._stopped(None, "the source QEMU exited")
             self.notes.append("the source QEMU exited before netpass read how the migration ended; "
                               "the destination's state decides")
             self.say("the source QEMU exited: asking the destination")
-            self._completed()
+            await self._act(self.watch.exited_after_park())
             return
         raise MigrationFailed("lost the source QEMU's monitor before the migration ended"
                               + ("; QEMU exited" if gone else ""))

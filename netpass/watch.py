@@ -89,6 +89,17 @@ class Watch:
         """One ``query-migrate`` answer."""
         return self._status(str(info.get("status", "none")), None, "query-migrate said ")
 
+    def exited_after_park(self) -> list[Fact]:
+        """The source QEMU exited after netpass parked, with the monitor's
+        last events unread (a kill at completion resets the connection, and
+        what was unread is gone): it must have stopped, and the migration is
+        taken as ended; the destination's state says where the VM runs."""
+        out = self._stop(None, "the source QEMU exited")
+        if not self.ended:
+            self.completed = True
+            out.append(Completed(None))
+        return out
+
     def _stop(self, emitted: float | None, why: str) -> list[Fact]:
         if not self.stopped:
             self.stopped, self.stop_why, self.stop_t = True, why, emitted

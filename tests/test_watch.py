@@ -62,6 +62,19 @@ def test_failure_and_cancel_end_it_once() -> None:
         assert w.polled({"status": status}) == [] and w.ended and not w.completed
 
 
+def test_a_source_that_exited_after_the_park_stopped_and_ended() -> None:
+    """Killed at completion with its last events unread: stopped and ended,
+    once; a stop already read is not told again."""
+    w = Watch()
+    assert w.polled({"status": "active"}) == []
+    assert w.exited_after_park() == [Stopped(None, "the source QEMU exited"), Completed(None)]
+    assert w.exited_after_park() == []
+    w = Watch()
+    assert w.event("STOP", {}, 1.0) == [Stopped(1.0, "STOP event")]
+    assert w.exited_after_park() == [Completed(None)]
+    assert w.stop_t == 1.0 and w.ended
+
+
 def test_other_events_say_nothing() -> None:
     w = Watch()
     assert w.event("RESUME", {}, 1.0) == [] and w.event("NIC_RX_FILTER_CHANGED", {}, 1.0) == []
