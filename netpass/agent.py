@@ -197,13 +197,16 @@ class DestSession(DestState):
         """Until the session ends: the replay fed, the holds stepped, the VM's resume seen."""
         while True:
             self._check_vm_alive()
-            await self.replay.tell_fed()
             if not self.running:
                 await self._see_resume()
             await self.holds.step()
-            if any(dn.pending for dn in self.nics):
+            pending = any(dn.pending for dn in self.nics)
+            if pending:
                 self.replay.feed()
-                await self.replay.tell_fed()  # a backlog fed fast is told at once
+            # Right after the feed (a backlog fed fast is told at once), and
+            # what accept() and migrated() fed on their own.
+            await self.replay.tell_fed()
+            if pending:
                 # A paused VM reads nothing (accept() and migrated() feed
                 # too): polling it only takes CPU from the incoming migration.
                 await asyncio.sleep(0.0005 if self.running else 0.002)

@@ -36,7 +36,9 @@ each wire byte clears, polls finely through each burst (and from just
 before each window's start) once the RAM left is within some windows' bytes,
 and throttles in a run once the RAM left is within a few windows' reach (the
 parked window then carries the rest of the run and the tail, and gets the
-bytes to send all of it as data).  The throttle stays capped by that reach:
+bytes to send all of it as data).  Both hold whenever a limit is set, also
+right after netpass's own ``LIMIT``, before its windows are seen to bind
+(polled finely until then).  The throttle stays capped by that reach:
 throttled earlier in a run, a run in the middle of the RAM left tens of MB of
 data to the parked window, and a busy lab host held the frames for 605 ms.
 
@@ -310,6 +312,12 @@ class Endgame:
     def _should_throttle(self, s: Sample) -> bool:
         quota = self.quota
         assert s.remaining is not None
+        if quota is not None and self._ratio >= ZERO_RUN_RATIO and s.remaining <= ZERO_RUN_WINDOWS * self.reach:
+            # A run of zero pages near the end: it and what follows may go in
+            # a blink.  Whether or not the limit has been seen to bind yet
+            # (right after netpass's own LIMIT its windows are seen afresh,
+            # and a CI with a busy core finished such a run unforeseen).
+            return True
         if self.rate_limited(s.t):  # (so quota is not None)
             if self._last_move is None or s.t - self._last_move >= BURST_OVER_S:
                 # The burst used its window's bytes: the next window could
@@ -322,8 +330,6 @@ class Endgame:
             # still send surely finishes the RAM (the race is then near);
             # otherwise let the burst use its bytes, and the last window
             # carry only what it left (a smaller last burst, after the park).
-            if self._ratio >= ZERO_RUN_RATIO and s.remaining <= ZERO_RUN_WINDOWS * self.reach:
-                return True  # a run of zero pages near the end: it and what follows may go in a blink
             w = self.windows[-1] if self.windows else None
             if w is None or s.transferred is None:
                 return False
@@ -344,6 +350,11 @@ class Endgame:
         quota = self.quota
         if last is None or last.remaining is None:
             return COARSE_POLL_S
+        if self.limited_to is not None and not self.rate_limited(last.t):
+            # netpass's own limit, its windows not yet seen: the RAM left is
+            # within LIMIT_HORIZON_S of the pace before it, and a run of zero
+            # pages in it can go in a few milliseconds.
+            return FINE_POLL_S
         if quota is None or not self.rate_limited(last.t):  # (quota: for the type checker)
             pace = self.unlimited_pace()
             near = pace is None or last.remaining <= pace * NEAR_WINDOWS * PERIOD_S

@@ -302,10 +302,7 @@ class SourceSession(SourceState):
             if fact.emitted is not None and self.stop_t is not None:
                 self.stop_t = min(self.stop_t, fact.emitted)
             return
-        why = fact.why
-        now = time.monotonic()
-        self.stop_seen_t = now
-        self.stop_t = fact.emitted if fact.emitted is not None else now
+        self.stop_t = fact.emitted if fact.emitted is not None else time.monotonic()
         if not self.netpass_active:
             return
         plan = plan_stop(self.parked_t is not None, self.verified_before_stop())
@@ -320,7 +317,7 @@ class SourceSession(SourceState):
             self.unforeseen = True
             await self.parking.park_all()
             self.vm_rings.start(self.undo)
-            self.say(f"the VM stopped before netpass parked its frames ({why}): parked now; "
+            self.say(f"the VM stopped before netpass parked its frames ({fact.why}): parked now; "
                       "draining what its ring holds")
             asyncio.get_running_loop().create_task(self.host.pin_all()).add_done_callback(log_failure)
         elif plan.settle:
@@ -337,7 +334,7 @@ class SourceSession(SourceState):
             self.undo.push_async_callback(stop_task, starved)
             self.settle_task = loop.create_task(settlement.run(starved))
             self.undo.push_async_callback(stop_task, self.settle_task)
-        self.phases.reach(Phase.STOPPED, why)
+        self.phases.reach(Phase.STOPPED, fact.why)
 
     async def _monitor_lost(self) -> None:
         """The QMP connection closed mid-migration: a management layer may

@@ -140,7 +140,6 @@ class SourceState:
         self.verified_t: float | None = None  # QEMU read every sacrificial frame
         self.qmp_rtt_s = 0.002  # a QMP command's round trip, learned
         self.stop_t: float | None = None  # QEMU stopped the VM (its own clock, on ours)
-        self.stop_seen_t: float | None = None
         self.unforeseen = False  # the VM stopped before netpass parked
         self.prepared = False  # the destination was told the park is near
         self.settled_told = False  # strict: the destination was told no forwarded frame is still due

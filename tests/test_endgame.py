@@ -426,3 +426,96 @@ def test_a_continuous_migration_is_polled_finely_only_near_its_end() -> None:
         eg.feed(Sample(t, "active", r, (1 << 30) - r))
         t, r = t + 0.005, r - 5_000_000
     assert eg.poll_interval() > FINE_POLL_S  # 800 MB left at 1 GB/s
+
+
+class SlowLinkQemu(Qemu):
+    """The page model with a limit the link does not reach (a data page
+    takes ``page_us[1]``, slower than the limit allows): each window sends
+    all along, until the next one starts, so the planner sets its own limit
+    (``Step.LIMIT``).  A limit or throttle applies ``latency`` after its
+    sample, to the window under way: the pages it had sent stay sent, and it
+    goes on only while its bytes fit the new limit."""
+
+    def _window(self, quota: int | None = None) -> None:
+        quota = self.bw // 10 if quota is None else quota
+        used, self.plan, self.w_sent0 = 0, [], self.sent
+        page, sent, t = self.page, self.sent, self.w_start
+        assert self.page_us is not None
+        while page < len(self.zero) and used <= quota and t < self.w_start + 2 * PERIOD_S:
+            cost = 9 if self.zero[page] else 4105
+            t += self.page_us[0 if self.zero[page] else 1] / 1e6
+            used, sent, page = used + cost, sent + cost, page + 1
+            self.plan.append((page, sent, t))
+
+    def _limit(self, bw: int, t: float) -> None:
+        self.bw = bw
+        kept = self.plan[:self._done(t)]
+        for item in self.plan[len(kept):]:
+            if kept and kept[-1][1] - self.w_sent0 > bw // 10:
+                break
+            kept.append(item)
+        self.plan = kept
+
+    def run(self, eg: Endgame, poll: float | None = None) -> list[Step]:
+        steps: list[Step] = []
+        self._window()
+        due: list[tuple[float, int]] = []
+        while True:
+            if self.t >= self.w_start + PERIOD_S:
+                k = self._done(self.w_start + PERIOD_S)
+                if k:
+                    self.page, self.sent = self.plan[k - 1][:2]
+                self.w_start += PERIOD_S + 0.0005  # (QEMU wakes a little late)
+                self._window()
+            for at, bw in [d for d in due if d[0] <= self.t]:
+                due.remove((at, bw))
+                self._limit(bw, at)
+            k = self._done(self.t)
+            page, sent = self.plan[k - 1][:2] if k else (self.page, self.sent)
+            left = (len(self.zero) - page) * 4096
+            step = eg.feed(Sample(self.t, "active" if left else "completed", left, sent))
+            eg.qmp_answered(self.latency)
+            steps.append(step)
+            if step is Step.LIMIT:
+                due.append((self.t + self.latency, eg.max_bandwidth))
+            elif step is Step.THROTTLE:
+                due.append((self.t + self.latency, 10))
+            elif step in (Step.ENGAGE, Step.OVER):
+                return steps
+            self.t += eg.poll_interval() + self.late
+
+
+def after_own_limit_misses() -> int:
+    """Of 8 lab-like layouts on a link slower than QEMU's default limit
+    (data pages at 40 us: about 100 MB/s), how many finish unforeseen."""
+    misses = 0
+    for data in (40_000, 46_000):
+        for run in (15_000, 25_000):
+            for tail in (50, 1_000):
+                q = SlowLinkQemu([False] * data + [True] * run + [False] * tail, page_us=(0.6, 40.0), latency=0.003)
+                eg = Endgame(BW)
+                steps = q.run(eg)
+                assert Step.LIMIT in steps and eg.limited_to is not None
+                misses += steps[-1] is Step.OVER
+    return misses
+
+
+def test_a_run_of_zero_pages_right_after_netpass_sets_its_limit_is_parked_for() -> None:
+    """After its own LIMIT the planner sees the windows afresh and needs two
+    before it knows the limit binds.  The zero-run rule and fine polling
+    lived only in that rate-limited branch, and a run with a short tail that
+    came before then finished unforeseen (4 of these 8 layouts; a CI with a
+    busy core, killed at completion: 1 lost).  They now hold whenever a limit
+    is set."""
+    assert after_own_limit_misses() == 0
+
+
+def test_without_the_zero_run_rule_a_short_tail_after_the_limit_is_missed() -> None:
+    """The teeth of the test above."""
+    import netpass.endgame as eg_mod
+    saved = eg_mod.ZERO_RUN_RATIO
+    eg_mod.ZERO_RUN_RATIO = float("inf")
+    try:
+        assert after_own_limit_misses() > 0
+    finally:
+        eg_mod.ZERO_RUN_RATIO = saved
