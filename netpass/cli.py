@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true")
 
     doc = sub.add_parser("doctor", help="what this host supports and what netpass will use")
+    doc.add_argument("--libvirt", metavar="URI", default=None,
+                     help="check this libvirt (as virsh -c URI): reachable, with QMP event passthrough; "
+                          "then required (default: qemu:///system, reported only)")
     doc.add_argument("--json", action="store_true")
 
     lab = sub.add_parser("lab", help="lab housekeeping")
@@ -365,7 +368,7 @@ def _print_runs(runs: dict[str, dict[str, Any]]) -> None:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from . import doctor
 
-    rep = doctor.run()
+    rep = doctor.run(args.libvirt)
     if args.json:
         print(json.dumps(rep.as_dict()))
     else:

@@ -219,7 +219,22 @@ def check_qemu() -> Check:
     return Check("qemu", True, out.splitlines()[0] if out else exe)
 
 
-def run() -> Report:
+def check_libvirt(uri: str | None) -> Check:
+    """libvirt reachable, with QMP event passthrough (transparent mode)."""
+    from . import virt
+
+    target = uri or virt.DEFAULT_URI
+    try:
+        p = virt.probe(target)
+    except NetpassError as exc:
+        why = str(exc) if uri else f"{exc} (only matters for migrations libvirt drives; --libvirt URI names another)"
+        return Check("libvirt", False, why, required=uri is not None)
+    detail = (f"{target}: libvirt {p.libvirt_version}, {p.hypervisor}, {p.domains} domain(s); "
+              + ("QMP event passthrough works" if p.passthrough else "QMP event passthrough REFUSED"))
+    return Check("libvirt", p.passthrough, detail, required=uri is not None)
+
+
+def run(libvirt_uri: str | None = None) -> Report:
     rep = Report()
     rep.checks.append(check_root())
     if not rep.checks[0].ok:
@@ -248,6 +263,7 @@ def run() -> Report:
                 time.sleep(0.1)
     rep.checks.append(check_vhost())
     rep.checks.append(check_qemu())
+    rep.checks.append(check_libvirt(libvirt_uri))
     rep.uses = decide(rep)
     return rep
 

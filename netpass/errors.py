@@ -39,6 +39,10 @@ class QMPError(NetpassError):
     """QMP could not be reached, or a command failed."""
 
 
+class LibvirtError(NetpassError):
+    """libvirt could not be reached, or refused a call."""
+
+
 class MigrationFailed(NetpassError):
     """QEMU reported the migration as failed or cancelled."""
 

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def lab_pids(owned: Callable[[int], bool] | None = None) -> list[int]:
-    """Pids of QEMU processes of lab runs (found by their run directory)."""
+    """Pids of QEMU processes and libvirt daemons of lab runs (found by their
+    run directory; a lab libvirtd's QEMU dies with its namespace)."""
     import re
 
     out = []
@@ -24,7 +25,7 @@ def lab_pids(owned: Callable[[int], bool] | None = None) -> list[int]:
             cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"qemu-system" in cmd and b"/run/netpass-lab/" in cmd:
+        if (b"qemu-system" in cmd or b"libvirtd" in cmd) and b"/run/netpass-lab/" in cmd:
             m = re.search(rb"/run/netpass-lab/(\d+)-", cmd)
             if owned is None or (m and owned(int(m.group(1)))):
                 out.append(int(entry))
