@@ -20,12 +20,16 @@ STOP, and libvirt's own ``pre-switchover`` pause.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from .errors import LibvirtError, MissingDependency
+from .errors import LibvirtError, MissingDependency, QMPError
+from .qmp import Event
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +65,10 @@ def probe(uri: str = DEFAULT_URI) -> Probe:
     passthrough for every domain and removes it again.  Changes nothing."""
     libvirt, libvirt_qemu = _binding()
     libvirt.registerErrorHandler(_ignore, None)  # (else the binding prints every error to stderr too)
-    try:
-        libvirt.virEventRegisterDefaultImpl()  # (callbacks need an event loop registered, even unused)
-    except libvirt.libvirtError:
-        pass
+    global _event_impl
+    if _event_impl is None:  # (registering a callback needs an event loop, even one never run)
+        libvirt.virEventRegisterDefaultImpl()
+        _event_impl = "default"
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
@@ -91,3 +95,115 @@ def probe(uri: str = DEFAULT_URI) -> Probe:
 
 def _ignore(*_args: Any) -> None:
     return None
+
+
+# -- a domain's QMP, through libvirt ---------------------------------------------------
+_event_impl: str | None = None  # the event loop libvirt dispatches callbacks on (one per process)
+
+
+def _asyncio_events(libvirt: ModuleType) -> None:
+    """libvirt's callbacks on this asyncio loop (its ``libvirtaio``); libvirt
+    takes one event implementation per process, registered before any
+    connection that wants callbacks."""
+    global _event_impl
+    if _event_impl == "asyncio":
+        return
+    if _event_impl is not None:
+        raise LibvirtError(f"libvirt already dispatches its events on the {_event_impl} loop in this process")
+    import libvirtaio
+
+    libvirtaio.virEventRegisterAsyncIOImpl(loop=asyncio.get_running_loop())
+    _event_impl = "asyncio"
+
+
+class DomainMonitor:
+    """A domain's QMP through libvirt, with the calls of :class:`qmp.Monitor`
+    (``execute``, ``next_event``, ``status``): QMP events come by libvirt's
+    passthrough, commands by ``qemuMonitorCommand`` (off the loop: a call
+    waits for QEMU's answer)."""
+
+    def __init__(self, uri: str, uuid: str, name: str = "libvirt", timeout: float = 10.0) -> None:
+        self.uri, self.uuid, self.name, self.timeout = uri, uuid, name, timeout
+        self._conn: Any = None
+        self._dom: Any = None
+        self._cb: int | None = None
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="netpass-libvirt")
+
+    async def __aenter__(self) -> DomainMonitor:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        libvirt, libvirt_qemu = _binding()
+        libvirt.registerErrorHandler(_ignore, None)
+        _asyncio_events(libvirt)
+        try:
+            self._conn = await self._off(libvirt.open, self.uri)
+        except libvirt.libvirtError as exc:
+            raise LibvirtError(f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}") from exc
+        try:
+            self._dom = await self._off(self._conn.lookupByUUIDString, self.uuid)
+            self._cb = libvirt_qemu.qemuMonitorEventRegister(self._conn, self._dom, None, self._on_event, None, 0)
+        except libvirt.libvirtError as exc:
+            await self.close()
+            raise LibvirtError(f"libvirt at {self.uri}, domain {self.uuid}: {exc.get_error_message()}") from exc
+
+    def _on_event(self, _conn: Any, _dom: Any, event: str, seconds: int, micros: int, details: str | None,
+                  _opaque: Any) -> None:
+        data = json.loads(details) if details else {}
+        self._events.put_nowait(Event.from_msg({"event": event, "data": data,
+                                                "timestamp": {"seconds": seconds, "microseconds": micros}}))
+
+    async def _off(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def close(self) -> None:
+        libvirt, libvirt_qemu = _binding()
+        if self._conn is not None:
+            if self._cb is not None:
+                try:
+                    libvirt_qemu.qemuMonitorEventDeregister(self._conn, self._cb)
+                except libvirt.libvirtError:
+                    pass
+                self._cb = None
+            try:
+                await self._off(self._conn.close)
+            except libvirt.libvirtError:
+                pass
+            self._conn = self._dom = None
+        self._pool.shutdown(wait=False)
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+        libvirt, libvirt_qemu = _binding()
+        if self._dom is None:
+            raise QMPError(f"{self.name}: not connected")
+        text = json.dumps({"execute": cmd, **({"arguments": args} if args else {})})
+        try:
+            async with asyncio.timeout(timeout or self.timeout):
+                out = await self._off(libvirt_qemu.qemuMonitorCommand, self._dom, text, 0)
+        except TimeoutError as exc:
+            raise QMPError(f"{self.name}: {cmd} got no answer in {timeout or self.timeout:.0f} s") from exc
+        except libvirt.libvirtError as exc:
+            raise QMPError(f"{self.name}: {cmd} failed: {exc.get_error_message()}") from exc
+        reply = json.loads(out)
+        if "error" in reply:
+            err = reply["error"]
+            raise QMPError(f"{self.name}: {cmd} failed: {err.get('class')}: {err.get('desc')}")
+        return reply.get("return")
+
+    async def next_event(self, timeout: float) -> Event | None:
+        """The next event, or ``None`` after ``timeout`` seconds (as ``qmp.Monitor``)."""
+        if timeout <= 0:
+            return None if self._events.empty() else self._events.get_nowait()
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._events.get()
+        except TimeoutError:
+            return None
+
+    async def status(self) -> str:
+        return str((await self.execute("query-status"))["status"])

@@ -32,7 +32,12 @@ def test_baseline_loses_frames(guest_image, no_leftovers) -> None:
     downtime = max(res["downtime_ms"] or 0, 200)
     assert res["lost"] >= 0.5 * 2000 * downtime / 1000, res
     assert res["gap_ms"] >= 150
-    assert res["duplicates"] == 0
+    # Plain QEMU duplicated 3 replies once (a fresh-clone CI on f1c9007; 0 in
+    # the 70 plain runs of the matrix on 05c0622 and in 12 runs after):
+    # unexplained, so the next one says where its duplicates fall.
+    assert res["duplicates"] == 0, {k: res.get(k) for k in (
+        "duplicates", "first_duplicate_id", "first_lost_id", "last_lost_id", "src_stop_ms", "dst_resume_ms",
+        "first_lost_sent_ms", "last_lost_sent_ms", "downtime_ms", "dst_guest_fault", "dst_tap_dropped", "sent")}
 
 
 def test_late_lan_and_killed_source_lose_more(guest_image, no_leftovers) -> None:

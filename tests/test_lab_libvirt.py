@@ -50,3 +50,44 @@ def test_doctor_checks_a_real_libvirt(guest_image, no_leftovers) -> None:
     check = next(c for c in json.loads(out.stdout)["checks"] if c["name"] == "libvirt")
     assert not check["ok"] and "cannot connect to libvirt" in check["detail"], check
     assert "libvirt: " not in out.stderr, out.stderr  # (the binding's own printing is off)
+
+
+def test_a_domains_qmp_through_libvirt(guest_image, no_leftovers) -> None:
+    """``virt.DomainMonitor``: the calls of netpass's QMP monitor, over
+    libvirt's passthrough, during a ``virsh migrate --live``: every status
+    of the migration as an event, libvirt's own pre-switchover pause, the
+    STOP; commands answered, a refused one a clear error."""
+    import asyncio
+
+    from netpass.errors import QMPError
+    from netpass.virt import DomainMonitor
+
+    with virtlab.VirtLab(guest_image) as vl:
+        vl.start_guest()
+
+        async def follow() -> tuple[list[tuple[str, str | None]], str, str]:
+            async with DomainMonitor(vl.src.uri, vl.uuid, "src") as mon:
+                status = await mon.status()
+                uuid_here = (await mon.execute("query-uuid"))["UUID"]
+                try:
+                    await mon.execute("no-such-command")
+                    raise AssertionError("an unknown command was accepted")
+                except QMPError as exc:
+                    assert "CommandNotFound" in str(exc), exc
+                proc = await asyncio.create_subprocess_exec(*vl.migrate_argv())
+                seen: list[tuple[str, str | None]] = []
+                async with asyncio.timeout(120):
+                    while ("MIGRATION", "completed") not in seen:
+                        ev = await mon.next_event(1.0)
+                        if ev is not None:
+                            seen.append((ev.name, ev.data.get("status")))
+                    assert await proc.wait() == 0
+                return seen, status, uuid_here
+
+        seen, status, uuid_here = asyncio.run(follow())
+    assert status == "running" and uuid_here == vl.uuid
+    statuses = [s for name, s in seen if name == "MIGRATION"]
+    assert statuses[:2] == ["setup", "active"] and statuses[-1] == "completed", seen
+    assert "pre-switchover" in statuses, seen  # libvirt pauses before the switchover, then continues
+    stop = seen.index(("STOP", None))
+    assert stop < seen.index(("MIGRATION", "completed")), seen
