@@ -76,6 +76,10 @@ class Cell:
             "lost_runs_ms": res.get("lost_runs_ms"), "pause_start_ms": res.get("pause_start_ms"),
             "dst_resume_ms": res.get("dst_resume_ms"), "hold_caught_up_ms": rep.get("hold_caught_up_ms"),
             "tap_ring_overflow": rep.get("tap_ring_overflow"),
+            # How the stop came (a planned park, or QEMU's own stop first)
+            # and the endgame's record: which path an unforeseen stop took.
+            "stop_path": rep.get("stop_path"), "park_to_stop_ms": rep.get("park_to_stop_ms"),
+            "endgame": rep.get("endgame"),
             # What went wrong, kept for a failed run only (one exit 4 in a
             # 60-run matrix left nothing to look at).
             "log_tails": ({k: str(v).splitlines()[-40:] for k, v in (rep.get("logs") or {}).items()}
