@@ -137,10 +137,6 @@ class Libvirtd:
     def log_file(self) -> Path:
         return self.root / "libvirtd.log"
 
-    def domain_log(self) -> Path:
-        """QEMU's own log (its stderr, libvirt's command line and taint notes)."""
-        return self.root / "log" / "qemu" / f"{DOMAIN}.log"
-
     def _script(self) -> str:
         mounts = ["mount -t tmpfs -o mode=0755 netpass-libvirt /run/libvirt"]
         mounts += [f"mount --bind '{self.root / key}' '{path}'" for key, path in PRIVATE_DIRS.items()]

@@ -143,7 +143,7 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
             lab_hook(lab)
         # The guest's counters before the probing (the reachability checks
         # above count too), so that the run's own numbers are a difference.
-        _await_fresh_counters([lab.src_vm])
+        _await_fresh_counters([lab.src_vm.console])
         guest_base = guest_counters([lab.src_vm.console])
         if opts.lan_lag_ms > 0:
             # The LAN keeps delivering to the source until we let it learn.
@@ -203,7 +203,7 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
             dst1 = links.info(lab.ns("dst"), "tap0")
             dst_dropped, dst_ring = dst1.tx_dropped - dst0.tx_dropped, dst1.txqueuelen
         dst_exit = lab.dst_vm.proc.poll() if lab.dst_vm.proc else None
-        _await_fresh_counters([vm for vm in (lab.src_vm, lab.dst_vm) if vm.alive()])
+        _await_fresh_counters([vm.console for vm in (lab.src_vm, lab.dst_vm) if vm.alive()])
         guest = guest_counters([lab.src_vm.console, lab.dst_vm.console])
         dst_fault = guest_fault(lab.dst_vm.console)
         stats: dict[str, Any] = json.loads(out)
@@ -794,17 +794,17 @@ async def _where(lab: Lab) -> tuple[str | None, str | None]:
     return out[0], out[1]
 
 
-def _await_fresh_counters(vms: list[Any], timeout: float = 4.0) -> None:
+def _await_fresh_counters(consoles: list[Path], timeout: float = 4.0) -> None:
     """Wait until every live guest printed its counters after the probing ended."""
-    def count(vm: Any) -> int:
+    def count(console: Path) -> int:
         try:
-            return _whole_lines(vm.console).count("NETPASS-STAT")
+            return _whole_lines(console).count("NETPASS-STAT")
         except OSError:
             return 0
 
-    start = {vm.name: count(vm) for vm in vms}
+    start = {console: count(console) for console in consoles}
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(count(vm) <= start[vm.name] for vm in vms):
+    while time.monotonic() < deadline and any(count(c) <= start[c] for c in consoles):
         time.sleep(0.05)
 
 

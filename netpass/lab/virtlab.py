@@ -153,11 +153,7 @@ def run_plain(image: GuestImage, rate: float, say: Say, warmup_s: float = 1.0, t
         if mig.returncode != 0:
             raise LabError(f"virsh migrate failed: {mig.stderr.strip()}")
 
-        class _Console:
-            def __init__(self, name: str, console: Path) -> None:
-                self.name, self.console = name, console
-
-        _await_fresh_counters([_Console("dst", vl.dst.console)])
+        _await_fresh_counters([vl.dst.console])
         stats: dict[str, Any] = json.loads(out)
         guest = guest_counters(consoles)
         for k, v in guest.items():
