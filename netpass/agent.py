@@ -21,7 +21,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from . import destreport, heap, tapfd, wire
+from . import destreport, heap, procs, srcguard, tapfd, wire
 from . import hold as holdmod
 from .blocking import off_loop
 from .channel import (
@@ -40,11 +40,13 @@ from .destfeed import Gauge, Replay
 from .destflow import Holds
 from .deststate import AgentConfig, DestState
 from .errors import KernelError, NetpassError, QMPError, SessionError, UsageError
+from .follow import Follow
 from .metrics import AgentMetrics
 from .nics import discover
 from .packet import Shadow
-from .qmp import Monitor, peer_pid
+from .qmp import QMP, Monitor, peer_pid
 from .session import State
+from .virt import DomainMonitor
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,7 @@ class DestSession(DestState):
         super().__init__(cfg, sid)
         self.metrics = metrics
         self.ch = ch
-        self.mon: Monitor | None = None
+        self.mon: QMP | None = None
         self.feeder: asyncio.Task[None] | None = None
         self.final_report: dict[str, Any] | None = None
         self.cpu0 = time.process_time()  # this agent process's CPU (user + system)
@@ -126,9 +128,21 @@ class DestSession(DestState):
 
     async def arm(self, req: dict[str, Any]) -> dict[str, Any]:
         dest_qmp, macs, vm = check_open(req)
-        qmp_path = self._check_qmp_path(dest_qmp)
-        pid = peer_pid(qmp_path)
-        self.mon = Monitor(qmp_path, f"dst-{self.sid}")
+        if dest_qmp.startswith(LIBVIRT_PREFIX):
+            dom_uuid = dest_qmp[len(LIBVIRT_PREFIX):]
+            if self.cfg.libvirt_uri is None:
+                raise SessionError("libvirt", "this agent does not follow libvirt: start it with --libvirt URI "
+                                   "to receive migrations libvirt drives")
+            found_pid = await asyncio.to_thread(procs.qemu_by_uuid, dom_uuid)
+            if found_pid is None:
+                raise SessionError("dest_state", f"no QEMU runs the domain {dom_uuid} on this host")
+            pid = found_pid
+            vm = {**vm, "uuid": dom_uuid}
+            self.mon = DomainMonitor(self.cfg.libvirt_uri, dom_uuid, f"dst-{self.sid}", incoming=True)
+        else:
+            qmp_path = self._check_qmp_path(dest_qmp)
+            pid = peer_pid(qmp_path)
+            self.mon = Monitor(qmp_path, f"dst-{self.sid}")
         self.on_exit("closing the QMP connection", self.mon.close)
         await self.mon.connect()
         self._step("monitor")
@@ -511,6 +525,9 @@ def check_qmp_socket(path: str, qmp_root: Path, uids: frozenset[int]) -> str:
     return real
 
 
+# check_open's name for an incoming libvirt domain, where a QMP path would be
+# (never a path: a QMP socket's path is absolute).
+LIBVIRT_PREFIX = "libvirt:"
 _MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -518,7 +535,17 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 def check_open(req: dict[str, Any]) -> tuple[str, list[str], dict[str, str]]:
     """An 'open' request's fields, checked: (dest_qmp, macs, vm).  Anything
     malformed is refused with a SessionError that says which field."""
-    dest_qmp = req.get("dest_qmp")
+    dest_qmp: Any
+    if "libvirt_uuid" in req:  # (transparent mode: the incoming domain, by its UUID)
+        uuid = req["libvirt_uuid"]
+        if not isinstance(uuid, str) or not _UUID.fullmatch(uuid.lower()) or "dest_qmp" in req:
+            raise SessionError("bad_request", "libvirt_uuid must be a UUID (and comes without dest_qmp)")
+        dest_qmp = LIBVIRT_PREFIX + uuid.lower()
+    else:
+        dest_qmp = req.get("dest_qmp")
+        if isinstance(dest_qmp, str) and dest_qmp.startswith(LIBVIRT_PREFIX):
+            raise SessionError("bad_request", "dest_qmp must be a path, not a libvirt domain "
+                               "(that is libvirt_uuid)")
     if not isinstance(dest_qmp, str) or not dest_qmp or "\0" in dest_qmp or len(dest_qmp) > 4096:
         raise SessionError("bad_request", "dest_qmp must be a path (a non-empty string without NUL)")
     macs = req.get("macs")
@@ -568,11 +595,27 @@ class Agent:
         self.server: asyncio.AbstractServer | None = None
         self.metrics = AgentMetrics()
         self.session_tasks: set[asyncio.Task[Any]] = set()
+        self.follow: Follow | None = None
+        if cfg.libvirt_uri is not None:
+            self.follow = Follow(cfg, self._track, self._followed)
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        self.session_tasks.add(task)
+        task.add_done_callback(self.session_tasks.discard)
+
+    def _followed(self, role: str, report: dict[str, Any]) -> None:
+        self.metrics.followed.labels(role=role, outcome=str(report.get("state", "failed"))).inc()
 
     async def start(self) -> None:
         heap.keep_freed()  # batches come and go hundreds of times a second (see heap.py)
         for line in await asyncio.to_thread(holdmod.recover, self.cfg.holds_dir):
             log.warning("startup: %s", line)
+        if self.follow is not None:
+            # (what a killed agent's source sessions left: as netpass migrate does at its start)
+            for line in await asyncio.to_thread(srcguard.recover, self.cfg.state_dir):
+                log.warning("startup: %s", line)
+            await self.follow.start()
+            self._track(asyncio.ensure_future(self.follow.run()))
         if self.cfg.metrics_listen:
             self.metrics.serve(self.cfg.metrics_listen)
         host, port = parse_hostport(self.cfg.listen)
@@ -647,6 +690,13 @@ class Agent:
             if msg.get("op") == "ping":
                 await ch.send_json(CONTROL, {"op": "pong", "sessions": len(self.sessions)})
                 return
+            if msg.get("op") == "incoming":  # (a peer's agent, following a libvirt migration: follow.py)
+                wanted = msg.get("uuid")
+                if not isinstance(wanted, str) or not _UUID.fullmatch(wanted.lower()):
+                    raise SessionError("bad_request", "incoming.uuid must be a UUID")
+                present = self.follow is not None and await self.follow.has_incoming(wanted.lower())
+                await ch.send_json(CONTROL, {"op": "incoming", "present": present})
+                return
             if msg.get("op") != "open":
                 raise SessionError("bad_request", "expected an 'open' request")
             sid = msg.get("session")
@@ -654,6 +704,8 @@ class Agent:
                 sid = uuid.uuid4().hex[:12]
             if not isinstance(sid, str) or not SESSION_ID.fullmatch(sid):
                 raise SessionError("bad_request", "a session id is 1 to 64 lowercase hex digits")
+            if self.follow is not None and isinstance(msg.get("libvirt_uuid"), str):
+                self.follow.session_opened(msg["libvirt_uuid"].lower())
             ch.start_beats()  # the source's silence is seen within channel.SILENCE_S
             sess = DestSession(self.cfg, ch, sid, self.metrics)
             self.sessions[sid] = sess

@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="external: the lab, as a management layer, stops the source VM itself "
                            "mid-migration (netpass's fallback path)")
     demo.add_argument("--pause-ms", type=_non_negative_int("--pause-ms"), default=200,
-                      help="extra switchover pause via pause-before-switchover (default 200)")
+                      help="extra switchover pause via pause-before-switchover (default 200; QMP only: "
+                           "libvirt continues its own pause at once)")
     demo.add_argument("--burst", type=_non_negative_int("--burst"), default=0, metavar="N",
                       help="the peer also sends N frames to the VM while the source is stopped "
                            "(a backlog for netpass to carry; at most 200000)")
@@ -162,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="kill the source QEMU at completion, as libvirt does")
     demo.add_argument("--strict-ordering", action="store_true",
                       help="run netpass with --strict-ordering (nothing overtakes forwarded frames)")
+    demo.add_argument("--manager", choices=("qmp", "libvirt"), default="qmp",
+                      help="who migrates: netpass over QMP ('netpass migrate'), or libvirt "
+                           "('virsh migrate --live', netpass's agents in transparent mode); "
+                           "with libvirt, the knobs are --mode, --rate, --proto, --size and --tcp-rate-mbit")
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the replies over time")
     demo.add_argument("--cache", type=Path, help="guest image cache (default /var/cache/netpass)")
@@ -184,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--state-dir", type=Path, default=Path("/run/netpass"),
                        help="where holds in progress are recorded, so that a restarted agent "
                             "undoes what a dead one left (default /run/netpass)")
+    agent.add_argument("--libvirt", metavar="URI", dest="libvirt_uri",
+                       help="transparent mode: follow the migrations this libvirt drives (e.g. "
+                            "qemu:///system) and make them lossless; 'virsh migrate' stays as it is")
+    agent.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                       help="with --libvirt: another host's agent, asked whether it receives a "
+                            "domain this host sends (repeatable; the same token)")
+    agent.add_argument("--peer-tls-ca", metavar="PEM",
+                       help="with --libvirt: talk TLS to the peers' agents, trusting this CA")
 
     mig = sub.add_parser("migrate", help="live-migrate a VM with zero network loss")
     mig.add_argument("--qmp", required=True, help="the source VM's QMP socket")
@@ -288,6 +301,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UsageError("--queues is at most 8")
     if args.flood_pps > 100_000:
         raise UsageError("--flood-pps is at most 100000")
+    if args.manager == "libvirt":
+        qmp_only = [flag for flag, value, default in (
+            ("--queues", args.queues, 1), ("--flood-pps", args.flood_pps, 0),
+            ("--max-bandwidth-mib", args.max_bandwidth_mib, None), ("--busy-core", args.busy_core, False),
+            ("--stopper", args.stopper, "netpass"), ("--burst", args.burst, 0),
+            ("--lan-lag-ms", args.lan_lag_ms, 0), ("--kill-source", args.kill_source, False),
+            ("--strict-ordering", args.strict_ordering, False)) if value != default]
+        if qmp_only:
+            raise UsageError(f"{', '.join(qmp_only)}: not with --manager libvirt (libvirt's lab runs "
+                             "'virsh migrate --live' as an operator types it)")
     sweep_stale()
     cache = args.cache or image.DEFAULT_CACHE
     with err_console.status("building the guest image") as status:
@@ -302,7 +325,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         timelines: dict[str, Path] = {}
         with tempfile.TemporaryDirectory(prefix=demo_tmp_prefix()) as tmp:
             modes = ["baseline", "netpass"] if args.mode == "both" else [args.mode]
-            for mode in modes:
+            if args.manager == "libvirt":
+                from .lab import virtlab
+
+                for mode in modes:
+                    timelines[mode] = Path(tmp) / f"{mode}.json"
+                    say(f"{mode}: starting (libvirt)")
+                    runs[mode] = virtlab.run(img, args.rate, say, ("src", "dst") if mode == "netpass" else (),
+                                             proto=args.proto, tcp_rate_mbit=args.tcp_rate_mbit,
+                                             frame_size=args.size, timeline=timelines[mode])
+                    runs[mode].pop("agent_logs", None)
+                    rep = runs[mode]["report"]
+                    if mode == "netpass" and rep.get("state") != "done":
+                        raise LabError(f"netpass's agents did not follow the migration: {rep.get('error')}")
+            for mode in modes if args.manager == "qmp" else ():
                 timelines[mode] = Path(tmp) / f"{mode}.json"
                 opts = scenario.ScenarioOptions(
                     rate=args.rate, proto=args.proto, switchover_pause_ms=args.pause_ms,
@@ -404,18 +440,23 @@ def cmd_agent(args: argparse.Namespace) -> int:
     _require_root("netpass agent")
 
     from .agent import Agent
-    from .channel import load_token
+    from .channel import load_token, parse_hostport
     from .deststate import AgentConfig
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
-    if not args.qmp_root.is_dir():
+    if (args.peer or args.peer_tls_ca) and not args.libvirt_uri:
+        raise UsageError("--peer and --peer-tls-ca go with --libvirt (the transparent mode)")
+    for peer in args.peer:
+        parse_hostport(peer)
+    if not args.qmp_root.is_dir() and not args.libvirt_uri:
         raise UsageError(f"--qmp-root {args.qmp_root} is not a directory: give the directory under "
                          "which the destination QEMUs' QMP sockets are")
     cfg = AgentConfig(listen=args.listen, token=load_token(args.token_file), qmp_root=args.qmp_root,
                       max_cache_bytes=args.max_cache_bytes,
                       tls_cert=args.tls_cert, tls_key=args.tls_key, state_dir=args.state_dir,
-                      metrics_listen=args.metrics_listen, qemu_uids=_qemu_uids(args.qemu_user))
+                      metrics_listen=args.metrics_listen, qemu_uids=_qemu_uids(args.qemu_user),
+                      libvirt_uri=args.libvirt_uri, peers=tuple(args.peer), peer_tls_ca=args.peer_tls_ca)
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger().setLevel(logging.INFO)
     asyncio.run(_until_signal(Agent(cfg).serve_forever()))

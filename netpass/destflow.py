@@ -21,7 +21,7 @@ from .deststate import DestNic, DestState
 from .errors import KernelError, NetpassError, SessionError
 from .nics import rss_in_use
 from .pacing import RELEASE_STEP_S, Window, ask_hold, grant_needed, release_window, window_min
-from .qmp import Monitor
+from .qmp import QMP
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ FLOW_STUCK_S = 3.0
 class HoldsIO(Protocol):
     """The session's I/O the holds need."""
 
-    mon: Monitor | None
+    mon: QMP | None
 
     def on_exit(self, what: str, fn: Callable[..., Any], *args: Any) -> None: ...
 

@@ -32,6 +32,12 @@ class AgentConfig:
     state_dir: Path = Path("/run/netpass")
     metrics_listen: str | None = None
     qemu_uids: frozenset[int] = frozenset({0})  # who may own a QMP socket the agent opens
+    # Transparent mode (follow.py): the libvirt this agent follows, the
+    # peers' agents it asks which of them receives a domain, and the CA it
+    # trusts for their TLS.
+    libvirt_uri: str | None = None
+    peers: tuple[str, ...] = ()
+    peer_tls_ca: str | None = None
 
     @property
     def holds_dir(self) -> Path:

@@ -36,6 +36,9 @@ class AgentMetrics:
         self.hold_seconds = Histogram("netpass_hold_seconds", "Destination resume to the end of the "
                                       "strict-ordering hold", registry=r,
                                       buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
+        self.followed = Counter("netpass_followed_migrations", "Migrations libvirt drove that this agent "
+                                "followed (transparent mode), by role and outcome", ["role", "outcome"],
+                                registry=r)
         self.replay_delay = Histogram("netpass_replay_delay_seconds", "Destination resume to the last "
                                       "replayed frame read by the VM", registry=r,
                                       buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from . import tapfd
 from .errors import NetpassError, QMPError
-from .qmp import Monitor
+from .qmp import QMP
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,11 @@ def parse_info_network(text: str) -> list[tuple[str, str, str, str, str, str]]:
     return out
 
 
-async def discover(mon: Monitor, pid: int) -> list[Nic]:
+async def discover(mon: QMP, pid: int) -> list[Nic]:
+    from .virt import DomainMonitor
+
+    if isinstance(mon, DomainMonitor):  # (libvirt's XML names the taps, and needs no QMP job)
+        return from_interfaces(await mon.interfaces(), pid)
     text = await mon.execute("human-monitor-command", {"command-line": "info network"})
     fds = tapfd.tap_fds_of(pid)
     by_fd = {t.fd: t.ifname for t in fds}
@@ -80,7 +84,23 @@ async def discover(mon: Monitor, pid: int) -> list[Nic]:
     return nics
 
 
-async def virtio_paths(mon: Monitor) -> dict[str, str]:
+def from_interfaces(interfaces: list[tuple[str, str, str]], pid: int) -> list[Nic]:
+    """The NICs a management layer describes as (MAC, tap, model), with the
+    tap fds QEMU ``pid`` holds (libvirt's domain XML names each NIC's tap)."""
+    fds = tapfd.tap_fds_of(pid)
+    nics = []
+    for mac, tap, model in interfaces:
+        queue_fds = [t.fd for t in fds if t.ifname == tap]
+        if not queue_fds:
+            log.info("NIC %s: QEMU pid %d holds no fd for its tap %s: not covered", mac, pid, tap)
+            continue
+        nics.append(Nic(mac=mac, tap=tap, model=model, qemu_fds=queue_fds))
+    if not nics:
+        raise DiscoveryError(f"QEMU pid {pid} has no NIC on a tap it holds: nothing for netpass to do")
+    return nics
+
+
+async def virtio_paths(mon: QMP) -> dict[str, str]:
     """MAC -> QOM path of each virtio-net device, or {} when this QEMU lacks
     the (experimental) virtio introspection commands."""
 
@@ -100,7 +120,7 @@ async def virtio_paths(mon: Monitor) -> dict[str, str]:
     return out
 
 
-async def rss_in_use(mon: Monitor, mac: str) -> bool | None:
+async def rss_in_use(mon: QMP, mac: str) -> bool | None:
     """Whether QEMU may steer this NIC's queues with its own eBPF program
     (virtio-net ``rss=on``): None when this QEMU cannot say (no virtio
     introspection).  Uses an experimental command: only while the VM is
@@ -115,7 +135,7 @@ async def rss_in_use(mon: Monitor, mac: str) -> bool | None:
         return False  # a QEMU without RSS support
 
 
-async def virtio_backend(mon: Monitor, mac: str) -> str | None:
+async def virtio_backend(mon: QMP, mac: str) -> str | None:
     """QOM path of the virtio device behind the NIC with ``mac`` (what the
     virtio queue queries take), found with stable QOM commands only, so it
     can be asked while the VM runs; None if it is not a virtio-net NIC
@@ -140,7 +160,7 @@ async def virtio_backend(mon: Monitor, mac: str) -> str | None:
     return None
 
 
-async def rx_without_buffer(mon: Monitor, path: str, queue: int) -> bool:
+async def rx_without_buffer(mon: QMP, path: str, queue: int) -> bool:
     """Whether the guest had no free RX buffer on ``queue``: QEMU then held
     the frame it last read for the guest, and purged it when the VM stopped.
     Reads the guest's available index from guest memory

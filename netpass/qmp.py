@@ -9,7 +9,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.error import QMPError as _LibQMPError
@@ -40,6 +40,25 @@ class Event:
         emitted = qemu_time - (now_wall - now_mono) if qemu_time else now_mono
         return cls(name=str(msg["event"]), data=dict(msg.get("data", {})),
                    received=now_mono, qemu_time=qemu_time, emitted=min(emitted, now_mono))
+
+
+class QMP(Protocol):
+    """What netpass asks of a QEMU's monitor: :class:`Monitor` (a QMP socket
+    of netpass's own) and ``virt.DomainMonitor`` (a libvirt domain's) both
+    have it."""
+
+    name: str
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None,
+                      timeout: float | None = None) -> Any: ...
+
+    async def next_event(self, timeout: float) -> Event | None: ...
+
+    async def status(self) -> str: ...
 
 
 @dataclass

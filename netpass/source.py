@@ -54,7 +54,7 @@ from .errors import KernelError, MigrationFailed, NetpassError, QMPError
 from .migration import progress_line, stop_task
 from .nics import discover, virtio_backend
 from .packet import ShadowRing
-from .qmp import Event, Monitor, peer_pid
+from .qmp import QMP, Event, Monitor, peer_pid
 from .session import Phase, plan_stop
 from .srcback import return_parked
 from .srcengage import Parking, log_failure
@@ -64,6 +64,7 @@ from .srcsettle import Settlement, VmRings, remove_reader
 from .srcship import Shipper
 from .srcstate import MigrateOptions, SourceNic, SourceState
 from .srctail import Tail, lost_after_completion
+from .virt import DomainMonitor
 from .watch import ACTIVE, Completed, Fact, Failed, Stopped, Watch
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class SourceSession(SourceState):
         self.progress = progress or (lambda kind, data: None)
         self.undo = AsyncExitStack()
         self.ch: Channel | None = None
-        self.mon: Monitor | None = None
+        self.mon: QMP | None = None
         self.qemu: QemuControl | None = None  # (once the monitor is connected)
         self.cpu0 = time.process_time()
         self.shipper: Shipper | None = None  # (once the channel is up)
@@ -134,24 +135,28 @@ class SourceSession(SourceState):
         self.undo.push_async_callback(self.ch.close)
         self.ch.start_beats()  # the agent's silence is seen within channel.SILENCE_S
         self._step("channel")
-        pid = peer_pid(self.o.qmp)
-        self.src_pid = pid
-        await self._connect_monitor()
+        if self.mon is None:  # (attached: connected before the arm, see hold_back)
+            self.src_pid = peer_pid(self.o.qmp)
+            await self._connect_monitor()
+        pid = self.src_pid
+        assert self.mon is not None and pid is not None
         self._step("monitor")
-        assert self.mon is not None
         status = await self.mon.status()
         if status not in ("running", "paused"):
             raise MigrationFailed(f"the source VM is '{status}': it must be running or paused to migrate")
         self.was_running = status == "running"
         mig = await self.mon.execute("query-migrate")
-        if mig.get("status") in ACTIVE:
+        if self.o.attached and mig.get("status") not in ACTIVE:
+            raise MigrationFailed(f"the migration ended ({mig.get('status')}) before netpass armed")
+        if not self.o.attached and mig.get("status") in ACTIVE:
             raise MigrationFailed("a migration of this VM is already in progress")
         found = await discover(self.mon, pid)
         vm = {"uuid": str((await self.mon.execute("query-uuid")).get("UUID", "")).lower(),
               "name": str((await self.mon.execute("query-name")).get("name", ""))}
         if vm["uuid"] == "00000000-0000-0000-0000-000000000000":
             vm.pop("uuid")  # QEMU started without -uuid: every such VM has this one
-        await self.ch.send_json(CONTROL, {"op": "open", "session": self.sid, "dest_qmp": self.o.dest_qmp,
+        where = {"libvirt_uuid": self.o.libvirt_uuid} if self.o.attached else {"dest_qmp": self.o.dest_qmp}
+        await self.ch.send_json(CONTROL, {"op": "open", "session": self.sid, **where,
                                           "macs": [n.mac for n in found], "resume": self.was_running,
                                           "vm": {k: v for k, v in vm.items() if v},
                                           **({"strict": {"hold_timeout_ms": self.o.hold_timeout_ms}}
@@ -178,10 +183,27 @@ class SourceSession(SourceState):
                   ", ".join(f"{n.nic.mac} on {n.nic.tap} ({len(n.fds)} queue(s))" for n in self.nics))
 
     async def _connect_monitor(self) -> None:
-        self.mon = Monitor(self.o.qmp, "src")
+        if self.o.attached:
+            assert self.o.libvirt_uri is not None and self.o.libvirt_uuid is not None
+            self.mon = DomainMonitor(self.o.libvirt_uri, self.o.libvirt_uuid, "src")
+        else:
+            self.mon = Monitor(self.o.qmp, "src")
         await self.mon.connect()
         self.undo.push_async_callback(self.mon.close)
         self.qemu = QemuControl(self, self.mon, self.undo, self.say)
+
+    async def hold_back(self) -> None:
+        """Attached to a migration already under way: first of all, QEMU is
+        kept from switching over before netpass is armed (``downtime-limit``
+        0, and a trickle of bandwidth until the arm is done; see srcqemu)."""
+        assert self.o.libvirt_uuid is not None
+        pid = await asyncio.to_thread(procs.qemu_by_uuid, self.o.libvirt_uuid)
+        if pid is None:
+            raise MigrationFailed(f"no QEMU process runs the domain {self.o.libvirt_uuid} on this host")
+        self.src_pid = pid
+        await self._connect_monitor()
+        assert self.qemu is not None
+        await self.qemu.hold_back()
 
     def _step(self, name: str) -> None:
         """Mark the named setup step done (its time goes in the report), and
@@ -222,13 +244,18 @@ class SourceSession(SourceState):
     async def _migrate(self) -> None:
         assert self.mon is not None
         self.migrate_issued = True
-        await self.mon.execute("migrate", {"uri": self.o.uri})
+        if not self.o.attached:
+            await self.mon.execute("migrate", {"uri": self.o.uri})
         if self.netpass_active and not _ENDGAME_OFF:
             self.endgame = Endgame(int(self.qemu_params.get("max-bandwidth", 0)))
         try:
             await self._watch()
         except QMPError:
             await self._monitor_lost()
+            return
+        if self.o.attached:
+            # libvirt holds a domain's QMP commands from its completion until
+            # its Confirm (2 s in the lab): its own job info has the figures.
             return
         try:
             self.migration_info = await self.mon.execute("query-migrate", timeout=2)
@@ -359,7 +386,10 @@ class SourceSession(SourceState):
 
     # -- failure --------------------------------------------------------------------------
     async def _cancel_migration(self) -> None:
-        """netpass failed while QEMU migrates: cancel, so the VM stays where it is."""
+        """netpass failed while QEMU migrates: cancel, so the VM stays where it
+        is.  Not a migration someone else drives: that goes on without netpass."""
+        if self.o.attached:
+            return
         if self.qemu is not None and not self.completed and await self.qemu.cancel():
             self._completed()
 
@@ -388,6 +418,8 @@ class SourceSession(SourceState):
     async def run(self) -> dict[str, Any]:
         error: BaseException | None = None
         try:
+            if self.o.attached:
+                await self.hold_back()
             await self._arm_or_not()
             if self.netpass_active:
                 assert self.shipper is not None and self.ch is not None
@@ -405,6 +437,9 @@ class SourceSession(SourceState):
                     if self.parked_t is not None and self.netpass_active:
                         await self.give_back()
                     if isinstance(exc, NetpassError):
+                        if self.o.attached:
+                            raise MigrationFailed(f"{exc}; netpass stepped aside, the migration goes "
+                                                  "on without it") from exc
                         raise MigrationFailed(f"{exc}; the VM stays on the source") from exc
                     raise
                 # Too late to cancel: QEMU had completed, the VM runs on the

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from . import tapfd, wire
 from .endgame import THROTTLE_BANDWIDTH, Endgame, Sample, Step
-from .qmp import Monitor
+from .qmp import QMP
 from .session import Phase
 from .srchost import Host
 from .srcqemu import QemuControl
@@ -74,7 +74,7 @@ class Parking:
         elif step is Step.ENGAGE:
             await self.engage(qemu.mon, endgame)
 
-    async def engage(self, mon: Monitor, endgame: Endgame) -> None:
+    async def engage(self, mon: QMP, endgame: Endgame) -> None:
         """Park every frame bound for the VM, send the sacrificial frames, wait
         until QEMU has read them, and only then let QEMU finish: all of it
         just before the window in which it will.  Should QEMU read them too

@@ -146,10 +146,17 @@ def _restore_qemu(qmp: str, params: dict[str, int]) -> list[str]:
     import asyncio
 
     from .errors import NetpassError
-    from .qmp import Monitor
+    from .qmp import QMP, Monitor
 
     async def restore() -> None:
-        mon = Monitor(qmp, "guard")
+        mon: QMP
+        if qmp.startswith("libvirt:"):  # (a migration libvirt drives: its domain, through libvirt)
+            from .virt import DomainMonitor
+
+            uuid, _, uri = qmp[len("libvirt:"):].partition("@")
+            mon = DomainMonitor(uri, uuid, "guard")
+        else:
+            mon = Monitor(qmp, "guard")
         await mon.connect()
         try:
             await mon.execute("migrate-set-parameters", params, timeout=5)
@@ -159,8 +166,10 @@ def _restore_qemu(qmp: str, params: dict[str, int]) -> list[str]:
     try:
         asyncio.run(asyncio.wait_for(restore(), 15))
     except (TimeoutError, NetpassError, OSError) as exc:
-        if not os.path.exists(qmp):
+        if not qmp.startswith("libvirt:") and not os.path.exists(qmp):
             return []  # QEMU is gone: nothing to restore
+        if qmp.startswith("libvirt:") and "no domain" in str(exc).lower():
+            return []
         return [f"QEMU's migration parameters {params} at {qmp}: {exc or 'timed out'}"]
     return []
 

@@ -41,7 +41,7 @@ class Host:
         said = [f"cleanup of an earlier run: {line}" for line in srcguard.recover(st.o.state_dir)]
         # Before the first change to this host: should netpass be killed,
         # its guard undoes what the state file lists by then.
-        self.guard = srcguard.Guard(st.o.state_dir, st.sid, st.o.qmp)
+        self.guard = srcguard.Guard(st.o.state_dir, st.sid, st.o.qemu_address)
         self.guard.start()
         self.undo.callback(self.guard.close)
         self.step("guard")

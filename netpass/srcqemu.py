@@ -12,7 +12,7 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 
 from .errors import QMPError
-from .qmp import Monitor
+from .qmp import QMP
 from .session import Phase
 from .srchost import Host
 from .srcstate import SourceState
@@ -20,10 +20,17 @@ from .watch import ACTIVE
 
 log = logging.getLogger(__name__)
 
+# Attached to a migration under way, until netpass is armed: QEMU sends at
+# most this (bytes/s).  A page of zeros costs QEMU about 9 bytes of stream,
+# so even an idle guest's 1 GiB takes about 9 s at this rate; an arm takes
+# a fraction of a second.
+HOLD_BACK_BPS = 256 << 10
+
 
 class QemuControl:
-    def __init__(self, st: SourceState, mon: Monitor, undo: AsyncExitStack, say: Callable[[str], None]) -> None:
+    def __init__(self, st: SourceState, mon: QMP, undo: AsyncExitStack, say: Callable[[str], None]) -> None:
         self.st, self.mon, self.undo, self.say = st, mon, undo, say
+        self.held_back = False
 
     async def configure(self, host: Host) -> None:
         """Events on, downtime-limit 0 (see endgame.py), each undone at the end."""
@@ -36,18 +43,40 @@ class QemuControl:
         if not caps.get("events"):
             await self.set_capability("events", True)
             self.undo.push_async_callback(self.set_capability, "events", False)
+        if self.held_back:  # (attached: the operator's values were read before the hold-back)
+            await host.record_qemu_params(self._operator_params())
+            await self.set_param("max-bandwidth", int(st.qemu_params.get("max-bandwidth", 0)))
+            self.say("armed: QEMU migrates at its own bandwidth again")
+            return
         st.qemu_params = await mon.execute("query-migrate-parameters")
         if not st.netpass_active:
             return
-        await host.record_qemu_params({
-            "downtime-limit": int(st.qemu_params.get("downtime-limit", 300)),
-            "max-bandwidth": int(st.qemu_params.get("max-bandwidth", 0))})
+        await host.record_qemu_params(self._operator_params())
         await self.set_param("downtime-limit", 0)
         self.undo.push_async_callback(self.set_param, "downtime-limit",
                                       int(st.qemu_params.get("downtime-limit", 300)))
         # Whatever netpass does to the bandwidth, the operator's value comes back.
         self.undo.push_async_callback(self.set_param, "max-bandwidth",
                                       int(st.qemu_params.get("max-bandwidth", 0)))
+
+    def _operator_params(self) -> dict[str, int]:
+        return {"downtime-limit": int(self.st.qemu_params.get("downtime-limit", 300)),
+                "max-bandwidth": int(self.st.qemu_params.get("max-bandwidth", 0))}
+
+    async def hold_back(self) -> None:
+        """A migration someone else started (libvirt) is under way and netpass
+        is not armed yet: ``downtime-limit`` 0 (QEMU switches over only once
+        no RAM is left) and a trickle of bandwidth (HOLD_BACK_BPS), so that
+        the migration cannot end before the arm.  Both come back at the end;
+        the bandwidth as soon as netpass is armed (``configure``)."""
+        st = self.st
+        st.qemu_params = await self.mon.execute("query-migrate-parameters")
+        ops = self._operator_params()
+        await self.set_param("downtime-limit", 0)
+        self.undo.push_async_callback(self.set_param, "downtime-limit", ops["downtime-limit"])
+        await self.set_param("max-bandwidth", HOLD_BACK_BPS)
+        self.undo.push_async_callback(self.set_param, "max-bandwidth", ops["max-bandwidth"])
+        self.held_back = True
 
     async def set_capability(self, name: str, state: bool) -> None:
         try:

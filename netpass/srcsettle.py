@@ -22,7 +22,7 @@ from . import links, sacrifice, stopaccount, tapfd, wire
 from .errors import NetpassError, QMPError
 from .nics import rx_without_buffer
 from .packet import ShadowRing
-from .qmp import Monitor
+from .qmp import QMP
 from .srcstate import SourceNic, SourceState
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def remove_reader(fd: int) -> None:
 
 
 class Settlement:
-    def __init__(self, st: SourceState, mon: Monitor | None, rings: VmRings) -> None:
+    def __init__(self, st: SourceState, mon: QMP | None, rings: VmRings) -> None:
         self.st, self.mon, self.rings = st, mon, rings
 
     async def run(self, starved: asyncio.Task[None] | None) -> None:

@@ -51,6 +51,22 @@ class MigrateOptions:
     save_pcap: str | None = None
     compress: str = "auto"
     state_dir: Path = Path("/run/netpass")  # the guard's state files (see srcguard.py)
+    # Transparent mode (``follow.py``): a migration libvirt started, followed
+    # through libvirt (this URI) for the domain with this UUID; netpass does
+    # not issue the migration, and ``qmp``, ``uri`` and ``dest_qmp`` are unused.
+    libvirt_uri: str | None = None
+    libvirt_uuid: str | None = None
+
+    @property
+    def qemu_address(self) -> str:
+        """Where the source QEMU's monitor is: its QMP socket, or (attached)
+        ``libvirt:UUID@URI``, as the guard's state file records it."""
+        return f"libvirt:{self.libvirt_uuid}@{self.libvirt_uri}" if self.attached else self.qmp
+
+    @property
+    def attached(self) -> bool:
+        """netpass follows a migration someone else (libvirt) drives."""
+        return self.libvirt_uuid is not None
 
 
 @dataclass

@@ -122,8 +122,10 @@ class DomainMonitor:
     passthrough, commands by ``qemuMonitorCommand`` (off the loop: a call
     waits for QEMU's answer)."""
 
-    def __init__(self, uri: str, uuid: str, name: str = "libvirt", timeout: float = 10.0) -> None:
-        self.uri, self.uuid, self.name, self.timeout = uri, uuid, name, timeout
+    def __init__(self, uri: str, uuid: str, name: str = "libvirt", timeout: float = 10.0,
+                 incoming: bool = False) -> None:
+        """``incoming``: the domain migrates to this host (see qemu_status)."""
+        self.uri, self.uuid, self.name, self.timeout, self.incoming = uri, uuid, name, timeout, incoming
         self._conn: Any = None
         self._dom: Any = None
         self._cb: int | None = None
@@ -181,6 +183,8 @@ class DomainMonitor:
         libvirt, libvirt_qemu = _binding()
         if self._dom is None:
             raise QMPError(f"{self.name}: not connected")
+        if cmd in _FROM_LIBVIRT and not args and (self.incoming or cmd != "query-status"):
+            return await self._from_libvirt(cmd)
         text = json.dumps({"execute": cmd, **({"arguments": args} if args else {})})
         try:
             async with asyncio.timeout(timeout or self.timeout):
@@ -207,3 +211,160 @@ class DomainMonitor:
 
     async def status(self) -> str:
         return str((await self.execute("query-status"))["status"])
+
+    async def _from_libvirt(self, cmd: str) -> Any:
+        """What libvirt itself knows of the domain, asked without a job: an
+        incoming migration's job holds every QMP command libvirt passes
+        through until it ends (measured: a ``query-status`` on the
+        destination waited 662 ms, the whole migration)."""
+        libvirt, _ = _binding()
+        try:
+            if cmd == "query-status":
+                state, reason = await self._off(self._dom.state)
+                return {"status": qemu_status(libvirt, state, reason, self.incoming)}
+            if cmd == "query-uuid":
+                return {"UUID": self._dom.UUIDString()}
+            return {"name": self._dom.name()}
+        except libvirt.libvirtError as exc:
+            raise QMPError(f"{self.name}: {cmd} failed: {exc.get_error_message()}") from exc
+
+    async def interfaces(self) -> list[tuple[str, str, str]]:
+        """(MAC, tap, model) of each of the domain's NICs, from its live XML."""
+        libvirt, _ = _binding()
+        try:
+            xml = await self._off(self._dom.XMLDesc, 0)
+        except libvirt.libvirtError as exc:
+            raise LibvirtError(f"{self.name}: the domain's XML: {exc.get_error_message()}") from exc
+        return domain_interfaces(xml)
+
+
+# QMP queries DomainMonitor answers from libvirt's own view (see _from_libvirt);
+# ``query-status`` only for an incoming domain: on the sending host it goes to
+# QEMU, where its answer also says that QEMU's main loop ran (srcsettle.py).
+_FROM_LIBVIRT = frozenset({"query-status", "query-uuid", "query-name"})
+
+
+def qemu_status(libvirt: ModuleType, state: int, reason: int, incoming: bool) -> str:
+    """QEMU's run state, as far as libvirt's (state, reason) tells it.  A
+    domain paused for a migration is ``inmigrate`` on the host that
+    receives it (``incoming``) and ``postmigrate`` on the one that sent it:
+    libvirt's reason is the same (measured: PAUSED/MIGRATION on both from
+    the first MIGRATION event to the end, then STARTING_UP on the
+    destination until its Finish resumes it)."""
+    if state == libvirt.VIR_DOMAIN_RUNNING:
+        return "running"
+    if state == libvirt.VIR_DOMAIN_PAUSED:
+        if reason in (libvirt.VIR_DOMAIN_PAUSED_MIGRATION, libvirt.VIR_DOMAIN_PAUSED_STARTING_UP):
+            return "inmigrate" if incoming else "postmigrate"
+        return "paused"
+    if state == libvirt.VIR_DOMAIN_CRASHED:
+        return "guest-panicked"
+    if state == libvirt.VIR_DOMAIN_PMSUSPENDED:
+        return "suspended"
+    return "shutdown"
+
+
+def domain_interfaces(xml: str) -> list[tuple[str, str, str]]:
+    """(MAC, tap, model) of each NIC in a domain's XML that has a tap (a
+    ``<target dev>``)."""
+    import xml.etree.ElementTree as ET
+
+    out = []
+    for iface in ET.fromstring(xml).iterfind("./devices/interface"):
+        mac, target, model = iface.find("mac"), iface.find("target"), iface.find("model")
+        if mac is None or target is None or not target.get("dev"):
+            continue
+        out.append((str(mac.get("address", "")).lower(), str(target.get("dev")),
+                    str(model.get("type", "?")) if model is not None else "?"))
+    return out
+
+
+# -- every domain's migrations, at one libvirt ----------------------------------------
+@dataclass(frozen=True)
+class MigrationEvent:
+    """One MIGRATION event of one domain, as libvirt passed it through."""
+
+    uuid: str
+    name: str
+    status: str
+
+
+class Follower:
+    """The MIGRATION events of every domain at ``uri`` (one passthrough for
+    the whole connection, so domains that arrive later are followed too),
+    and the questions the transparent mode asks of a domain by its UUID."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._conn: Any = None
+        self._cb: int | None = None
+        self._events: asyncio.Queue[MigrationEvent] = asyncio.Queue()
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="netpass-libvirt-follow")
+        self.lost: str | None = None  # why the connection to libvirt closed, once it did
+
+    async def start(self) -> None:
+        libvirt, libvirt_qemu = _binding()
+        libvirt.registerErrorHandler(_ignore, None)
+        _asyncio_events(libvirt)
+        try:
+            self._conn = await self._off(libvirt.open, self.uri)
+            self._conn.registerCloseCallback(self._on_close, None)
+            self._cb = libvirt_qemu.qemuMonitorEventRegister(self._conn, None, "MIGRATION", self._on_event,
+                                                             None, 0)
+        except libvirt.libvirtError as exc:
+            await self.close()
+            raise LibvirtError(f"cannot follow migrations at {self.uri}: {exc.get_error_message()} "
+                               "(is libvirtd running, and is this the URI virsh uses?)") from exc
+
+    def _on_event(self, _conn: Any, dom: Any, _event: str, _s: int, _us: int, details: str | None,
+                  _opaque: Any) -> None:
+        data = json.loads(details) if details else {}
+        self._events.put_nowait(MigrationEvent(dom.UUIDString().lower(), dom.name(), str(data.get("status"))))
+
+    def _on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
+        self.lost = f"libvirt closed the connection (reason {reason})"
+        log.error("%s: %s", self.uri, self.lost)
+
+    async def _off(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def next(self, timeout: float) -> MigrationEvent | None:
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._events.get()
+        except TimeoutError:
+            return None
+
+    async def incoming(self, uuid: str) -> bool:
+        """Whether the domain ``uuid`` is here, paused for a migration: at
+        its first MIGRATION event, that is the host receiving it (the
+        sender of a live migration still runs it).  libvirt's own job
+        would say which side this is, but asking it waits for the
+        incoming migration's end on the receiving host."""
+        libvirt, _ = _binding()
+        try:
+            dom = await self._off(self._conn.lookupByUUIDString, uuid)
+            state, reason = await self._off(dom.state)
+        except libvirt.libvirtError:
+            return False
+        return qemu_status(libvirt, state, reason, True) == "inmigrate"
+
+    async def close(self) -> None:
+        libvirt, libvirt_qemu = _binding()
+        if self._conn is not None:
+            if self._cb is not None:
+                try:
+                    libvirt_qemu.qemuMonitorEventDeregister(self._conn, self._cb)
+                except libvirt.libvirtError:
+                    pass
+                self._cb = None
+            try:
+                self._conn.unregisterCloseCallback()
+            except libvirt.libvirtError:
+                pass
+            try:
+                await self._off(self._conn.close)
+            except libvirt.libvirtError:
+                pass
+            self._conn = None
+        self._pool.shutdown(wait=False)

@@ -94,3 +94,21 @@ def test_qmp_socket_checks(qmp_dir) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SessionError) as exc:
         check_qmp_socket(sock, qmp_dir, frozenset({0, 4243}))
     assert exc.value.code == "qmp_path" and "world-writable" in str(exc.value)
+
+
+def test_an_incoming_libvirt_domain_is_named_by_its_uuid() -> None:
+    """Transparent mode: the source's agent names the incoming domain by its
+    UUID (never a path: the agent then asks its own libvirt)."""
+    from netpass.agent import LIBVIRT_PREFIX
+
+    req = {k: v for k, v in GOOD.items() if k != "dest_qmp"}
+    req["libvirt_uuid"] = "3F2504E0-4F89-11D3-9A0C-0305E82C3301"
+    assert check_open(req)[0] == LIBVIRT_PREFIX + "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
+    for bad in ("../etc", 7, None):
+        with pytest.raises(SessionError, match="libvirt_uuid"):
+            check_open({**req, "libvirt_uuid": bad})
+    with pytest.raises(SessionError, match="without dest_qmp"):
+        check_open({**req, "dest_qmp": "/run/q.sock"})
+    # A QMP path cannot pass for a domain and skip the socket checks.
+    with pytest.raises(SessionError, match="not a libvirt domain"):
+        check_open({**GOOD, "dest_qmp": LIBVIRT_PREFIX + "3f2504e0-4f89-11d3-9a0c-0305e82c3301"})

@@ -91,3 +91,48 @@ def test_a_domains_qmp_through_libvirt(guest_image, no_leftovers) -> None:
     assert "pre-switchover" in statuses, seen  # libvirt pauses before the switchover, then continues
     stop = seen.index(("STOP", None))
     assert stop < seen.index(("MIGRATION", "completed")), seen
+
+
+def _libvirt_clean(res: dict) -> None:
+    """libvirt's own view: the job completed, the domain runs on the
+    destination only, and no taint beyond what netpass's QMP calls imply."""
+    assert res["where"] == {"src": None, "dst": "running"}, res["where"]
+    assert res["job"].get("Job type") == "Completed", res["job"]
+    for host, taints in res["taints"].items():
+        assert set(taints) <= {"high-privileges", "custom-monitor"}, (host, taints)
+    assert res["dst_guest_fault"] is None
+    assert res["src_leftovers"] == [] and res["dst_leftovers"] == [], res
+
+
+def test_virsh_migrate_with_transparent_agents_loses_nothing(guest_image, no_leftovers) -> None:
+    """The operator's ``virsh migrate --live`` unchanged; ``netpass agent
+    --libvirt`` on both hosts follows it.  (Plain, the same migration loses
+    about rate x downtime: the test above.)"""
+    res = virtlab.run(guest_image, RATE, lambda m: None, ("src", "dst"))
+    _libvirt_clean(res)
+    [rep] = res["reports"]["src"]
+    assert rep["state"] == "done" and rep["netpass"], (rep.get("error"), res["agent_logs"]["src"][-3000:])
+    assert rep["vm"]["name"] == "netpass-lab-guest" and rep["vm"]["uuid"]
+    assert rep["swallowed_account"] == "exact", rep
+    assert res["lost"] == 0, (res["lost"], rep.get("frames_dropped"), rep.get("notes"))
+    assert rep["frames_captured"] > 0 and rep["frames_replayed"] == rep["frames_captured"], rep
+    assert res["reports"]["dst"] == []  # (the destination reports only what went wrong)
+
+
+@pytest.mark.parametrize("present", [("src",), ("dst",)], ids=["no-destination-agent", "no-source-agent"])
+def test_an_agent_missing_on_one_side_changes_nothing_and_says_why(guest_image, no_leftovers,
+                                                                   present: tuple[str, ...]) -> None:
+    """One host runs no agent: the migration goes on as libvirt started it
+    (it loses what plain libvirt loses), and the agent that runs says why
+    it kept nothing."""
+    res = virtlab.run(guest_image, RATE, lambda m: None, present)
+    _libvirt_clean(res)
+    [rep] = res["reports"][present[0]]
+    assert rep["state"] == "not_armed" and rep["netpass"] is False, rep
+    if present == ("src",):
+        assert rep["role"] == "source" and "no peer agent has the domain incoming" in rep["error"], rep
+        assert "cannot reach the agent" in rep["error"], rep
+    else:
+        assert rep["role"] == "destination" and "no source agent opened a session" in rep["error"], rep
+    assert rep["vm"]["name"] == "netpass-lab-guest"
+    assert res["lost"] > 0  # (what plain libvirt loses)

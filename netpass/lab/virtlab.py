@@ -10,8 +10,10 @@ baseline for netpass's transparent mode (issue 16).
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -19,10 +21,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .. import netns
 from ..errors import LabError
 from .image import READY_MARK, GuestImage
 from .libvirtd import DOMAIN, Libvirtd, domain_xml
-from .topology import GUEST_IP, GUEST_MAC, LAN_PREFIX, MIG_DST, MIG_PORT, PEER_IP, PEER_MAC, Lab
+from .topology import GUEST_IP, GUEST_MAC, LAN_PREFIX, MIG_DST, MIG_PORT, MIG_SRC, PEER_IP, PEER_MAC, Lab
 
 Say = Callable[[str], None]
 
@@ -93,6 +96,14 @@ class VirtLab:
                 info[key.strip()] = value.strip()
         return info
 
+    def taints(self) -> dict[str, list[str]]:
+        """What libvirt's domain logs say it tainted the domain for, per host."""
+        out = {}
+        for daemon in (self.src, self.dst):
+            log = daemon.root / "log" / "qemu" / f"{DOMAIN}.log"
+            out[daemon.role] = sorted(set(re.findall(r"Domain id=\d+ is tainted: (\S+)", _read(log))))
+        return out
+
     def where(self) -> dict[str, str | None]:
         """The domain's state on each host (None: not there)."""
         out: dict[str, str | None] = {}
@@ -117,42 +128,124 @@ def downtime_ms(info: dict[str, str]) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def run_plain(image: GuestImage, rate: float, say: Say, warmup_s: float = 1.0, tail_s: float = 1.5,
-              max_duration_s: float = 60.0) -> dict[str, Any]:
-    """One plain ``virsh migrate --live`` under the peer's probes."""
+AGENT_PORT = 7411
+MIG_ADDR = {"src": MIG_SRC, "dst": MIG_DST}
+
+
+class Agents:
+    """``netpass agent --libvirt`` on the lab's hosts (``roles``), each with
+    the other as its peer, as the Ansible role would run them."""
+
+    def __init__(self, vl: VirtLab, roles: tuple[str, ...], say: Say) -> None:
+        self.vl, self.roles, self.say = vl, roles, say
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def state_dir(self, role: str) -> Path:
+        # (the names scenario.src_leftovers and dst_leftovers look under)
+        return self.vl.lab.rundir / ("src-state" if role == "src" else "state")
+
+    def log(self, role: str) -> Path:
+        return self.vl.lab.rundir / f"agent-{role}.log"
+
+    def __enter__(self) -> Agents:
+        import secrets
+
+        token = self.vl.lab.rundir / "token"
+        token.write_text(secrets.token_hex(32))
+        os.chmod(token, 0o600)
+        try:
+            for role in self.roles:
+                other = "dst" if role == "src" else "src"
+                daemon = self.vl.src if role == "src" else self.vl.dst
+                argv = netns.exec_argv(self.vl.lab.ns(role), [
+                    sys.executable, "-m", "netpass.cli", "-v", "agent",
+                    "--listen", f"{MIG_ADDR[role]}:{AGENT_PORT}", "--token-file", str(token),
+                    "--libvirt", daemon.uri, "--peer", f"{MIG_ADDR[other]}:{AGENT_PORT}",
+                    "--state-dir", str(self.state_dir(role))])
+                with open(self.log(role), "wb") as out:
+                    self.procs[role] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+            for role, proc in self.procs.items():
+                deadline = time.monotonic() + 30
+                while "agent listening" not in _read(self.log(role)):
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise LabError(f"the {role} agent did not start: {_read(self.log(role))[-800:]}")
+                    time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+        self.say("agents up in transparent mode on " + ", ".join(self.roles))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+    def reports(self, role: str, wait_s: float) -> list[dict[str, Any]]:
+        """The reports the ``role`` agent wrote, once it wrote one (within ``wait_s``)."""
+        from ..follow import report_dir
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            paths = sorted(report_dir(self.state_dir(role)).glob("*.json"))
+            if paths or time.monotonic() > deadline:
+                return [json.loads(p.read_text()) for p in paths]
+            time.sleep(0.1)
+
+
+def run(image: GuestImage, rate: float, say: Say, agents: tuple[str, ...] = (), warmup_s: float = 1.0,
+        tail_s: float = 1.5, max_duration_s: float = 60.0, proto: str = "icmp", tcp_rate_mbit: float = 20.0,
+        frame_size: int = 98, timeline: Path | None = None) -> dict[str, Any]:
+    """One ``virsh migrate --live`` under the peer's probes (or a TCP flow):
+    plain, or with netpass's agents in transparent mode on the hosts in
+    ``agents``."""
     from .scenario import (
         ScenarioOptions,
         _await_fresh_counters,
         _prober_argv,
+        dst_leftovers,
         guest_counters,
         guest_fault,
+        src_leftovers,
         wait_reachable,
     )
 
-    opts = ScenarioOptions(mode="plain", rate=rate)
+    opts = ScenarioOptions(mode="netpass" if agents else "plain", rate=rate, proto=proto,
+                           tcp_rate_mbit=tcp_rate_mbit, frame_size=frame_size)
     with VirtLab(image) as vl:
         say(f"lab {vl.lab.run_id}: two libvirt daemons; booting the guest under TCG")
         boot = vl.start_guest()
         wait_reachable(vl.lab, opts)
         say(f"guest up after {boot:.1f} s; probing at {rate:.0f} pps")
-        consoles = [vl.src.console, vl.dst.console]
-        base = guest_counters(consoles)
-        prober = subprocess.Popen(_prober_argv(vl.lab, opts, max_duration_s, None), stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            time.sleep(warmup_s)
-            say("migrating: " + " ".join(vl.migrate_argv()))
-            t0 = time.monotonic()
-            mig = subprocess.run(vl.migrate_argv(), capture_output=True, text=True, timeout=300)
-            took = time.monotonic() - t0
-            time.sleep(tail_s)
-        finally:
-            out, err = prober.communicate(timeout=60)
-        if prober.returncode != 0:
-            raise LabError(f"prober failed: {err.decode()[-500:]}")
-        if mig.returncode != 0:
-            raise LabError(f"virsh migrate failed: {mig.stderr.strip()}")
-
+        with Agents(vl, agents, say) as ags:
+            consoles = [vl.src.console, vl.dst.console]
+            base = guest_counters(consoles)
+            prober = subprocess.Popen(_prober_argv(vl.lab, opts, max_duration_s, timeline), stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                time.sleep(warmup_s)
+                say("migrating: " + " ".join(vl.migrate_argv()))
+                t0 = time.monotonic()
+                mig = subprocess.run(vl.migrate_argv(), capture_output=True, text=True, timeout=300)
+                took = time.monotonic() - t0
+                time.sleep(tail_s)
+            finally:
+                out, err = prober.communicate(timeout=60)
+            if prober.returncode != 0:
+                raise LabError(f"prober failed: {err.decode()[-500:]}")
+            if mig.returncode != 0:
+                raise LabError(f"virsh migrate failed: {mig.stderr.strip()}")
+            reports = {role: ags.reports(role, 30 if role == "src" or "src" not in agents else 3)
+                       for role in agents}
+            logs = {role: _read(ags.log(role))[-20000:] for role in agents}
         _await_fresh_counters([vl.dst.console])
         stats: dict[str, Any] = json.loads(out)
         guest = guest_counters(consoles)
@@ -160,6 +253,17 @@ def run_plain(image: GuestImage, rate: float, say: Say, warmup_s: float = 1.0, t
             b = base.get(k)
             stats[k] = v - b if v is not None and b is not None else None
         info = vl.job_info()
-        stats.update(manager="libvirt", mode="plain", migrate_s=round(took, 2), job=info,
-                     downtime_ms=downtime_ms(info), where=vl.where(), dst_guest_fault=guest_fault(vl.dst.console))
+        src_reports = reports.get("src") or [{}]
+        elapsed = re.match(r"(\d+)", info.get("Time elapsed", ""))
+        stats.update(manager="libvirt", mode=opts.mode, agents=list(agents), migrate_s=round(took, 2), job=info,
+                     report=src_reports[-1], network_pause_ms=src_reports[-1].get("network_pause_ms"),
+                     total_time_ms=int(elapsed.group(1)) if elapsed else None,
+                     downtime_ms=downtime_ms(info), where=vl.where(), dst_guest_fault=guest_fault(vl.dst.console),
+                     reports=reports, agent_logs=logs, taints=vl.taints(),
+                     src_leftovers=src_leftovers(vl.lab), dst_leftovers=dst_leftovers(vl.lab))
         return stats
+
+
+def run_plain(image: GuestImage, rate: float, say: Say, **kw: Any) -> dict[str, Any]:
+    """One plain ``virsh migrate --live`` under the peer's probes."""
+    return run(image, rate, say, (), **kw)
