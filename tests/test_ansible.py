@@ -145,3 +145,28 @@ def test_role_refuses_a_missing_token(root_required: None) -> None:
     assert not Path("/nonexistent-netpass-prefix").exists()
 
 
+
+
+def test_role_turns_on_the_transparent_mode(installed: dict[str, Any]) -> None:
+    """``netpass_libvirt``: the agent follows that libvirt, asks its peers'
+    agents, and imports Debian's libvirt binding from its venv."""
+    prefix: Path = installed["prefix"]
+    extra = dict(installed["extra"], netpass_libvirt="qemu:///system",
+                 netpass_libvirt_peers=["198.19.0.1:7411", "198.19.0.3:7411"])
+    try:
+        res = playbook(str(ANSIBLE / "site.yml"), extra=extra)
+        assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+        argv = exec_start(prefix)
+        assert argv[argv.index("--libvirt") + 1] == "qemu:///system"
+        assert [argv[i + 1] for i, a in enumerate(argv) if a == "--peer"] == ["198.19.0.1:7411", "198.19.0.3:7411"]
+        assert argv[argv.index("--peer-tls-ca") + 1] == f"{prefix}/etc/netpass/tls-ca.pem"
+        unit = (prefix / "etc/systemd/system/netpass-agent.service").read_text()
+        assert "After=network-online.target libvirtd.service\n" in unit
+        imp = subprocess.run([str(prefix / "opt/netpass/bin/python"), "-c", "import libvirt, libvirt_qemu, libvirtaio"],
+                             capture_output=True, text=True, timeout=60)
+        assert imp.returncode == 0, imp.stderr
+        bad = playbook(str(ANSIBLE / "site.yml"), extra=dict(extra, netpass_libvirt_peers=[]))
+        assert bad.returncode != 0 and "netpass_libvirt_peers" in bad.stdout, bad.stdout[-3000:]
+    finally:  # (the module's other tests use the QMP agent)
+        assert playbook(str(ANSIBLE / "site.yml"), extra=installed["extra"]).returncode == 0
+    assert "--libvirt" not in exec_start(prefix)
