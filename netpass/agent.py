@@ -723,6 +723,11 @@ class Agent:
                     heap.give_back()  # an idle agent keeps no finished session's cache
                 self.metrics.active.dec()
                 self.metrics.session_ended(sess.final_report or sess.report())
+                if self.follow is not None and isinstance(msg.get("libvirt_uuid"), str):
+                    vm = msg.get("vm")
+                    self.follow.session_ended(msg["libvirt_uuid"].lower(),
+                                              str(vm.get("name", "?")) if isinstance(vm, dict) else "?",
+                                              sess.final_report or sess.report())
                 log.info("session=%s closed state=%s", sid, sess.sm.state.value)
         except SessionError as exc:
             log.error("refused request from %s: %s", ch.peer, exc)

@@ -100,6 +100,10 @@ class Follow:
     def session_opened(self, uuid: str) -> None:
         self.opened.add(uuid)
 
+    def session_ended(self, uuid: str, name: str, report: dict[str, Any]) -> None:
+        """A session the source's agent opened here for an incoming domain ended."""
+        self._report("destination", name, uuid, {"netpass": True, **report})
+
     async def _on(self, ev: MigrationEvent) -> None:
         if ev.status == "setup":
             if await self.follower.incoming(ev.uuid):
@@ -191,11 +195,16 @@ class Follow:
             path.write_text(json.dumps(report, indent=2) + "\n")
         except OSError as exc:
             log.error("cannot write the report %s: %s", path, exc)
-        lost = sum((report.get("frames_dropped") or {}).values()) if isinstance(
-            report.get("frames_dropped"), dict) else None
+        if role == "source":
+            dropped = report.get("frames_dropped")
+            counts = (f", captured {report.get('frames_captured')}, replayed {report.get('frames_replayed')}, "
+                      f"dropped {sum(dropped.values()) if isinstance(dropped, dict) else '?'}")
+        else:
+            nics = report.get("nics") or []
+            counts = (f", replayed {sum(int(n.get('replayed', 0)) for n in nics)}, "
+                      f"dropped {sum(sum((n.get('dropped') or {}).values()) for n in nics)}")
         line = (f"domain {name} ({uuid}) {role}: {report.get('state')}"
-                + (f", captured {report.get('frames_captured')}, replayed {report.get('frames_replayed')}, "
-                   f"dropped {lost}" if report.get("netpass") else "")
+                + (counts if report.get("netpass") else "")
                 + (f"; {report['error']}" if report.get("error") else "") + f"; report {path}")
         (log.info if report.get("state") == "done" else log.warning)("%s", line)
         self.ended(role, report)

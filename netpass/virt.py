@@ -116,7 +116,44 @@ def _asyncio_events(libvirt: ModuleType) -> None:
     _event_impl = "asyncio"
 
 
-class DomainMonitor:
+class _Connection:
+    """A connection to libvirt with one QMP event passthrough, and a thread
+    for its blocking calls."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._conn: Any = None
+        self._cb: int | None = None
+        self._close_cb = False
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="netpass-libvirt")
+
+    async def _off(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def close(self) -> None:
+        libvirt, libvirt_qemu = _binding()
+        if self._conn is not None:
+            if self._cb is not None:
+                try:
+                    libvirt_qemu.qemuMonitorEventDeregister(self._conn, self._cb)
+                except libvirt.libvirtError:
+                    pass
+                self._cb = None
+            if self._close_cb:
+                try:
+                    self._conn.unregisterCloseCallback()
+                except libvirt.libvirtError:
+                    pass
+                self._close_cb = False
+            try:
+                await self._off(self._conn.close)
+            except libvirt.libvirtError:
+                pass
+            self._conn = None
+        self._pool.shutdown(wait=False)
+
+
+class DomainMonitor(_Connection):
     """A domain's QMP through libvirt, with the calls of :class:`qmp.Monitor`
     (``execute``, ``next_event``, ``status``): QMP events come by libvirt's
     passthrough, commands by ``qemuMonitorCommand`` (off the loop: a call
@@ -125,12 +162,10 @@ class DomainMonitor:
     def __init__(self, uri: str, uuid: str, name: str = "libvirt", timeout: float = 10.0,
                  incoming: bool = False) -> None:
         """``incoming``: the domain migrates to this host (see qemu_status)."""
-        self.uri, self.uuid, self.name, self.timeout, self.incoming = uri, uuid, name, timeout, incoming
-        self._conn: Any = None
+        super().__init__(uri)
+        self.uuid, self.name, self.timeout, self.incoming = uuid, name, timeout, incoming
         self._dom: Any = None
-        self._cb: int | None = None
         self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="netpass-libvirt")
 
     async def __aenter__(self) -> DomainMonitor:
         await self.connect()
@@ -160,24 +195,9 @@ class DomainMonitor:
         self._events.put_nowait(Event.from_msg({"event": event, "data": data,
                                                 "timestamp": {"seconds": seconds, "microseconds": micros}}))
 
-    async def _off(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
     async def close(self) -> None:
-        libvirt, libvirt_qemu = _binding()
-        if self._conn is not None:
-            if self._cb is not None:
-                try:
-                    libvirt_qemu.qemuMonitorEventDeregister(self._conn, self._cb)
-                except libvirt.libvirtError:
-                    pass
-                self._cb = None
-            try:
-                await self._off(self._conn.close)
-            except libvirt.libvirtError:
-                pass
-            self._conn = self._dom = None
-        self._pool.shutdown(wait=False)
+        await super().close()
+        self._dom = None
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
         libvirt, libvirt_qemu = _binding()
@@ -289,17 +309,14 @@ class MigrationEvent:
     status: str
 
 
-class Follower:
+class Follower(_Connection):
     """The MIGRATION events of every domain at ``uri`` (one passthrough for
     the whole connection, so domains that arrive later are followed too),
     and the questions the transparent mode asks of a domain by its UUID."""
 
     def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self._conn: Any = None
-        self._cb: int | None = None
+        super().__init__(uri)
         self._events: asyncio.Queue[MigrationEvent] = asyncio.Queue()
-        self._pool = ThreadPoolExecutor(2, thread_name_prefix="netpass-libvirt-follow")
         self.lost: str | None = None  # why the connection to libvirt closed, once it did
 
     async def start(self) -> None:
@@ -309,6 +326,7 @@ class Follower:
         try:
             self._conn = await self._off(libvirt.open, self.uri)
             self._conn.registerCloseCallback(self._on_close, None)
+            self._close_cb = True
             self._cb = libvirt_qemu.qemuMonitorEventRegister(self._conn, None, "MIGRATION", self._on_event,
                                                              None, 0)
         except libvirt.libvirtError as exc:
@@ -324,9 +342,6 @@ class Follower:
     def _on_close(self, _conn: Any, reason: int, _opaque: Any) -> None:
         self.lost = f"libvirt closed the connection (reason {reason})"
         log.error("%s: %s", self.uri, self.lost)
-
-    async def _off(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def next(self, timeout: float) -> MigrationEvent | None:
         try:
@@ -348,23 +363,3 @@ class Follower:
         except libvirt.libvirtError:
             return False
         return qemu_status(libvirt, state, reason, True) == "inmigrate"
-
-    async def close(self) -> None:
-        libvirt, libvirt_qemu = _binding()
-        if self._conn is not None:
-            if self._cb is not None:
-                try:
-                    libvirt_qemu.qemuMonitorEventDeregister(self._conn, self._cb)
-                except libvirt.libvirtError:
-                    pass
-                self._cb = None
-            try:
-                self._conn.unregisterCloseCallback()
-            except libvirt.libvirtError:
-                pass
-            try:
-                await self._off(self._conn.close)
-            except libvirt.libvirtError:
-                pass
-            self._conn = None
-        self._pool.shutdown(wait=False)

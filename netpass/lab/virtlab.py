@@ -180,14 +180,10 @@ class Agents:
         self.stop()
 
     def stop(self) -> None:
+        from .scenario import stop_agent
+
         for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_agent(proc)
 
     def reports(self, role: str, wait_s: float) -> list[dict[str, Any]]:
         """The reports the ``role`` agent wrote, once it wrote one (within ``wait_s``)."""
