@@ -203,7 +203,9 @@ class SourceSession(SourceState):
         self.src_pid = pid
         await self._connect_monitor()
         assert self.qemu is not None
-        await self.qemu.hold_back()
+        for line in await off_loop(self.host.start_guard):
+            self.say(line)
+        await self.qemu.hold_back(self.host)
 
     def _step(self, name: str) -> None:
         """Mark the named setup step done (its time goes in the report), and

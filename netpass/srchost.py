@@ -38,13 +38,8 @@ class Host:
         """The arm's changes, in a worker thread (they can wait long in the
         kernel); the NICs go into the state.  What it has to say, as lines."""
         st = self.st
-        said = [f"cleanup of an earlier run: {line}" for line in srcguard.recover(st.o.state_dir)]
-        # Before the first change to this host: should netpass be killed,
-        # its guard undoes what the state file lists by then.
-        self.guard = srcguard.Guard(st.o.state_dir, st.sid, st.o.qemu_address)
-        self.guard.start()
-        self.undo.callback(self.guard.close)
-        self.step("guard")
+        said = self.start_guard()
+        assert self.guard is not None
         self.steering = nft.Steering(f"netpass_{st.sid}")
         self.guard.record(nft_table=self.steering.table)
         self.undo.callback(self.steering.close)
@@ -55,6 +50,21 @@ class Host:
                 self._arm_nic(i, nic, pidfd, self.steering)
         finally:
             os.close(pidfd)
+        return said
+
+    def start_guard(self) -> list[str]:
+        """Before the first change to this host (or to QEMU: attached, the
+        hold-back comes first): should netpass be killed, its guard undoes
+        what the state file lists by then.  What an earlier run's recovery
+        did, as lines."""
+        st = self.st
+        if self.guard is not None:
+            return []
+        said = [f"cleanup of an earlier run: {line}" for line in srcguard.recover(st.o.state_dir)]
+        self.guard = srcguard.Guard(st.o.state_dir, st.sid, st.o.qemu_address)
+        self.guard.start()
+        self.undo.callback(self.guard.close)
+        self.step("guard")
         return said
 
     def _arm_nic(self, i: int, nic: Nic, pidfd: int, steering: nft.Steering) -> None:

@@ -63,7 +63,7 @@ class QemuControl:
         return {"downtime-limit": int(self.st.qemu_params.get("downtime-limit", 300)),
                 "max-bandwidth": int(self.st.qemu_params.get("max-bandwidth", 0))}
 
-    async def hold_back(self) -> None:
+    async def hold_back(self, host: Host) -> None:
         """A migration someone else started (libvirt) is under way and netpass
         is not armed yet: ``downtime-limit`` 0 (QEMU switches over only once
         no RAM is left) and a trickle of bandwidth (HOLD_BACK_BPS), so that
@@ -72,6 +72,7 @@ class QemuControl:
         st = self.st
         st.qemu_params = await self.mon.execute("query-migrate-parameters")
         ops = self._operator_params()
+        await host.record_qemu_params(ops)  # (the guard gives them back should netpass be killed)
         await self.set_param("downtime-limit", 0)
         self.undo.push_async_callback(self.set_param, "downtime-limit", ops["downtime-limit"])
         await self.set_param("max-bandwidth", HOLD_BACK_BPS)

@@ -138,3 +138,17 @@ def test_an_agent_missing_on_one_side_changes_nothing_and_says_why(guest_image, 
         assert rep["role"] == "destination" and "no source agent opened a session" in rep["error"], rep
     assert rep["vm"]["name"] == "netpass-lab-guest"
     assert res["lost"] > 0  # (what plain libvirt loses)
+
+
+def test_a_source_agent_killed_after_its_arm_leaves_libvirts_migration_to_finish(guest_image, no_leftovers) -> None:
+    """SIGKILL the source's agent once it is armed, while it holds QEMU back
+    (downtime-limit 0, a trickle of bandwidth): its guard gives QEMU the
+    operator's values back through libvirt and removes what the agent set
+    up, so the migration finishes as a plain one would, in about a second;
+    the destination's agent sees its source go and ends its session."""
+    res = virtlab.run(guest_image, RATE, lambda m: None, ("src", "dst"), kill_src_agent_at="armed: ")
+    assert res["src_agent_killed"]
+    _libvirt_clean(res)  # (no nft table, parking tap or pinned MAC left on the source)
+    assert res["migrate_s"] < 30, res["migrate_s"]  # (at 256 KiB/s, 256 MiB of RAM would take minutes)
+    [dst] = res["reports"]["dst"]
+    assert dst["role"] == "destination" and dst["state"] in ("done", "failed"), dst

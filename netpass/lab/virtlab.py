@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -136,9 +137,12 @@ class Agents:
     """``netpass agent --libvirt`` on the lab's hosts (``roles``), each with
     the other as its peer, as the Ansible role would run them."""
 
-    def __init__(self, vl: VirtLab, roles: tuple[str, ...], say: Say) -> None:
-        self.vl, self.roles, self.say = vl, roles, say
+    def __init__(self, vl: VirtLab, roles: tuple[str, ...], say: Say, kill_src_at: str | None = None) -> None:
+        """``kill_src_at``: SIGKILL the source's agent once its log has this line."""
+        self.vl, self.roles, self.say, self.kill_src_at = vl, roles, say, kill_src_at
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.killed_at: float | None = None
+        self._killer: threading.Thread | None = None
 
     def state_dir(self, role: str) -> Path:
         # (the names scenario.src_leftovers and dst_leftovers look under)
@@ -174,7 +178,21 @@ class Agents:
             self.stop()
             raise
         self.say("agents up in transparent mode on " + ", ".join(self.roles))
+        if self.kill_src_at is not None and "src" in self.procs:
+            self._killer = threading.Thread(target=self._kill_src, args=(self.kill_src_at,), daemon=True)
+            self._killer.start()
         return self
+
+    def _kill_src(self, line: str) -> None:
+        proc = self.procs["src"]
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if line in _read(self.log("src")):
+                proc.kill()
+                self.killed_at = time.monotonic()
+                self.say(f"lab: killed the source's agent at {line!r}")
+                return
+            time.sleep(0.002)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -199,7 +217,7 @@ class Agents:
 
 def run(image: GuestImage, rate: float, say: Say, agents: tuple[str, ...] = (), warmup_s: float = 1.0,
         tail_s: float = 1.5, max_duration_s: float = 60.0, proto: str = "icmp", tcp_rate_mbit: float = 20.0,
-        frame_size: int = 98, timeline: Path | None = None) -> dict[str, Any]:
+        frame_size: int = 98, timeline: Path | None = None, kill_src_agent_at: str | None = None) -> dict[str, Any]:
     """One ``virsh migrate --live`` under the peer's probes (or a TCP flow):
     plain, or with netpass's agents in transparent mode on the hosts in
     ``agents``."""
@@ -221,7 +239,7 @@ def run(image: GuestImage, rate: float, say: Say, agents: tuple[str, ...] = (), 
         boot = vl.start_guest()
         wait_reachable(vl.lab, opts)
         say(f"guest up after {boot:.1f} s; probing at {rate:.0f} pps")
-        with Agents(vl, agents, say) as ags:
+        with Agents(vl, agents, say, kill_src_agent_at) as ags:
             consoles = [vl.src.console, vl.dst.console]
             base = guest_counters(consoles)
             prober = subprocess.Popen(_prober_argv(vl.lab, opts, max_duration_s, timeline), stdin=subprocess.PIPE,
@@ -239,8 +257,10 @@ def run(image: GuestImage, rate: float, say: Say, agents: tuple[str, ...] = (), 
                 raise LabError(f"prober failed: {err.decode()[-500:]}")
             if mig.returncode != 0:
                 raise LabError(f"virsh migrate failed: {mig.stderr.strip()}")
-            reports = {role: ags.reports(role, 30 if role == "src" or "src" not in agents else 3)
+            reports = {role: ags.reports(role, 3 if ags.killed_at is not None else
+                                         30 if role == "src" or "src" not in agents else 3)
                        for role in agents}
+            killed = ags.killed_at is not None
             logs = {role: _read(ags.log(role))[-20000:] for role in agents}
         _await_fresh_counters([vl.dst.console])
         stats: dict[str, Any] = json.loads(out)
@@ -255,7 +275,7 @@ def run(image: GuestImage, rate: float, say: Say, agents: tuple[str, ...] = (), 
                      report=src_reports[-1], network_pause_ms=src_reports[-1].get("network_pause_ms"),
                      total_time_ms=int(elapsed.group(1)) if elapsed else None,
                      downtime_ms=downtime_ms(info), where=vl.where(), dst_guest_fault=guest_fault(vl.dst.console),
-                     reports=reports, agent_logs=logs, taints=vl.taints(),
+                     reports=reports, agent_logs=logs, taints=vl.taints(), src_agent_killed=killed,
                      src_leftovers=src_leftovers(vl.lab), dst_leftovers=dst_leftovers(vl.lab))
         return stats
 
