@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "domain this host sends (repeatable; the same token)")
     agent.add_argument("--peer-tls-ca", metavar="PEM",
                        help="with --libvirt: talk TLS to the peers' agents, trusting this CA")
+    agent.add_argument("--strict-ordering", action="store_true",
+                       help="with --libvirt: the migrations this host sends keep strict ordering "
+                            "(as 'netpass migrate --strict-ordering')")
 
     mig = sub.add_parser("migrate", help="live-migrate a VM with zero network loss")
     mig.add_argument("--qmp", required=True, help="the source VM's QMP socket")
@@ -445,8 +448,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
-    if (args.peer or args.peer_tls_ca) and not args.libvirt_uri:
-        raise UsageError("--peer and --peer-tls-ca go with --libvirt (the transparent mode)")
+    if (args.peer or args.peer_tls_ca or args.strict_ordering) and not args.libvirt_uri:
+        raise UsageError("--peer, --peer-tls-ca and --strict-ordering go with --libvirt (the transparent mode)")
     for peer in args.peer:
         parse_hostport(peer)
     if not args.qmp_root.is_dir() and not args.libvirt_uri:
@@ -456,7 +459,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
                       max_cache_bytes=args.max_cache_bytes,
                       tls_cert=args.tls_cert, tls_key=args.tls_key, state_dir=args.state_dir,
                       metrics_listen=args.metrics_listen, qemu_uids=_qemu_uids(args.qemu_user),
-                      libvirt_uri=args.libvirt_uri, peers=tuple(args.peer), peer_tls_ca=args.peer_tls_ca)
+                      libvirt_uri=args.libvirt_uri, peers=tuple(args.peer), peer_tls_ca=args.peer_tls_ca,
+                      follow_strict=args.strict_ordering)
     if not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger().setLevel(logging.INFO)
     asyncio.run(_until_signal(Agent(cfg).serve_forever()))

@@ -38,6 +38,7 @@ class AgentConfig:
     libvirt_uri: str | None = None
     peers: tuple[str, ...] = ()
     peer_tls_ca: str | None = None
+    follow_strict: bool = False  # the migrations it follows out keep strict ordering
 
     @property
     def holds_dir(self) -> Path:

@@ -151,7 +151,8 @@ class Follow:
             return
         opts = MigrateOptions(qmp="", uri="", dest_agent=peer, dest_qmp="", token=self.cfg.token,
                               tls_ca=self.cfg.peer_tls_ca, state_dir=self.cfg.state_dir,
-                              libvirt_uri=self.cfg.libvirt_uri, libvirt_uuid=uuid)
+                              libvirt_uri=self.cfg.libvirt_uri, libvirt_uuid=uuid,
+                              strict_ordering=self.cfg.follow_strict)
         sess = SourceSession(opts, lambda kind, data: None)
         try:
             report = await sess.run()

@@ -152,7 +152,7 @@ def test_role_turns_on_the_transparent_mode(installed: dict[str, Any]) -> None:
     agents, and imports Debian's libvirt binding from its venv."""
     prefix: Path = installed["prefix"]
     extra = dict(installed["extra"], netpass_libvirt="qemu:///system",
-                 netpass_libvirt_peers=["198.19.0.1:7411", "198.19.0.3:7411"])
+                 netpass_libvirt_peers=["198.19.0.1:7411", "198.19.0.3:7411"], netpass_libvirt_strict_ordering=True)
     try:
         res = playbook(str(ANSIBLE / "site.yml"), extra=extra)
         assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
@@ -160,6 +160,7 @@ def test_role_turns_on_the_transparent_mode(installed: dict[str, Any]) -> None:
         assert argv[argv.index("--libvirt") + 1] == "qemu:///system"
         assert [argv[i + 1] for i, a in enumerate(argv) if a == "--peer"] == ["198.19.0.1:7411", "198.19.0.3:7411"]
         assert argv[argv.index("--peer-tls-ca") + 1] == f"{prefix}/etc/netpass/tls-ca.pem"
+        assert "--strict-ordering" in argv
         unit = (prefix / "etc/systemd/system/netpass-agent.service").read_text()
         assert "After=network-online.target libvirtd.service\n" in unit
         imp = subprocess.run([str(prefix / "opt/netpass/bin/python"), "-c", "import libvirt, libvirt_qemu, libvirtaio"],

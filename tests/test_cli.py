@@ -160,7 +160,7 @@ def test_agent_argument_errors(root_required: None, tmp_path: Path) -> None:
     assert res.returncode == 2 and "go together" in res.stderr
     res = run_cli("agent", "--listen", "127.0.0.1:1", "--token-file", str(_token(tmp_path)),
                   "--qmp-root", str(tmp_path), "--peer", "198.18.0.2:7411")
-    assert res.returncode == 2 and "go with --libvirt" in res.stderr
+    assert res.returncode == 2 and "go with --libvirt" in res.stderr, res.stderr
     res = run_cli("agent", "--listen", "127.0.0.1:1", "--token-file", str(_token(tmp_path)),
                   "--libvirt", "qemu:///system", "--peer", "no-port")
     assert res.returncode == 2 and "HOST:PORT" in res.stderr

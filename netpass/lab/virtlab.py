@@ -137,9 +137,11 @@ class Agents:
     """``netpass agent --libvirt`` on the lab's hosts (``roles``), each with
     the other as its peer, as the Ansible role would run them."""
 
-    def __init__(self, vl: VirtLab, roles: tuple[str, ...], say: Say, kill_src_at: str | None = None) -> None:
-        """``kill_src_at``: SIGKILL the source's agent once its log has this line."""
-        self.vl, self.roles, self.say, self.kill_src_at = vl, roles, say, kill_src_at
+    def __init__(self, vl: VirtLab, roles: tuple[str, ...], say: Say, kill_src_at: str | None = None,
+                 extra: tuple[str, ...] = ()) -> None:
+        """``kill_src_at``: SIGKILL the source's agent once its log has this
+        line; ``extra``: more arguments for every agent."""
+        self.vl, self.roles, self.say, self.kill_src_at, self.extra = vl, roles, say, kill_src_at, extra
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.killed_at: float | None = None
         self._killer: threading.Thread | None = None
@@ -165,7 +167,7 @@ class Agents:
                     sys.executable, "-m", "netpass.cli", "-v", "agent",
                     "--listen", f"{MIG_ADDR[role]}:{AGENT_PORT}", "--token-file", str(token),
                     "--libvirt", daemon.uri, "--peer", f"{MIG_ADDR[other]}:{AGENT_PORT}",
-                    "--state-dir", str(self.state_dir(role))])
+                    "--state-dir", str(self.state_dir(role)), *self.extra])
                 with open(self.log(role), "wb") as out:
                     self.procs[role] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
             for role, proc in self.procs.items():
@@ -217,7 +219,8 @@ class Agents:
 
 def run(image: GuestImage, rate: float, say: Say, agents: tuple[str, ...] = (), warmup_s: float = 1.0,
         tail_s: float = 1.5, max_duration_s: float = 60.0, proto: str = "icmp", tcp_rate_mbit: float = 20.0,
-        frame_size: int = 98, timeline: Path | None = None, kill_src_agent_at: str | None = None) -> dict[str, Any]:
+        frame_size: int = 98, timeline: Path | None = None, kill_src_agent_at: str | None = None,
+        agent_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """One ``virsh migrate --live`` under the peer's probes (or a TCP flow):
     plain, or with netpass's agents in transparent mode on the hosts in
     ``agents``."""
@@ -239,7 +242,7 @@ def run(image: GuestImage, rate: float, say: Say, agents: tuple[str, ...] = (), 
         boot = vl.start_guest()
         wait_reachable(vl.lab, opts)
         say(f"guest up after {boot:.1f} s; probing at {rate:.0f} pps")
-        with Agents(vl, agents, say, kill_src_agent_at) as ags:
+        with Agents(vl, agents, say, kill_src_agent_at, agent_args) as ags:
             consoles = [vl.src.console, vl.dst.console]
             base = guest_counters(consoles)
             prober = subprocess.Popen(_prober_argv(vl.lab, opts, max_duration_s, timeline), stdin=subprocess.PIPE,
