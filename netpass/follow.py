@@ -156,7 +156,9 @@ class Follow:
         sess = SourceSession(opts, lambda kind, data: None)
         try:
             report = await sess.run()
-        except NetpassError as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever failed is reported; the agent goes on
+            if not isinstance(exc, NetpassError):
+                log.exception("domain %s (%s): the source session failed", name, uuid)
             report = sess.final_report or sess.report(exc)
         self._report("source", name, uuid, {"peer": peer, **report})
 
