@@ -3,7 +3,7 @@
 Debian's ``python3-libvirt`` (``scripts/setup`` links it into the venv, as it
 does the nftables bindings): libvirt's own client library, so netpass talks
 to libvirtd as virsh does, on the URI an operator already uses.  What
-netpass needs from it (issue 16, transparent mode):
+netpass needs from it (the transparent mode, ``follow.py``):
 
 * QMP events passed through (``qemuMonitorEventRegister``): MIGRATION, STOP
   and RESUME as QEMU sends them, without a monitor socket of netpass's own.

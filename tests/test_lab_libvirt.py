@@ -1,10 +1,12 @@
 """libvirt in the lab: two private daemons act as two hosts, and a migration
 is ``virsh migrate --live`` as an operator types it.
 
-What plain libvirt loses is the baseline for netpass's transparent mode
-(issue 16): these tests pin the lab itself down (libvirt's own view of the
-migration, the loss it leaves, nothing left behind) and ``netpass doctor``'s
-libvirt check against a real daemon.
+What plain libvirt loses (rate x downtime) is the twin every transparent-mode
+test here is measured against: with ``netpass agent --libvirt`` on both
+hosts the same migration loses nothing; with one agent missing, or the
+source's killed, libvirt's migration goes on unchanged and the agent says
+why it kept nothing.  Also ``netpass doctor``'s libvirt check and the
+domain's QMP through libvirt, against real daemons.
 """
 
 from __future__ import annotations

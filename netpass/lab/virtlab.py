@@ -3,8 +3,9 @@ source and the destination, the guest as a libvirt domain, and a migration
 as an operator runs it: ``virsh migrate --live`` (the client talks to both
 daemons; the migration stream goes over the lab's migration link).
 
-Only plain libvirt for now: what a migration through libvirt loses, the
-baseline for netpass's transparent mode (issue 16).
+Plain, it shows what a migration through libvirt loses; with ``agents``,
+each host also runs ``netpass agent --libvirt`` (the transparent mode,
+``follow.py``) and the run gathers the agents' reports.
 """
 
 from __future__ import annotations
