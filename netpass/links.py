@@ -24,6 +24,7 @@ from .errors import KernelError
 
 log = logging.getLogger(__name__)
 
+NUD_REACHABLE = 0x02
 NUD_NOARP = 0x40
 NTF_SELF = 0x02
 NTF_MASTER = 0x04
@@ -289,6 +290,18 @@ def pin_mac(ns: str | None, port: str, mac: str) -> None:
         ipr.fdb("replace", ifindex=idx, lladdr=mac, state=NUD_NOARP,
                 flags=NTF_MASTER | NTF_STICKY)
     log.debug("pinned %s to %s in %s", mac, port, ns)
+
+
+@loop_safe
+def move_mac(ns: str | None, port: str, mac: str) -> None:
+    """Point ``mac`` at bridge port ``port`` as if the bridge had just
+    learned it there: a dynamic entry, which ages and roams as learned ones
+    do.  (Deleting the old entry instead leaves none, and the bridge floods
+    the MAC's frames to every port until it learns it again.)"""
+    with _ipr(ns) as ipr:
+        idx = _index(ipr, port)
+        ipr.fdb("replace", ifindex=idx, lladdr=mac, state=NUD_REACHABLE, flags=NTF_MASTER)
+    log.debug("moved %s to %s in %s", mac, port, ns)
 
 
 @loop_safe

@@ -357,7 +357,12 @@ class _LateLan:
         if self.done:
             return
         if resumed_t is not None and time.monotonic() >= resumed_t + self.lag_ms / 1000:
-            links.unpin_mac(self.lab.ns("lan"), "p-src", GUEST_MAC)
+            # It learns, late, where the VM is now: the entry moves to the
+            # destination's port.  (Deleting it made the LAN flood the VM's
+            # frames to both hosts until it learned again: on a busy core
+            # for ~80 ms, copies the source counted lost once its agent was
+            # gone.)
+            links.move_mac(self.lab.ns("lan"), "p-dst", GUEST_MAC)
             self.done = True
         elif resumed_t is None and migration_over:
             links.unpin_mac(self.lab.ns("lan"), "p-src", GUEST_MAC)
