@@ -62,7 +62,7 @@ class Follow:
         self.follower = Follower(cfg.libvirt_uri)
         self.track, self.ended = track, ended
         self.outgoing: dict[str, asyncio.Task[Any]] = {}
-        self.incoming: dict[str, tuple[str, float]] = {}  # uuid: (name, when seen)
+        self.incoming: dict[str, str] = {}  # uuid: name
         self.opened: set[str] = set()  # incoming domains whose source opened a session here
 
     async def start(self) -> None:
@@ -107,7 +107,7 @@ class Follow:
     async def _on(self, ev: MigrationEvent) -> None:
         if ev.status == "setup":
             if await self.follower.incoming(ev.uuid):
-                self.incoming[ev.uuid] = (ev.name, time.time())
+                self.incoming[ev.uuid] = ev.name
                 self.opened.discard(ev.uuid)
                 log.info("domain %s (%s): incoming migration", ev.name, ev.uuid)
             elif ev.uuid not in self.outgoing:
@@ -117,7 +117,7 @@ class Follow:
                 self.track(task)
                 task.add_done_callback(functools.partial(self._outgoing_done, ev.uuid))
         elif ev.status in ("completed", "failed", "cancelled") and ev.uuid in self.incoming:
-            name, _ = self.incoming.pop(ev.uuid)
+            name = self.incoming.pop(ev.uuid)
             if ev.status == "completed":
                 task = asyncio.ensure_future(self._check_opened(ev.uuid, name))
                 self.track(task)

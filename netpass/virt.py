@@ -130,6 +130,15 @@ class _Connection:
     async def _off(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    async def _open(self) -> tuple[ModuleType, ModuleType]:
+        """Connect (libvirt's callbacks on this loop, its own printing off);
+        the binding's two modules, for what the caller does next."""
+        libvirt, libvirt_qemu = _binding()
+        libvirt.registerErrorHandler(_ignore, None)
+        _asyncio_events(libvirt)
+        self._conn = await self._off(libvirt.open, self.uri)
+        return libvirt, libvirt_qemu
+
     async def close(self) -> None:
         libvirt, libvirt_qemu = _binding()
         if self._conn is not None:
@@ -175,11 +184,9 @@ class DomainMonitor(_Connection):
         await self.close()
 
     async def connect(self) -> None:
-        libvirt, libvirt_qemu = _binding()
-        libvirt.registerErrorHandler(_ignore, None)
-        _asyncio_events(libvirt)
+        libvirt, _ = _binding()
         try:
-            self._conn = await self._off(libvirt.open, self.uri)
+            libvirt, libvirt_qemu = await self._open()
         except libvirt.libvirtError as exc:
             raise LibvirtError(f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}") from exc
         try:
@@ -320,11 +327,9 @@ class Follower(_Connection):
         self.lost: str | None = None  # why the connection to libvirt closed, once it did
 
     async def start(self) -> None:
-        libvirt, libvirt_qemu = _binding()
-        libvirt.registerErrorHandler(_ignore, None)
-        _asyncio_events(libvirt)
+        libvirt, _ = _binding()
         try:
-            self._conn = await self._off(libvirt.open, self.uri)
+            libvirt, libvirt_qemu = await self._open()
             self._conn.registerCloseCallback(self._on_close, None)
             self._close_cb = True
             self._cb = libvirt_qemu.qemuMonitorEventRegister(self._conn, None, "MIGRATION", self._on_event,
