@@ -33,13 +33,17 @@ agent undoes what a dead one left (:func:`recover`).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 from . import holdguard, links, procs, rps, tapfd, tc
 from .errors import KernelError, NetpassError, UsageError
@@ -168,8 +172,27 @@ class Primers:
         self._senders.clear()
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _serial(method: Callable[Concatenate[Hold, _P], _R]) -> Callable[Concatenate[Hold, _P], _R]:
+    """One kernel operation on a hold at a time, whatever the thread.
+
+    The agent runs them in worker threads; a task cancelled while its
+    thread works (the session ending under a release) leaves that thread
+    running, and the removal then ran beside it: both on the one netlink
+    socket that reads the qdiscs, both changing the same plug and filters."""
+    def serial(self: Hold, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    functools.update_wrapper(serial, method)
+    return serial
+
+
 class Hold:
     def __init__(self, spec: HoldSpec, state_dir: Path) -> None:
+        self._lock = threading.RLock()  # see _serial
         self.spec = spec
         self.path = state_dir / f"{spec.session}-{spec.tap}.json"
         self.stats = HoldStats()
@@ -280,6 +303,7 @@ class Hold:
         """How long after closing the plug is sure to hold everything."""
         return 0.8 * tc.plug_leaks_after_s(self.spec.burst)
 
+    @_serial
     def close(self) -> None:
         """Hold from now on: live RX toward the VM (and the VM's TX, if held)."""
         if self.spec.ifb_tx:
@@ -326,6 +350,7 @@ class Hold:
         self._unsteer(ifb, direction)
         return self._drops(ifb)
 
+    @_serial
     def release_tx(self) -> None:
         """Let the VM's held transmissions out, in order, and stop steering them."""
         if self.stats.tx_released_t is not None:
@@ -354,15 +379,18 @@ class Hold:
                 "most likely the VM's")
         self._save("tx_released")
 
+    @_serial
     def stop_mirror(self) -> None:
         """Flow control: stop copying the held frames (the plain redirect
         behind the copying filter takes them, in the same order)."""
         if not self.spec.ifb_tx and MIRROR_PREF in tc.filter_prefs(None, self.spec.tap, "egress"):
             tc.del_filter(None, self.spec.tap, "egress", MIRROR_PREF)
 
+    @_serial
     def rx_backlog(self) -> tuple[int, int]:
         return self._backlog(self.spec.ifb_rx)
 
+    @_serial
     def release_rx(self, frames: int, keep: bool = False) -> None:
         """Start letting the held live frames into the tap, in order, in
         windows: ``frames`` now, then what :meth:`grant_rx` allows (the
@@ -384,6 +412,7 @@ class Hold:
         self._save("releasing")
         return True
 
+    @_serial
     def grant_rx(self, frames: int) -> None:
         """Let ``frames`` more held frames through (at least one), then hold
         again: a window (tc.tbf_allow).  The frame that wakes the qdisc
@@ -399,6 +428,7 @@ class Hold:
         for tags (_burst_for)."""
         return self.spec.burst - tc.TAG_ROOM
 
+    @_serial
     def release_all(self, window: int, bound_s: float) -> None:
         """Release both directions, RX ``window`` frames every 5 ms, and wait
         up to ``bound_s`` for the held frames to be in (a check's or a
@@ -410,11 +440,13 @@ class Hold:
             time.sleep(0.005)
             self.grant_rx(window)
 
+    @_serial
     def release_rx_now(self) -> None:
         """Let the rest of the held live frames go at once (a timeout)."""
         if self.stats.rx_released_t is None:
             self._open_rx()
 
+    @_serial
     def rx_done(self) -> bool:
         """True once the held live frames are all in the tap (steering then stops)."""
         if self.stats.rx_released_t is not None:
@@ -442,6 +474,7 @@ class Hold:
 
     # -- remove -------------------------------------------------------------------------
     # -- the tap's queue choice ----------------------------------------------------------
+    @_serial
     def pin_queue(self, fd: int, qemu_pid: int, qemu_fd: int) -> None:
         """Every frame toward the VM to queue 0 (``fd``: our copy of one of
         the tap's fds), until unpin_queue() or remove(), from any process."""
@@ -449,6 +482,7 @@ class Hold:
         self._save()  # first: a crash in between leaves a harmless reset to do
         tapfd.steer_to_queue(fd, 0)
 
+    @_serial
     def unpin_queue(self, fd: int | None = None) -> None:
         """The tap chooses its queues itself again (``fd`` ours, or taken from QEMU)."""
         pin = self.spec.queue_pin
@@ -475,6 +509,7 @@ class Hold:
         if not self.removed:
             self._save()
 
+    @_serial
     def remove(self, vm_running: bool = True) -> None:
         """Undo everything this hold changed, releasing what it still holds.
 
@@ -494,10 +529,12 @@ class Hold:
                 errors.append(f"{what}: {exc}")
 
         tap_there = links.exists(None, spec.tap)
+        filters_left: list[str] = []
         for ifb, direction, paced in ((spec.ifb_tx, "ingress", False), (spec.ifb_rx, "egress", True)):
-            if not ifb or not links.exists(None, ifb):
-                continue
-            if tap_there and PREF in tc.filter_prefs(None, spec.tap, direction):
+            if not ifb and direction == "ingress":
+                continue  # (flow control holds no TX)
+            ifb_there = bool(ifb) and links.exists(None, ifb)
+            if ifb_there and tap_there and PREF in tc.filter_prefs(None, spec.tap, direction):
                 # Held frames leave first, in order (RX paced), then the filter goes.
                 if paced and self.stats.rx_release_started_t is None and self._backlog(ifb)[0]:
                     attempt("release the held RX", self.release_rx, FALLBACK_RELEASE_FPS)
@@ -505,10 +542,15 @@ class Hold:
                     while self._backlog(ifb)[0] and time.monotonic() < deadline:
                         time.sleep(0.005)
                 attempt(f"open {ifb} and remove the {direction} filter", self._open, ifb, direction)
-            elif tap_there and direction == "ingress" and PASS_PREF in tc.filter_prefs(None, spec.tap, direction):
-                attempt("remove the RARP filter", tc.del_filter, None, spec.tap, direction, PASS_PREF)
-            if (left := self._backlog(ifb)[0]):
-                errors.append(f"{left} held frame(s) on {ifb} did not leave in time and are dropped")
+            if tap_there:
+                # Whatever stopped the ordered way, no redirect of ours may
+                # outlive the ifb it points to: the tap would drop every frame.
+                left = self._sweep_filters(direction, attempt)
+                filters_left += [f"{direction} filter {pref}" for pref in sorted(left)]
+            if not ifb_there:
+                continue
+            if (held := self._backlog(ifb)[0]):
+                errors.append(f"{held} held frame(s) on {ifb} did not leave in time and are dropped")
             attempt(f"delete {ifb}", links.delete, None, ifb)
         if tap_there and spec.made_clsact and not vm_running and \
                 any(q.kind == "clsact" for q in tc.qdiscs(None, spec.tap)):
@@ -520,11 +562,39 @@ class Hold:
         self.close_mirror()
         self.primers.close()
         self.qdiscs.close()
-        self.path.unlink(missing_ok=True)
+        if filters_left:
+            # Kept: the agent's next start (recover) tries again.
+            errors.append(f"{', '.join(filters_left)} still on {spec.tap}: its state file "
+                          f"{self.path} stays for the agent's next start")
+        else:
+            self.path.unlink(missing_ok=True)
         self.removed = True
         if errors:
             raise KernelError(f"undoing the hold on {spec.tap}: " + "; ".join(errors))
         log.info("hold on %s removed", spec.tap)
+
+    def _sweep_filters(self, direction: str, attempt: Callable[..., None]) -> set[int]:
+        """Delete any filter of ours still on the tap in ``direction`` (the
+        copying one first); the preferences still there after two tries."""
+        left: set[int] = set()
+        for _ in range(2):
+            try:
+                left = {MIRROR_PREF, PASS_PREF, PREF} & tc.filter_prefs(None, self.spec.tap, direction,
+                                                                         missing_ok=False)
+            except KernelError as exc:
+                attempt(f"list the {direction} filters", _raise, exc)
+                left = {MIRROR_PREF, PASS_PREF, PREF}
+                continue
+            if not left:
+                return left
+            for pref in sorted(left):  # MIRROR_PREF < PASS_PREF < PREF
+                attempt(f"remove the {direction} filter {pref}", tc.del_filter, None, self.spec.tap,
+                        direction, pref)
+        try:
+            return {MIRROR_PREF, PASS_PREF, PREF} & tc.filter_prefs(None, self.spec.tap, direction,
+                                                                    missing_ok=False)
+        except KernelError:
+            return left
 
     def read_mirror(self, limit: int = 4096) -> list[bytes]:
         """The live frames held since the last call (copies)."""
@@ -554,6 +624,10 @@ class Hold:
         if self._guard is not None:
             holdguard.stop(self._guard)  # it leaves once the state file is gone
             self._guard = None
+
+
+def _raise(exc: Exception) -> None:
+    raise exc
 
 
 def _burst_for(tap: str, hold_timeout_ms: int) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 from pyroute2 import IPRoute, NetNS
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import netns
+from . import links, netns
 from .errors import KernelError
 from .links import loop_safe
 
@@ -79,11 +79,15 @@ def del_filter(ns: str | None, dev: str, direction: str, pref: int) -> None:
     _tc(ns, "filter", "del", "dev", dev, direction, "pref", str(pref))
 
 
-def filter_prefs(ns: str | None, dev: str, direction: str) -> set[int]:
+def filter_prefs(ns: str | None, dev: str, direction: str, missing_ok: bool = True) -> set[int]:
+    """The preferences of ``dev``'s filters in ``direction``; none when the
+    device (or its clsact) is not there, or, with ``missing_ok``, when tc fails."""
     try:
         out = _tc(ns, "-j", "filter", "show", "dev", dev, direction)
     except KernelError:
-        return set()
+        if missing_ok or not links.exists(ns, dev):
+            return set()
+        raise
     return {int(f["pref"]) for f in _json(out) if "pref" in f}
 
 

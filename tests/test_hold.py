@@ -86,7 +86,7 @@ class Rig:
 
     def leftovers(self) -> list[str]:
         found = [f"filter {d}" for d in ("ingress", "egress")
-                 if {hold.PREF, hold.PASS_PREF} & tc.filter_prefs(None, "tap0", d)]
+                 if {hold.PREF, hold.PASS_PREF, hold.MIRROR_PREF} & tc.filter_prefs(None, "tap0", d)]
         found += [n for n in links.names(None) if n.startswith(hold.IFB_PREFIX)]
         found += [p.name for p in (self.state).glob("*.json")]
         found += [f"tap0 {q} steered to {m}" for q, m in rps.masks(None, "tap0").items() if rps.mask_cpus(m)]
@@ -219,6 +219,52 @@ def test_no_hold_on_a_tap_already_held(rig: Rig) -> None:
     finally:
         h.remove(vm_running=False)
     assert rig.leftovers() == []
+
+
+def test_no_redirect_outlives_its_ifb(rig: Rig) -> None:
+    """Whatever went wrong before (here: the ifb deleted under the hold),
+    the removal takes every filter of ours off the tap: a redirect to a
+    deleted ifb drops every frame toward the VM (a busy CI: 6.5 s of them)."""
+    h = hold.Hold.install("s6", "tap0", rig.state, 1 << 20, 1000, tx=False)
+    h.close()
+    links.delete(None, h.spec.ifb_rx)
+    assert tc.filter_prefs(None, "tap0", "egress") >= {hold.PREF, hold.MIRROR_PREF}
+    h.remove()
+    assert rig.leftovers() == []
+    rig.live.send(b"", frame(VM, PEER, 1))
+    time.sleep(0.05)
+    assert rig.to_vm() == [1]
+
+
+def test_removal_waits_for_a_release_running_in_another_thread(rig: Rig) -> None:
+    """The agent's removal may start while a cancelled release still works
+    in its thread: the two take turns, and the held frames all go in, in
+    order."""
+    h = hold.Hold.install("s7", "tap0", rig.state, 1 << 20, 1000, tx=False)
+    h.close()
+    for n in range(1, 201):
+        rig.live.send(b"", frame(VM, PEER, n))
+    time.sleep(0.05)
+    got: list[int] = []
+    errors: list[Exception] = []
+
+    def release() -> None:
+        try:
+            h.release_all(20, 2.0)
+        except Exception as exc:  # noqa: BLE001 - the test's finding
+            errors.append(exc)
+
+    thread = threading.Thread(target=release)
+    thread.start()
+    h.remove()
+    thread.join()
+    assert errors == [], "the release and the removal ran at once"
+    deadline = time.monotonic() + 2
+    while len(got) < 200 and time.monotonic() < deadline:
+        got += rig.to_vm()
+        time.sleep(0.01)
+    assert rig.leftovers() == []
+    assert got == list(range(1, 201))
 
 
 HOLDER = """

@@ -25,8 +25,10 @@ def requests_lost(res: dict[str, Any]) -> int:
 
 
 def assert_nothing_left(res: dict[str, Any]) -> None:
+    # (with the agent's log: what it did last is what left something)
+    agent_log = ((res.get("report") or {}).get("logs") or {}).get("agent", "")[-4000:]
     assert res["src_leftovers"] == [], summary(res) + str(res["src_leftovers"])
-    assert res["dst_leftovers"] == [], summary(res) + str(res["dst_leftovers"])
+    assert res["dst_leftovers"] == [], summary(res) + str(res["dst_leftovers"]) + "\nagent log:\n" + agent_log
 
 
 def assert_moved_and_counted(res: dict[str, Any], silent: bool = False) -> None:
