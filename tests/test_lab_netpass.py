@@ -59,7 +59,7 @@ def summary(res: dict[str, Any]) -> str:
                                               "reordered_estimate", "network_pause_ms", "endgame",
                                               "vm_replay_read_fps", "batches",
                                               "dest_replay_refused", "dest_ring_overflow_after_hold",
-                                              "hold_caught_up_ms")}
+                                              "hold_caught_up_ms", "hold_notes", "replay_refused")}
     # The source's account of the stop: which frames QEMU read and never
     # delivered (a loss or a duplicate of one is decided there).
     log_text = (rep.get("logs") or {}).get("migrate", "")
