@@ -332,6 +332,8 @@ class SourceSession(SourceState):
                 self.stop_t = min(self.stop_t, fact.emitted)
             return
         self.stop_t = fact.emitted if fact.emitted is not None else time.monotonic()
+        if self.live_end_cpu is None:
+            self.live_end_cpu = time.process_time()
         if not self.netpass_active:
             return
         plan = plan_stop(self.parked_t is not None, self.verified_before_stop())
@@ -516,7 +518,8 @@ class SourceSession(SourceState):
             self.notes.append(str(exc))
 
     def report(self, error: BaseException | None = None) -> dict[str, Any]:
-        return srcreport.build(self, error, self.ch, (time.process_time() - self.cpu0) * 1000)
+        live_ms = None if self.live_end_cpu is None else (self.live_end_cpu - self.cpu0) * 1000
+        return srcreport.build(self, error, self.ch, (time.process_time() - self.cpu0) * 1000, live_ms)
 
 
 

@@ -129,6 +129,8 @@ class Parking:
     async def park_all(self) -> None:
         if self.st.parked_t is not None:
             return
+        if self.st.live_end_cpu is None:
+            self.st.live_end_cpu = time.process_time()
         for sn in self.st.nics:
             sn.park.park()
         self.st.parked_t = time.monotonic()

@@ -19,8 +19,9 @@ class LinkFacts(Protocol):
 
 
 def build(st: SourceState, error: BaseException | None, link: LinkFacts | None,
-          cpu_ms: float) -> dict[str, Any]:
-    """The report; ``cpu_ms``: the CPU this process spent on the session."""
+          cpu_ms: float, live_cpu_ms: float | None = None) -> dict[str, Any]:
+    """The report; ``cpu_ms``: the CPU this process spent on the session,
+    ``live_cpu_ms`` the part of it before the park or stop (None: neither came)."""
     per_nic, dropped, replayed = _nics(st)
     unsent: int | None = None
     if st.completed and st.dest_report == {} and st.netpass_active:
@@ -56,6 +57,7 @@ def build(st: SourceState, error: BaseException | None, link: LinkFacts | None,
         **_link(st, link),
         **_times(st),
         "migrate_cpu_ms": round(cpu_ms, 1),
+        "live_cpu_ms": None if live_cpu_ms is None else round(live_cpu_ms, 1),
         **_destination(st),
         "nics": per_nic,
         "notes": st.notes + list(st.dest_report.get("hold_notes", [])),

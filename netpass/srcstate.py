@@ -153,6 +153,9 @@ class SourceState:
         self.dest_status: str | None = None
         # -- the stop
         self.parked_t: float | None = None
+        # This process's CPU time (process_time) when per-frame work began: the park, or
+        # a stop netpass did not park for; what came before is the live phase's cost.
+        self.live_end_cpu: float | None = None
         self.verified_t: float | None = None  # QEMU read every sacrificial frame
         self.qmp_rtt_s = 0.002  # a QMP command's round trip, learned
         self.stop_t: float | None = None  # QEMU stopped the VM (its own clock, on ours)

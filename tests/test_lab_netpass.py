@@ -87,6 +87,7 @@ def assert_zero_loss(res: dict[str, Any]) -> None:
     assert rep["state"] == "done" and rep["destination_status"] == "running"
     assert rep["frames_dropped"] == {}, rep["frames_dropped"]
     assert res["src_status"] in (None, "postmigrate") and res["dst_status"] == "running"
+    assert 0 < rep["live_cpu_ms"] <= rep["migrate_cpu_ms"], rep  # (the park or stop came)
 
 
 PAUSED = dict(rate=2000, switchover_pause_ms=200)

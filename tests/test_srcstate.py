@@ -87,8 +87,9 @@ def test_an_agent_gone_after_completion_counts_the_unconfirmed_as_lost() -> None
     st = _state()
     st.nics[0].captured, st.shipped, st.agent_fed, st.agent_duplicates = 100, 90, 70, 5
     st.completed = True
-    rep = srcreport.build(st, None, None, cpu_ms=12.34)
+    rep = srcreport.build(st, None, None, cpu_ms=12.34, live_cpu_ms=3.21)
     assert rep["frames_replayed"] == 70
+    assert rep["live_cpu_ms"] == 3.2
     assert rep["channel_unsent"] == 10
     assert rep["frames_dropped"] == {"channel_lost": 25}
     assert rep["migrate_cpu_ms"] == 12.3
