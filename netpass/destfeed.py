@@ -117,7 +117,18 @@ class Replay:
         # Before the VM runs, with the hold closed, nothing else enters; once
         # it runs, the hold's paced release aims at half the ring too.
         share = ring * 3 // 4 if self.st.hold_closed and not self.st.running else ring // 2
-        return max(0, share - self.gauge(dn))
+        return max(0, share - self.gauge(dn) - self.granted_ahead(dn))
+
+    @staticmethod
+    def granted_ahead(dn: DestNic) -> int:
+        """Live frames the hold's current window still lets into the ring.
+        A straggler replayed while a window is open shares the ring with
+        them: counting only what is in the ring, the two could fill more
+        than it holds should the VM stall (window_top plus half the ring)."""
+        w, h = dn.window, dn.hold
+        if w is None or h is None or h.removed or h.stats.rx_released_t is not None:
+            return 0
+        return max(0, w.granted - (dn.live_enqueued - w.entered0))
 
     def feed(self) -> None:
         for dn in self.st.nics:

@@ -474,6 +474,25 @@ def test_a_release_window_tops_the_ring_up_and_no_further() -> None:
     assert grant_needed(600, 1000, passed=313, granted=625)
 
 
+def test_a_straggler_replay_leaves_room_for_the_open_window() -> None:
+    """A replay while a release window is open counts the live frames the
+    window still lets in: the ring then never holds more than the larger of
+    the two shares, whatever the VM does meanwhile."""
+    from types import SimpleNamespace
+
+    from netpass.destfeed import Replay
+    from netpass.pacing import Window
+
+    hold = SimpleNamespace(removed=False, stats=SimpleNamespace(rx_released_t=None))
+    dn = SimpleNamespace(window=Window(granted=600, entered0=1000), hold=hold, live_enqueued=1100)
+    assert Replay.granted_ahead(dn) == 500  # (100 of the 600 passed)
+    dn.live_enqueued = 2000
+    assert Replay.granted_ahead(dn) == 0  # used up
+    dn.live_enqueued, hold.stats.rx_released_t = 1100, 1.0
+    assert Replay.granted_ahead(dn) == 0  # the hold opened: no window any more
+    assert Replay.granted_ahead(SimpleNamespace(window=None, hold=None, live_enqueued=0)) == 0
+
+
 def _windowed(capacity: float, held: int = 4000, arrive: float = 12_000.0, stall_every: int = 0,
               stall_steps: int = 0, frame_ratio: float = 1.0,
               seconds: float = 3.0) -> tuple[int, int, float | None]:
