@@ -78,6 +78,8 @@ class QemuControl:
         await self.set_param("max-bandwidth", HOLD_BACK_BPS)
         self.undo.push_async_callback(self.set_param, "max-bandwidth", ops["max-bandwidth"])
         self.held_back = True
+        log.info("session=%s QEMU held back until the arm (downtime-limit 0, max-bandwidth %d B/s)",
+                 st.sid, HOLD_BACK_BPS)
 
     async def set_capability(self, name: str, state: bool) -> None:
         try:
