@@ -294,7 +294,23 @@ def _socket_drops(sock: socket.socket) -> int:
     return -1
 
 
+# The peer stands for another machine: its sends must not wait for the CPU
+# the two lab hosts share.  At the default priority, a prober starved for the
+# few milliseconds of a switchover sent no probe in them, and plain QEMU's
+# fast kill then lost none (a busy-core CI: 0 of 5,477).
+PEER_NICE = -10
+
+
+def as_peer() -> None:
+    """Run this process ahead of the lab hosts' (root only; else as is)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, PEER_NICE)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    as_peer()
     ap = argparse.ArgumentParser(prog="netpass-prober", description=__doc__)
     ap.add_argument("--target", required=True)
     ap.add_argument("--rate", type=float, default=2000.0)

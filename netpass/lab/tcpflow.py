@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from .prober import set_at_stdin_end
+from .prober import as_peer, set_at_stdin_end
 
 SINK_PORT = 5001
 MAX_DURATION = 600.0
@@ -116,6 +116,7 @@ def run(target: str, rate_mbit: float, duration: float, stop_on_stdin: bool = Fa
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_peer()
     ap = argparse.ArgumentParser(prog="netpass-tcpflow", description=__doc__)
     ap.add_argument("--target", required=True)
     ap.add_argument("--rate-mbit", type=float, default=20.0)
