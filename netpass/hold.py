@@ -545,7 +545,7 @@ class Hold:
             if tap_there:
                 # Whatever stopped the ordered way, no redirect of ours may
                 # outlive the ifb it points to: the tap would drop every frame.
-                left = self._sweep_filters(direction, attempt)
+                left = self._sweep_filters(direction, errors)
                 filters_left += [f"{direction} filter {pref}" for pref in sorted(left)]
             if not ifb_there:
                 continue
@@ -573,28 +573,27 @@ class Hold:
             raise KernelError(f"undoing the hold on {spec.tap}: " + "; ".join(errors))
         log.info("hold on %s removed", spec.tap)
 
-    def _sweep_filters(self, direction: str, attempt: Callable[..., None]) -> set[int]:
+    def _sweep_filters(self, direction: str, errors: list[str]) -> set[int]:
         """Delete any filter of ours still on the tap in ``direction`` (the
-        copying one first); the preferences still there after two tries."""
-        left: set[int] = set()
-        for _ in range(2):
+        copying one first), listing them up to three times; the preferences
+        still there (all of ours if they cannot be listed)."""
+        ours = {MIRROR_PREF, PASS_PREF, PREF}
+        left = ours
+        for listing in range(3):
             try:
-                left = {MIRROR_PREF, PASS_PREF, PREF} & tc.filter_prefs(None, self.spec.tap, direction,
-                                                                         missing_ok=False)
+                left = ours & tc.filter_prefs(None, self.spec.tap, direction, missing_ok=False)
             except KernelError as exc:
-                attempt(f"list the {direction} filters", _raise, exc)
-                left = {MIRROR_PREF, PASS_PREF, PREF}
+                errors.append(f"list the {direction} filters: {exc}")
+                left = ours
                 continue
-            if not left:
-                return left
+            if not left or listing == 2:
+                break
             for pref in sorted(left):  # MIRROR_PREF < PASS_PREF < PREF
-                attempt(f"remove the {direction} filter {pref}", tc.del_filter, None, self.spec.tap,
-                        direction, pref)
-        try:
-            return {MIRROR_PREF, PASS_PREF, PREF} & tc.filter_prefs(None, self.spec.tap, direction,
-                                                                    missing_ok=False)
-        except KernelError:
-            return left
+                try:
+                    tc.del_filter(None, self.spec.tap, direction, pref)
+                except KernelError as exc:
+                    errors.append(f"remove the {direction} filter {pref}: {exc}")
+        return left
 
     def read_mirror(self, limit: int = 4096) -> list[bytes]:
         """The live frames held since the last call (copies)."""
@@ -624,10 +623,6 @@ class Hold:
         if self._guard is not None:
             holdguard.stop(self._guard)  # it leaves once the state file is gone
             self._guard = None
-
-
-def _raise(exc: Exception) -> None:
-    raise exc
 
 
 def _burst_for(tap: str, hold_timeout_ms: int) -> int:
