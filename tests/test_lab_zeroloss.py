@@ -101,16 +101,27 @@ def test_plain_tcp_flow_retransmits(guest_image, no_leftovers) -> None:
 
 def test_netpass_tcp_flow_stalls_only_for_the_pause(guest_image, no_leftovers) -> None:
     """With netpass no segment is lost: at most the one retransmission a pause
-    longer than the sender's RTO (200 ms) fires by itself, and the flow
-    stalls no longer than the network's pause and 50 ms."""
+    longer than the sender's RTO (200 ms) fires by itself, and netpass's share
+    of the flow's stall is no more than the network's pause and 50 ms.
+
+    The stall ends when the sender sees the guest acknowledge the segments
+    netpass replayed.  Its last part, from the moment the destination VM holds
+    them (resume plus ``replay_delay_ms``) to that acknowledgement, is the
+    guest's own answer time (``guest_ack_lag_ms``): 24-49 ms unloaded (3 runs)
+    and 35-90 ms with a core kept busy (10 runs), in the lab's TCG guest;
+    plain QEMU's guest was as slow to answer its first segment after a resume
+    (13-74 ms, busy, 4 runs).
+    That part is bounded apart, by 200 ms."""
     res = run(guest_image, "netpass", **TCP)
     rep = res["report"]
     assert rep["exit_code"] == 0 and rep["frames_dropped"] == {}, summary(res)
     assert_exact(res)
-    tcp = {k: res.get(k) for k in ("stall_ms", "network_pause_ms", "retransmits", "bytes_retrans", "dsack_dups",
-                                   "stall_start_ms")}
+    tcp = {k: res.get(k) for k in ("stall_ms", "network_pause_ms", "guest_ack_lag_ms", "retransmits",
+                                   "bytes_retrans", "dsack_dups", "stall_start_ms", "pause_start_ms",
+                                   "dst_resume_ms")}
     assert res["retransmits"] <= 1, (tcp, summary(res))
-    assert res["stall_ms"] <= res["network_pause_ms"] + 50, (tcp, summary(res))
+    assert res["guest_ack_lag_ms"] is not None and res["guest_ack_lag_ms"] <= 200, (tcp, summary(res))
+    assert res["stall_ms"] - max(res["guest_ack_lag_ms"], 0) <= res["network_pause_ms"] + 50, (tcp, summary(res))
     assert rep["dest_ring_overflow"] == 0, summary(res)  # the tap's refusals of GSO replays are not overflow
 
 

@@ -258,6 +258,18 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
         stats["pause_start_ms"] = rel(min(starts)) if starts else None
         stats["network_pause_ms"] = (round((result.dst_resume_t - min(starts)) * 1000, 1)
                                      if starts and result.dst_resume_t is not None else None)
+        # TCP: from the moment the destination VM held every segment meant for
+        # it and netpass held none of its own frames (its resume, plus the
+        # replay's delay or, strict, the TX hold's end if later) to the end of
+        # the stall, when the sender saw the VM acknowledge them: the guest's
+        # own time to answer after a resume, in which netpass has no part
+        # (see the TCP stall in docs/results.md).
+        stall_end = (None if stats.get("stall_start_ms") is None or stats.get("stall_ms") is None
+                     else stats["stall_start_ms"] + stats["stall_ms"])
+        replay_delay = (report or {}).get("replay_delay_ms")
+        netpass_part = None if replay_delay is None else max(replay_delay, (report or {}).get("hold_tx_ms") or 0.0)
+        stats["guest_ack_lag_ms"] = (round(stall_end - stats["dst_resume_ms"] - netpass_part, 1)
+                                     if None not in (stall_end, stats["dst_resume_ms"], netpass_part) else None)
         if report is not None:
             stats["report"] = report
         return stats
