@@ -148,6 +148,9 @@ class SourceSession(SourceState):
         self._step("monitor")
         status = await self.mon.status()
         if status not in ("running", "paused"):
+            if self.o.attached:
+                raise MigrationFailed(f"the source VM is already switching over ('{status}'): the migration "
+                                      "reached its end before netpass could hold it back")
             raise MigrationFailed(f"the source VM is '{status}': it must be running or paused to migrate")
         self.was_running = status == "running"
         mig = await self.mon.execute("query-migrate")
