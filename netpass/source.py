@@ -36,13 +36,12 @@ QEMU swallowed is (``swallowed_account: inferred | unknown``).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -90,12 +89,8 @@ class SourceSession(SourceState):
     the facts it gathers are its ``SourceState``."""
 
 
-    def __init__(self, opts: MigrateOptions, progress: Progress | None = None,
-                 find_dest: Callable[[], Awaitable[str]] | None = None) -> None:
+    def __init__(self, opts: MigrateOptions, progress: Progress | None = None) -> None:
         super().__init__(opts, uuid.uuid4().hex[:12])
-        # Attached (follow.py): the destination's agent is asked for while
-        # QEMU is being held back, not before (see attach).
-        self.find_dest = find_dest
         self.fail_after: str | None = None  # a test hook (see ARM_STEPS)
         self.progress = progress or (lambda kind, data: None)
         self.undo = AsyncExitStack()
@@ -199,23 +194,6 @@ class SourceSession(SourceState):
         await self.mon.connect()
         self.undo.push_async_callback(self.mon.close)
         self.qemu = QemuControl(self, self.mon, self.undo, self.say)
-
-    async def attach(self) -> None:
-        """Attached to a migration libvirt started: hold QEMU back and, at the
-        same time, find the destination's agent (``find_dest``).  A guest's
-        RAM phase can end within a second, so neither waits for the other.
-        Should the search fail, the hold-back still finishes, so that the
-        undo gives back every setting it changed."""
-        hold = asyncio.ensure_future(self.hold_back())
-        try:
-            if self.find_dest is not None:
-                self.o = dataclasses.replace(self.o, dest_agent=await self.find_dest())
-        except BaseException:
-            await asyncio.wait([hold])
-            if not hold.cancelled() and hold.exception() is not None:
-                log.info("session=%s the hold-back failed as well: %s", self.sid, hold.exception())
-            raise
-        await hold
 
     async def hold_back(self) -> None:
         """Attached to a migration already under way: first of all, QEMU is
@@ -448,7 +426,7 @@ class SourceSession(SourceState):
         error: BaseException | None = None
         try:
             if self.o.attached:
-                await self.attach()
+                await self.hold_back()
             await self._arm_or_not()
             if self.netpass_active:
                 assert self.shipper is not None and self.ch is not None

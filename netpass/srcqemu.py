@@ -73,11 +73,10 @@ class QemuControl:
         st.qemu_params = await self.mon.execute("query-migrate-parameters")
         ops = self._operator_params()
         await host.record_qemu_params(ops)  # (the guard gives them back should netpass be killed)
-        # The undo first: a hold-back cancelled while QEMU is being told still
-        # gives the settings back.  Both in one command: one round trip fewer.
+        await self.set_param("downtime-limit", 0)
         self.undo.push_async_callback(self.set_param, "downtime-limit", ops["downtime-limit"])
+        await self.set_param("max-bandwidth", HOLD_BACK_BPS)
         self.undo.push_async_callback(self.set_param, "max-bandwidth", ops["max-bandwidth"])
-        await self.set_params({"downtime-limit": 0, "max-bandwidth": HOLD_BACK_BPS})
         self.held_back = True
         log.info("session=%s QEMU held back until the arm (downtime-limit 0, max-bandwidth %d B/s)",
                  st.sid, HOLD_BACK_BPS)
@@ -90,16 +89,13 @@ class QemuControl:
             log.info("session=%s could not set %s=%s (QEMU gone?): %s", self.st.sid, name, state, exc)
 
     async def set_param(self, name: str, value: int) -> None:
-        await self.set_params({name: value})
-
-    async def set_params(self, params: dict[str, int]) -> None:
         try:
-            await self.mon.execute("migrate-set-parameters", params, timeout=2)
+            await self.mon.execute("migrate-set-parameters", {name: value}, timeout=2)
         except QMPError as exc:
             if self.st.phases.phase in (Phase.NEW, Phase.ARMED):
                 raise
             # A source QEMU killed at completion: nothing left to restore.
-            log.info("session=%s could not set %s (QEMU gone?): %s", self.st.sid, params, exc)
+            log.info("session=%s could not set %s=%s (QEMU gone?): %s", self.st.sid, name, value, exc)
 
     async def cancel(self) -> bool:
         """netpass failed while QEMU migrates: cancel, so the VM stays where
