@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from .test_lab_netpass import assert_zero_loss, run, summary
-from .test_lab_zeroloss import assert_zero_loss_but_the_vms_own
+from .test_lab_zeroloss import assert_tcp_stall, assert_zero_loss_but_the_vms_own
 
 pytestmark = pytest.mark.lab
 
@@ -136,11 +136,8 @@ def test_strict_tcp_flow_stalls_only_for_the_pause(guest_image, no_leftovers) ->
               switchover_pause_ms=200)
     rep = res["report"]
     assert rep["exit_code"] == 0 and rep["frames_dropped"] == {}, summary(res)
-    assert res["retransmits"] <= 1, res
     read_ms = rep["replay_delay_ms"] or 0.0
-    lag = res["guest_ack_lag_ms"]
-    assert lag is not None and lag <= 200, res
-    assert res["stall_ms"] - max(lag, 0) <= res["network_pause_ms"] + max(50.0, read_ms + 25), res
+    assert_tcp_stall(res, max(50.0, read_ms + 25))
     assert rep["hold_tx_ms"] is not None and rep["hold_tx_ms"] <= read_ms + 20, rep
     assert rep["reordered_estimate"] - rep["reordered_group_estimate"] == 0, rep  # as in assert_strict
     assert rep["hold_timeout"] is False, rep

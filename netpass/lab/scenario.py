@@ -264,12 +264,12 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
         # the stall, when the sender saw the VM acknowledge them: the guest's
         # own time to answer after a resume, in which netpass has no part
         # (see the TCP stall in docs/results.md).
-        stall_end = (None if stats.get("stall_start_ms") is None or stats.get("stall_ms") is None
-                     else stats["stall_start_ms"] + stats["stall_ms"])
-        replay_delay = (report or {}).get("replay_delay_ms")
-        netpass_part = None if replay_delay is None else max(replay_delay, (report or {}).get("hold_tx_ms") or 0.0)
-        stats["guest_ack_lag_ms"] = (round(stall_end - stats["dst_resume_ms"] - netpass_part, 1)
-                                     if None not in (stall_end, stats["dst_resume_ms"], netpass_part) else None)
+        rep = report or {}
+        start, stall, resume = stats.get("stall_start_ms"), stats.get("stall_ms"), stats["dst_resume_ms"]
+        replay = rep.get("replay_delay_ms")
+        stats["guest_ack_lag_ms"] = (
+            None if start is None or stall is None or resume is None or replay is None
+            else round(start + stall - resume - max(replay, rep.get("hold_tx_ms") or 0.0), 1))
         if report is not None:
             stats["report"] = report
         return stats
