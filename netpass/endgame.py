@@ -53,7 +53,10 @@ and polls on time, but 4 of 18 with polls 10 ms late and 11 of 18 with
 30 ms round trips; setting the limit earlier (for all the RAM a run of zero
 pages could clear within a round trip) did not help (4-12 of 18).  Through
 libvirt on a busy host, round trips are that slow: a busy-core CI's
-transparent migration stopped unforeseen.
+transparent migration stopped unforeseen.  So a migration libvirt started,
+held back until netpass is armed, stays throttled to its park when little
+RAM is left (:func:`stays_throttled`, ``Endgame.handed_off``): nothing is
+raced, and the park lasts while QEMU sends the rest.
 """
 
 from __future__ import annotations
@@ -102,6 +105,37 @@ PARK_S = 0.001  # switching the parking on (nft, measured 0.2-0.8 ms)
 MAX_LEAD_S = 0.03
 MAX_GAP_S = 0.005  # a longer gap between samples is a hiccup, not the polling pace
 ACTIVE = ("active", "setup")
+# Attached to a migration someone else started (libvirt), QEMU is held back
+# throttled until netpass is armed.  It stays throttled through the hand-off
+# (``Endgame.handed_off``) when a run of zero pages could clear the RAM left
+# before the endgame's first throttle could land: QEMU scans zero pages at up
+# to ZERO_CLEAR_BPS (lab, TCG: 7 MB/ms), and the throttle comes a coarse poll
+# and two QMP round trips after a sample at the earliest.  Released at once
+# instead, a busy lab host's libvirt migration cleared 81 MB in the 11 ms
+# after the hold-back ended, and QEMU stopped the VM unforeseen.
+ZERO_CLEAR_BPS = 8_000_000_000
+HANDOFF_MARGIN = 1.25
+# ... and whatever the round trip, up to this much RAM left: the round trips
+# that matter are the slow ones later in the migration, which the hand-off
+# cannot know (a busy lab host's libvirt answered in 1 ms at the arm and in
+# 30 ms at times later on).  The price: the park lasts as long as QEMU takes
+# to send what was left (lab, 230-265 MB mostly of zero pages: 141-290 ms
+# from the park to the stop); 512 MiB of data take 0.43 s at 10 Gbit/s.
+HANDOFF_FLOOR = 512 << 20
+
+
+def zero_reach(rtt_s: float) -> int:
+    """RAM that zero pages could clear before a throttle lands: a coarse
+    poll and two QMP round trips (the answer that shows the run, and the
+    throttle) at ``rtt_s``."""
+    return int(ZERO_CLEAR_BPS * (COARSE_POLL_S + 2 * rtt_s) * HANDOFF_MARGIN)
+
+
+def stays_throttled(remaining: int, rtt_s: float) -> bool:
+    """Armed after a hold-back, with ``remaining`` bytes of RAM left and a
+    QMP round trip of ``rtt_s``: whether QEMU stays throttled until the park
+    (``Endgame.handed_off``) rather than get its bandwidth back and be raced."""
+    return remaining <= max(HANDOFF_FLOOR, zero_reach(rtt_s))
 
 
 class Step(enum.Enum):
@@ -166,7 +200,17 @@ class Endgame:
     _pace: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=16))
     _wire: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=16))
     limited_to: int | None = None  # the limit netpass set, if it set one (LIMIT)
+    held_throughout: bool = False  # throttled from the hold-back on (handed_off)
     _rtts: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+
+    def handed_off(self, t: float, remaining: int) -> None:
+        """The migration was held back throttled and stays so (see
+        :func:`zero_reach`): the endgame starts throttled, and engages at
+        a window once it has seen one."""
+        self.phase = Phase.THROTTLED
+        self.throttled_t = t
+        self.throttle_remaining = remaining
+        self.held_throughout = True
 
     def __post_init__(self) -> None:
         if self.max_bandwidth >= NO_LIMIT_ABOVE:
@@ -287,10 +331,7 @@ class Endgame:
                 self._last_move = None
                 return Step.LIMIT
             if self._should_throttle(s):
-                self.phase = Phase.THROTTLED
-                self.throttled_t = s.t
-                self.throttle_remaining = s.remaining
-                return Step.THROTTLE
+                return self._throttle(s)
             return Step.WAIT
         # THROTTLED: engage just before the next window, which will finish the
         # RAM: at the last sample before it that leaves the lead (the next
@@ -303,6 +344,12 @@ class Endgame:
             self.planned_start = nxt
             return Step.ENGAGE
         return Step.WAIT
+
+    def _throttle(self, s: Sample) -> Step:
+        self.phase = Phase.THROTTLED
+        self.throttled_t = s.t
+        self.throttle_remaining = s.remaining
+        return Step.THROTTLE
 
     def _phase_known(self) -> bool:
         return len(self.windows) >= 1

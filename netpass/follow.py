@@ -3,12 +3,14 @@ the migrations libvirt drives on its host and makes them lossless, while the
 operator's ``virsh migrate --live`` (or Nova's call) stays as it was.
 
 * **Outgoing.**  At a domain's MIGRATION ``setup`` (QEMU not ``inmigrate``:
-  this host sends it), the agent asks its peers' agents (``--peer``) which
-  one has that domain incoming (the ``incoming`` request), and runs the
-  source side of a session against that agent: ``source.SourceSession``
-  attached to the migration, through libvirt (``virt.DomainMonitor``).
-  libvirt issued the migration; netpass holds QEMU back until it is armed
-  (``srcqemu.QemuControl.hold_back``), then works as ``netpass migrate``.
+  this host sends it), the agent runs the source side of a session:
+  ``source.SourceSession`` attached to the migration, through libvirt
+  (``virt.DomainMonitor``).  libvirt issued the migration, and a small
+  guest's RAM phase can end within a second, so at once netpass holds QEMU
+  back until it is armed (``srcqemu.QemuControl.hold_back``) and, at the same
+  time, asks its peers' agents (``--peer``) which one has that domain
+  incoming (the ``incoming`` request).  Then it works as ``netpass migrate``
+  against that agent.
 * **Incoming.**  The agent notes the domain; the source's agent opens the
   session, as ``netpass migrate`` would.  If none did by the time the
   migration completed here, the agent reports that, and why nothing was kept.
@@ -36,6 +38,8 @@ from typing import Any
 from .channel import CONTROL, ChannelError, connect
 from .deststate import AgentConfig
 from .errors import NetpassError
+from .source import SourceSession  # (not at the first migration: 60 ms+ before the hold-back)
+from .srcstate import MigrateOptions
 from .virt import Follower, MigrationEvent
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,12 @@ ASK_TIMEOUT_S = 3.0
 OPEN_GRACE_S = 2.0
 RECONNECT_S = 2.0
 _NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+
+class NoPeer(NetpassError):
+    """No peer agent has the domain incoming (the message says why)."""
+
 
 Ended = Callable[[str, dict[str, Any]], None]  # (role, report)
 
@@ -140,27 +150,33 @@ class Follow:
 
     # -- outgoing ---------------------------------------------------------------------
     async def _outgoing(self, uuid: str, name: str) -> None:
-        from .source import SourceSession
-        from .srcstate import MigrateOptions
+        """The source side of a session for a migration libvirt started here.
+        QEMU is held back while the peers are asked (``SourceSession.attach``);
+        with no peer to take the domain, netpass steps aside and the hold-back
+        is undone."""
+        async def dest() -> str:
+            peer, why = await self.find_peer(uuid)
+            if peer is None:
+                raise NoPeer(why)
+            return peer
 
-        peer, why = await self.find_peer(uuid)
-        if peer is None:
-            self._report("source", name, uuid, {
-                "state": "not_armed", "netpass": False,
-                "error": f"no peer agent has the domain incoming, so netpass stepped aside ({why})"})
-            return
-        opts = MigrateOptions(qmp="", uri="", dest_agent=peer, dest_qmp="", token=self.cfg.token,
+        opts = MigrateOptions(qmp="", uri="", dest_agent="", dest_qmp="", token=self.cfg.token,
                               tls_ca=self.cfg.peer_tls_ca, state_dir=self.cfg.state_dir,
                               libvirt_uri=self.cfg.libvirt_uri, libvirt_uuid=uuid,
                               strict_ordering=self.cfg.follow_strict)
-        sess = SourceSession(opts, lambda kind, data: None)
+        sess = SourceSession(opts, lambda kind, data: None, find_dest=dest)
         try:
             report = await sess.run()
+        except NoPeer as exc:
+            self._report("source", name, uuid, {
+                "state": "not_armed", "netpass": False,
+                "error": f"no peer agent has the domain incoming, so netpass stepped aside ({exc})"})
+            return
         except Exception as exc:  # noqa: BLE001 - whatever failed is reported; the agent goes on
             if not isinstance(exc, NetpassError):
                 log.exception("domain %s (%s): the source session failed", name, uuid)
             report = sess.final_report or sess.report(exc)
-        self._report("source", name, uuid, {"peer": peer, **report})
+        self._report("source", name, uuid, {"peer": sess.o.dest_agent or None, **report})
 
     async def find_peer(self, uuid: str) -> tuple[str | None, str]:
         """The peer whose agent has ``uuid`` incoming, or None and why not."""

@@ -36,12 +36,13 @@ QEMU swallowed is (``swallowed_account: inferred | unknown``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -89,8 +90,12 @@ class SourceSession(SourceState):
     the facts it gathers are its ``SourceState``."""
 
 
-    def __init__(self, opts: MigrateOptions, progress: Progress | None = None) -> None:
+    def __init__(self, opts: MigrateOptions, progress: Progress | None = None,
+                 find_dest: Callable[[], Awaitable[str]] | None = None) -> None:
         super().__init__(opts, uuid.uuid4().hex[:12])
+        # Attached (follow.py): the destination's agent is asked for while
+        # QEMU is being held back, not before (see attach).
+        self.find_dest = find_dest
         self.fail_after: str | None = None  # a test hook (see ARM_STEPS)
         self.progress = progress or (lambda kind, data: None)
         self.undo = AsyncExitStack()
@@ -195,6 +200,23 @@ class SourceSession(SourceState):
         self.undo.push_async_callback(self.mon.close)
         self.qemu = QemuControl(self, self.mon, self.undo, self.say)
 
+    async def attach(self) -> None:
+        """Attached to a migration libvirt started: hold QEMU back and, at the
+        same time, find the destination's agent (``find_dest``).  A guest's
+        RAM phase can end within a second, so neither waits for the other.
+        Should the search fail, the hold-back still finishes, so that the
+        undo gives back every setting it changed."""
+        hold = asyncio.ensure_future(self.hold_back())
+        try:
+            if self.find_dest is not None:
+                self.o = dataclasses.replace(self.o, dest_agent=await self.find_dest())
+        except BaseException:
+            await asyncio.wait([hold])
+            if not hold.cancelled() and hold.exception() is not None:
+                log.info("session=%s the hold-back failed as well: %s", self.sid, hold.exception())
+            raise
+        await hold
+
     async def hold_back(self) -> None:
         """Attached to a migration already under way: first of all, QEMU is
         kept from switching over before netpass is armed (``downtime-limit``
@@ -253,6 +275,10 @@ class SourceSession(SourceState):
             await self.mon.execute("migrate", {"uri": self.o.uri})
         if self.netpass_active and not _ENDGAME_OFF:
             self.endgame = Endgame(int(self.qemu_params.get("max-bandwidth", 0)))
+            assert self.qemu is not None
+            if self.qemu.handed_off is not None:  # (held back, and throttled still: see srcqemu)
+                self.endgame.handed_off(time.monotonic(), self.qemu.handed_off)
+                await self.parking.prepare_destination()
         try:
             await self._watch()
         except QMPError:
@@ -426,14 +452,14 @@ class SourceSession(SourceState):
         error: BaseException | None = None
         try:
             if self.o.attached:
-                await self.hold_back()
+                await self.attach()
             await self._arm_or_not()
             if self.netpass_active:
                 assert self.shipper is not None and self.ch is not None
                 for coro in (self.shipper.receive_loop(self.ch), self.shipper.ship_loop(), self._keep_shadows()):
                     self.undo.push_async_callback(stop_task, asyncio.create_task(coro))
             assert self.qemu is not None
-            await self.qemu.configure(self.host)
+            await self.qemu.configure(self.host, endgame=not _ENDGAME_OFF)
             if self.netpass_active:
                 self._step("qemu")
             try:

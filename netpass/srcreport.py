@@ -131,6 +131,7 @@ def _times(st: SourceState) -> dict[str, Any]:
                      if eg.throttled_t and st.parked_t else None,
                      "lead_ms": round(eg.lead_s * 1000, 2),
                      "limited_to": eg.limited_to,
+                     "held_throughout": eg.held_throughout,
                      "missed_windows": eg.missed_windows(st.stop_t) if st.stop_t else None}
                     if eg is not None else None),
         "frames_after_resume": late_frames,

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netpass.endgame import FINE_POLL_S, LEAD_SAFETY_S, PERIOD_S, Endgame, Phase, Sample, Step
+from netpass.endgame import (FINE_POLL_S, HANDOFF_FLOOR, LEAD_SAFETY_S, PERIOD_S, Endgame, Phase, Sample, Step,
+                             stays_throttled, zero_reach)
 
 BW = 128 << 20  # QEMU's default max-bandwidth, bytes/s
 QUOTA_WIRE = BW // 10
@@ -519,3 +520,31 @@ def test_without_the_zero_run_rule_a_short_tail_after_the_limit_is_missed() -> N
         assert after_own_limit_misses() > 0
     finally:
         eg_mod.ZERO_RUN_RATIO = saved
+
+
+def test_a_held_back_migration_stays_throttled_with_little_ram_left() -> None:
+    """The transparent hand-off: the lab guest's 230-265 MB stay throttled;
+    a large guest gets its bandwidth back, unless QMP answers so slowly
+    that zero pages could clear what is left before a throttle lands."""
+    assert stays_throttled(265 << 20, 0.001)
+    assert stays_throttled(HANDOFF_FLOOR, 0.0)
+    assert not stays_throttled(HANDOFF_FLOOR + 1, 0.001)
+    assert not stays_throttled(2 << 30, 0.03)
+    assert zero_reach(0.2) > 3 << 30 and stays_throttled(3 << 30, 0.2)
+
+
+@pytest.mark.parametrize("bw", [0, BW])
+def test_handed_off_throttled_it_engages_just_before_a_window(bw: int) -> None:
+    """From the hold-back on, QEMU sends one page a window: the endgame,
+    started throttled, learns the windows' phase and engages just before
+    one, which gets the bytes for all the RAM left (none: no limit)."""
+    ram = 240 << 20
+    eg = Endgame(bw)
+    eg.handed_off(0.0, ram)
+    assert eg.phase is Phase.THROTTLED and eg.held_throughout
+    hit = drive(eg, windows(ram, [4096], burst_s=0.001), Step.ENGAGE)
+    assert hit is not None
+    sample, w_start = hit
+    nxt = w_start if sample.t <= w_start else w_start + PERIOD_S
+    assert 0 <= nxt - sample.t <= eg.lead_s + LEAD_SAFETY_S + FINE_POLL_S + 1e-9
+    assert eg.release_bandwidth() == 0 if bw == 0 else eg.release_bandwidth() * PERIOD_S >= ram
