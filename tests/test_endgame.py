@@ -8,8 +8,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netpass.endgame import (FINE_POLL_S, HANDOFF_FLOOR, LEAD_SAFETY_S, PERIOD_S, Endgame, Phase, Sample, Step,
-                             stays_throttled, zero_reach)
+from netpass.endgame import (
+    FINE_POLL_S,
+    HANDOFF_FLOOR,
+    LEAD_SAFETY_S,
+    PERIOD_S,
+    Endgame,
+    Phase,
+    Sample,
+    Step,
+    stays_throttled,
+    zero_reach,
+)
 
 BW = 128 << 20  # QEMU's default max-bandwidth, bytes/s
 QUOTA_WIRE = BW // 10
