@@ -217,5 +217,11 @@ def test_an_external_stop_loses_nothing(guest_image, no_leftovers, queues: int) 
 
 
 def test_plain_external_stop_loses(guest_image, no_leftovers) -> None:
+    """The teeth of the test above: plain QEMU loses what reaches the source
+    from the external stop (at a third of the RAM left) to the destination's
+    resume.  (A fixed 50 failed a busy-core CI: 47 lost, the rest of the RAM
+    crossing in some 25 ms.)"""
     res = run(guest_image, "baseline", rate=2000, switchover_pause_ms=0, stopper="external")
-    assert res["lost"] >= 50, res  # the VM is stopped from a third of the RAM left to the end
+    pause = res["network_pause_ms"]
+    assert pause is not None and res["lost"] >= max(1, 0.5 * 2000 * pause / 1000), \
+        {k: res.get(k) for k in ("lost", "sent", "network_pause_ms", "downtime_ms", "guest_in_echos")}
