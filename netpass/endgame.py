@@ -131,11 +131,17 @@ def zero_reach(rtt_s: float) -> int:
     return int(ZERO_CLEAR_BPS * (COARSE_POLL_S + 2 * rtt_s) * HANDOFF_MARGIN)
 
 
+def handoff_reach(rtt_s: float) -> int:
+    """Armed after a hold-back, with a QMP round trip of ``rtt_s``: the RAM
+    left within which QEMU stays throttled until the park."""
+    return max(HANDOFF_FLOOR, zero_reach(rtt_s))
+
+
 def stays_throttled(remaining: int, rtt_s: float) -> bool:
-    """Armed after a hold-back, with ``remaining`` bytes of RAM left and a
-    QMP round trip of ``rtt_s``: whether QEMU stays throttled until the park
-    (``Endgame.handed_off``) rather than get its bandwidth back and be raced."""
-    return remaining <= max(HANDOFF_FLOOR, zero_reach(rtt_s))
+    """Whether QEMU, armed after a hold-back with ``remaining`` bytes of RAM
+    left, stays throttled until the park (``Endgame.handed_off``) rather
+    than get its bandwidth back and be raced."""
+    return remaining <= handoff_reach(rtt_s)
 
 
 class Step(enum.Enum):
@@ -205,11 +211,9 @@ class Endgame:
 
     def handed_off(self, t: float, remaining: int) -> None:
         """The migration was held back throttled and stays so (see
-        :func:`zero_reach`): the endgame starts throttled, and engages at
-        a window once it has seen one."""
-        self.phase = Phase.THROTTLED
-        self.throttled_t = t
-        self.throttle_remaining = remaining
+        :func:`stays_throttled`): the endgame starts throttled, and engages
+        at a window once it has seen one."""
+        self._throttle(Sample(t, "active", remaining))
         self.held_throughout = True
 
     def __post_init__(self) -> None:

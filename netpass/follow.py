@@ -53,7 +53,6 @@ RECONNECT_S = 2.0
 _NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-
 class NoPeer(NetpassError):
     """No peer agent has the domain incoming (the message says why)."""
 
