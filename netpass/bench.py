@@ -205,6 +205,11 @@ async def _send(frames: list[bytes], token: bytes, batch_frames: int, compress: 
     fd = _filled_tap("npb-src", frames)
     try:
         ch = await connect(f"{DST_IP}:{PORT}", token)
+        # The clock starts once the receiver's session is set up, as a
+        # migration's switchover comes after the agent's prepare.
+        ready = await ch.recv_json(CONTROL, timeout=60)
+        if ready.get("op") != "ready":
+            raise LabError(f"the bench receiver sent {ready!r} instead of 'ready'")
         raw_bytes = seq = n = compressed = 0
         cpu0 = _cpu()
         t0 = time.monotonic()
@@ -363,7 +368,7 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
     """The destination: the agent's own DestSession accepts each batch and
     its feeder replays the cache into the tap, as during a migration; a
     forked sink reads the tap as the VM's QEMU would."""
-    from . import heap
+    from . import agent, heap  # noqa: F401  (the agent's modules load at its start, not per session)
 
     heap.keep_freed()  # as the agent does (Agent.start)
     tap = "npb-dst"
@@ -380,6 +385,7 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
         ring = _TimedRing(TxRing(tap, vnet_hdr=True))
         sess, dn = _session(ch, token, tap, fd, ring)
         feeder = asyncio.get_running_loop().create_task(sess.feed_loop())
+        await ch.send_json(CONTROL, {"op": "ready"})
         cpu0 = None
         try:
             while True:
