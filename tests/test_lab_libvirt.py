@@ -46,10 +46,10 @@ def test_plain_virsh_migrate_loses_about_rate_times_downtime(guest_image, no_lef
     # The probes sent while QEMU's downtime ran are lost: the paused source
     # never reads them and the LAN still sends them there.
     expected = RATE * downtime / 1000
-    assert res["lost"] > 0, res
+    assert res["lost"] > 0, str(res)
     assert 0.5 * expected - 5 <= res["lost"] <= 2 * expected + 40, (res["lost"], expected)
     # And lost on the way in: the guest never saw them.
-    assert res["sent"] - res["guest_in_echos"] >= res["lost"] - 2, res
+    assert res["sent"] - res["guest_in_echos"] >= res["lost"] - 2, str(res)
 
 
 def test_doctor_checks_a_real_libvirt(guest_image, no_leftovers) -> None:
@@ -115,7 +115,7 @@ def _libvirt_clean(res: dict) -> None:
     for host, taints in res["taints"].items():
         assert set(taints) <= {"high-privileges", "custom-monitor"}, (host, taints)
     assert res["dst_guest_fault"] is None
-    assert res["src_leftovers"] == [] and res["dst_leftovers"] == [], res
+    assert res["src_leftovers"] == [] and res["dst_leftovers"] == [], str(res)
 
 
 def test_virsh_migrate_with_transparent_agents_loses_nothing(guest_image, no_leftovers) -> None:
@@ -127,12 +127,12 @@ def test_virsh_migrate_with_transparent_agents_loses_nothing(guest_image, no_lef
     [rep] = res["reports"]["src"]
     assert rep["state"] == "done" and rep["netpass"], (rep.get("error"), res["agent_logs"]["src"][-3000:])
     assert rep["vm"]["name"] == "netpass-lab-guest" and rep["vm"]["uuid"]
-    assert rep["swallowed_account"] == "exact", rep
+    assert rep["swallowed_account"] == "exact", str(rep)
     assert res["lost"] == 0, _why_lost(res)
-    assert rep["frames_captured"] > 0 and rep["frames_replayed"] == rep["frames_captured"], rep
+    assert rep["frames_captured"] > 0 and rep["frames_replayed"] == rep["frames_captured"], str(rep)
     [dst] = res["reports"]["dst"]  # (each host's agent writes its report)
-    assert dst["role"] == "destination" and dst["state"] == "done" and dst["session"] == rep["session"], dst
-    assert sum(n["replayed"] for n in dst["nics"]) == rep["frames_replayed"], dst
+    assert dst["role"] == "destination" and dst["state"] == "done" and dst["session"] == rep["session"], str(dst)
+    assert sum(n["replayed"] for n in dst["nics"]) == rep["frames_replayed"], str(dst)
 
 
 @pytest.mark.parametrize("present", [("src",), ("dst",)], ids=["no-destination-agent", "no-source-agent"])
@@ -144,12 +144,12 @@ def test_an_agent_missing_on_one_side_changes_nothing_and_says_why(guest_image, 
     res = virtlab.run(guest_image, RATE, lambda m: None, present)
     _libvirt_clean(res)
     [rep] = res["reports"][present[0]]
-    assert rep["state"] == "not_armed" and rep["netpass"] is False, rep
+    assert rep["state"] == "not_armed" and rep["netpass"] is False, str(rep)
     if present == ("src",):
-        assert rep["role"] == "source" and "no peer agent has the domain incoming" in rep["error"], rep
-        assert "cannot reach the agent" in rep["error"], rep
+        assert rep["role"] == "source" and "no peer agent has the domain incoming" in rep["error"], str(rep)
+        assert "cannot reach the agent" in rep["error"], str(rep)
     else:
-        assert rep["role"] == "destination" and "no source agent opened a session" in rep["error"], rep
+        assert rep["role"] == "destination" and "no source agent opened a session" in rep["error"], str(rep)
     assert rep["vm"]["name"] == "netpass-lab-guest"
     assert res["lost"] > 0  # (what plain libvirt loses)
 
@@ -165,4 +165,4 @@ def test_a_source_agent_killed_after_its_arm_leaves_libvirts_migration_to_finish
     _libvirt_clean(res)  # (no nft table, parking tap or pinned MAC left on the source)
     assert res["migrate_s"] < 30, res["migrate_s"]  # (at 256 KiB/s, 256 MiB of RAM would take minutes)
     [dst] = res["reports"]["dst"]
-    assert dst["role"] == "destination" and dst["state"] in ("done", "failed"), dst
+    assert dst["role"] == "destination" and dst["state"] in ("done", "failed"), str(dst)

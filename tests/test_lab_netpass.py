@@ -96,7 +96,7 @@ PAUSED = dict(rate=2000, switchover_pause_ms=200)
 def test_plain_migration_loses_hundreds(guest_image, no_leftovers) -> None:
     """The teeth of the next test: the same migration without netpass."""
     res = run(guest_image, "baseline", **PAUSED)
-    assert res["lost"] >= 200, res
+    assert res["lost"] >= 200, str(res)
     assert res["sent"] - res["guest_in_echos"] >= 200, res  # they never reached the guest
 
 
@@ -106,7 +106,7 @@ def test_netpass_zero_loss_2000pps_200ms(guest_image, no_leftovers, attempt: int
     assert_zero_loss(res)
     rep = res["report"]
     # What plain migration loses is what netpass carried across.
-    assert rep["frames_captured"] >= 0.5 * 2000 * res["downtime_ms"] / 1000, rep
+    assert rep["frames_captured"] >= 0.5 * 2000 * res["downtime_ms"] / 1000, str(rep)
     assert rep["frames_replayed"] + rep["duplicates_suppressed"] == rep["frames_captured"]
     assert rep["bytes_wire"] > 0 and rep["replay_delay_ms"] is not None
 
@@ -116,7 +116,7 @@ LATE = dict(rate=2000, switchover_pause_ms=100, lan_lag_ms=300, kill_source=True
 
 def test_plain_migration_with_late_lan_loses_more(guest_image, no_leftovers) -> None:
     res = run(guest_image, "baseline", **LATE)
-    assert res["lost"] >= 0.5 * 2000 * (res["downtime_ms"] + 300) / 1000, res
+    assert res["lost"] >= 0.5 * 2000 * (res["downtime_ms"] + 300) / 1000, str(res)
 
 
 def test_netpass_late_lan_and_killed_source_zero_loss(guest_image, no_leftovers) -> None:
@@ -139,8 +139,8 @@ BURST = dict(rate=2000, switchover_pause_ms=500, burst_frames=20_000, burst_ms=1
 def test_plain_migration_loses_a_backlog(guest_image, no_leftovers) -> None:
     """The teeth of the next test: the same burst without netpass."""
     res = run(guest_image, "baseline", **BURST)
-    assert res["burst_sent"] == 20_000, res
-    assert res["lost"] >= 0.5 * 2000 * res["downtime_ms"] / 1000, res
+    assert res["burst_sent"] == 20_000, str(res)
+    assert res["lost"] >= 0.5 * 2000 * res["downtime_ms"] / 1000, str(res)
 
 
 def test_netpass_carries_a_20000_frame_backlog(guest_image, no_leftovers) -> None:
@@ -160,7 +160,7 @@ def test_wrong_token_is_refused_before_anything_happens(guest_image, no_leftover
     other = b"0d9e4f7a1c6b3852e7f0a4d91b6c2e83f5a07d4c9b1e6f28a3c5d70e4b9f1a6c"  # strong, but not the agent's
     res = run(guest_image, "netpass", expect_ok=False, token_override=other, **PAUSED)
     rep = res["report"]
-    assert rep["exit_code"] == 3, rep
+    assert rep["exit_code"] == 3, str(rep)
     assert "authentication failed" in rep["logs"]["migrate"]
     assert "failed authentication" in rep["logs"]["agent"]
     # Nothing happened: the VM runs on the source, the destination still waits.
@@ -185,13 +185,13 @@ def test_cancel_after_stop_gives_frames_back(guest_image, no_leftovers) -> None:
     probe arrived, and the only missing replies are the guest's send errors."""
     res = run(guest_image, "netpass", expect_ok=False, on_pre_switchover="cancel", rate=2000, switchover_pause_ms=200)
     rep = res["report"]
-    assert rep["exit_code"] == 1 and "cancelled" in (rep["error"] or ""), rep
+    assert rep["exit_code"] == 1 and "cancelled" in (rep["error"] or ""), str(rep)
     assert res["src_status"] == "running"
     assert_all_reached_the_guest(res)
     assert res["duplicates"] == 0
     # The teeth: netpass had drained the stopped VM's ring; had it not given
     # those frames back, they would all be lost.
-    assert rep["frames_returned_to_source"] >= 0.5 * 2000 * 0.2, rep
+    assert rep["frames_returned_to_source"] >= 0.5 * 2000 * 0.2, str(rep)
 
 
 def test_best_effort_migrates_without_netpass(guest_image, no_leftovers) -> None:
@@ -199,7 +199,7 @@ def test_best_effort_migrates_without_netpass(guest_image, no_leftovers) -> None
     res = run(guest_image, "netpass", agent_addr="198.19.0.2:1", migrate_args=("--best-effort",),
               rate=500, switchover_pause_ms=0)
     rep = res["report"]
-    assert rep["exit_code"] == 0 and rep["netpass"] is False, rep
+    assert rep["exit_code"] == 0 and rep["netpass"] is False, str(rep)
     assert any("without netpass" in n for n in rep["notes"])
     assert res["dst_status"] == "running"
 
@@ -208,7 +208,7 @@ def test_unreachable_agent_aborts_before_migrating(guest_image, no_leftovers) ->
     res = run(guest_image, "netpass", expect_ok=False, agent_addr="198.19.0.2:1", rate=500,
               switchover_pause_ms=0)
     rep = res["report"]
-    assert rep["exit_code"] == 1 and "cannot reach the agent" in (rep["error"] or ""), rep
+    assert rep["exit_code"] == 1 and "cannot reach the agent" in (rep["error"] or ""), str(rep)
     assert res["src_status"] == "running" and res["dst_status"] == "inmigrate"
 
 
@@ -217,13 +217,13 @@ def test_agent_killed_mid_stream_cancels_and_loses_nothing(guest_image, no_lefto
     netpass cancels the migration, gives the frames back and says why."""
     res = run(guest_image, "netpass", expect_ok=False, kill_agent_at_stop=True, **PAUSED)
     rep = res["report"]
-    assert rep["exit_code"] == 1, rep
+    assert rep["exit_code"] == 1, str(rep)
     assert "stays on the source" in (rep["error"] or "") and rep["error_kind"] == "MigrationFailed"
     assert res["src_status"] == "running"
     assert_all_reached_the_guest(res)
     assert res["duplicates"] == 0, (res, rep.get("logs"))
     # At least the frames of the 50 ms the lab let cross before the kill.
-    assert rep["frames_returned_to_source"] >= 0.5 * 2000 * 0.05, rep
+    assert rep["frames_returned_to_source"] >= 0.5 * 2000 * 0.05, str(rep)
 
 
 def test_cache_bound_holds_and_reports_exactly(guest_image, no_leftovers) -> None:
@@ -233,6 +233,6 @@ def test_cache_bound_holds_and_reports_exactly(guest_image, no_leftovers) -> Non
     rep = res["report"]
     assert rep["exit_code"] == 0 and rep["bytes_captured"] <= 10000
     dropped = rep["frames_dropped"].get("cache_full", 0)
-    assert dropped > 100, rep
+    assert dropped > 100, str(rep)
     # Frames, not probes: a dropped ARP or IPv6 frame is no probe lost.
     assert 0 <= dropped - res["lost"] <= 3, (res["lost"], rep["frames_dropped"])

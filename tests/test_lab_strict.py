@@ -29,17 +29,17 @@ def assert_strict(res: dict[str, Any], tx_held: bool = True) -> None:
     rep = res["report"]
     assert res["reordered"] == 0, summary(res) + str({k: rep.get(k) for k in (
         "hold_tx_ms", "hold_timeout", "reordered_estimate", "stop_to_resume_ms", "frames_after_resume")})
-    assert rep["strict_ordering"] is True and rep["hold_timeout"] is False, rep
+    assert rep["strict_ordering"] is True and rep["hold_timeout"] is False, str(rep)
     # It did hold both ways (a short switchover forwards a few frames, in the
     # VM before it replies: then its TX had nothing to wait for).
-    assert (rep["held_tx"] > 0 or not tx_held) and rep["held_rx"] > 0, rep
+    assert (rep["held_tx"] > 0 or not tx_held) and rep["held_rx"] > 0, str(rep)
     # No unicast frame went in behind a live one.  A broadcast or multicast
     # straggler may (the lab's own links send IPv6 router solicitations,
     # which its bridges flood to both hosts: the destination's copy reached
     # the VM in order; 1 in 4 of 12 runs with a kill at completion).
-    assert rep["hold_dropped"] == 0, rep
-    assert rep["hold_backlog_dropped"] == 0, rep
-    assert rep["reordered_estimate"] - rep["reordered_group_estimate"] == 0, rep
+    assert rep["hold_dropped"] == 0, str(rep)
+    assert rep["hold_backlog_dropped"] == 0, str(rep)
+    assert rep["reordered_estimate"] - rep["reordered_group_estimate"] == 0, str(rep)
     assert res["dst_leftovers"] == [], res["dst_leftovers"]
 
 
@@ -62,7 +62,7 @@ def test_without_the_flag_replies_are_reordered(guest_image, no_leftovers) -> No
         assert_zero_loss(res)
         seen.append((res["reordered"], res["report"]["reordered_estimate"]))
         if res["reordered"] > 0:
-            assert res["report"]["reordered_estimate"] > 0, res["report"]
+            assert res["report"]["reordered_estimate"] > 0, str(res["report"])
             return
     raise AssertionError(f"no reordering in three migrations without the flag: {seen}")
 
@@ -71,13 +71,13 @@ def test_without_the_flag_replies_are_reordered(guest_image, no_leftovers) -> No
 def test_strict_zero_loss_zero_reordering_4000pps(guest_image, no_leftovers, attempt: int) -> None:
     res = run(guest_image, "netpass", migrate_args=STRICT, **FAST)
     assert_strict(res)
-    assert res["lost"] == 0, res
+    assert res["lost"] == 0, summary(res)
 
 
 def test_strict_with_late_lan_and_killed_source(guest_image, no_leftovers) -> None:
     res = run(guest_image, "netpass", migrate_args=STRICT, **LATE)
     assert_strict(res)
-    assert res["lost"] == 0, res
+    assert res["lost"] == 0, summary(res)
     assert res["src_status"] is None  # the source QEMU was killed
 
 
@@ -86,8 +86,8 @@ def test_strict_with_a_kill_at_completion_and_no_pause(guest_image, no_leftovers
     replies reordered in the matrix): it closes when the endgame throttles."""
     res = run(guest_image, "netpass", migrate_args=STRICT, **FAST_KILL)
     assert_strict(res, tx_held=False)
-    assert res["lost"] == 0, res
-    assert res["report"]["hold_late"] is False, res["report"]
+    assert res["lost"] == 0, summary(res)
+    assert res["report"]["hold_late"] is False, str(res["report"])
 
 
 def test_strict_with_four_queues(guest_image, no_leftovers) -> None:
@@ -96,8 +96,8 @@ def test_strict_with_four_queues(guest_image, no_leftovers) -> None:
     matrix): the agent keeps every frame in queue 0 until they are in."""
     res = run(guest_image, "netpass", migrate_args=STRICT, **QUEUES4)
     assert_strict(res)
-    assert res["lost"] == 0, res
-    assert res["report"]["dest_one_queue_ms"][0] is not None, res["report"]
+    assert res["lost"] == 0, summary(res)
+    assert res["report"]["dest_one_queue_ms"][0] is not None, str(res["report"])
 
 
 def test_strict_under_a_flood_the_vm_absorbs(guest_image, no_leftovers) -> None:
@@ -138,9 +138,9 @@ def test_strict_tcp_flow_stalls_only_for_the_pause(guest_image, no_leftovers) ->
     assert rep["exit_code"] == 0 and rep["frames_dropped"] == {}, summary(res)
     read_ms = rep["replay_delay_ms"] or 0.0
     assert_tcp_stall(res, max(50.0, read_ms + 25))
-    assert rep["hold_tx_ms"] is not None and rep["hold_tx_ms"] <= read_ms + 20, rep
+    assert rep["hold_tx_ms"] is not None and rep["hold_tx_ms"] <= read_ms + 20, str(rep)
     assert rep["reordered_estimate"] - rep["reordered_group_estimate"] == 0, rep  # as in assert_strict
-    assert rep["hold_timeout"] is False, rep
+    assert rep["hold_timeout"] is False, str(rep)
     # The tap refused GSO replays before QEMU set its offloads: kept and sent
     # again, and not counted as the ring's overflow.
     assert rep["dest_ring_overflow"] == 0, summary(res)
@@ -150,7 +150,7 @@ def test_hold_timeout_releases_everything_and_says_so(guest_image, no_leftovers)
     res = run(guest_image, "netpass", migrate_args=(*STRICT, "--hold-timeout-ms", "30"), **FAST)
     assert_zero_loss(res)
     rep = res["report"]
-    assert rep["hold_timeout"] is True, rep
+    assert rep["hold_timeout"] is True, str(rep)
     assert any("hold timeout" in n for n in rep["notes"]), rep["notes"]
     assert res["dst_leftovers"] == [], res["dst_leftovers"]
 

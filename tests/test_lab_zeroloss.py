@@ -32,7 +32,7 @@ def assert_teeth(res: dict[str, Any], rate: float, extra_ms: float = 0.0) -> Non
     rate x (QEMU's downtime + whatever else kept frames at the source), and
     at least one probe (a kill at completion has a downtime of a few ms: at
     2,000 probes/s plain QEMU lost 4 in a CI run, 6-115 in the matrix)."""
-    assert res["lost"] >= max(1, 0.5 * rate * (res["downtime_ms"] + extra_ms) / 1000), res
+    assert res["lost"] >= max(1, 0.5 * rate * (res["downtime_ms"] + extra_ms) / 1000), str(res)
     assert res["sent"] - res["guest_in_echos"] >= 0.5 * res["lost"], res  # they never reached the guest
 
 
@@ -96,7 +96,7 @@ def test_plain_tcp_flow_retransmits(guest_image, no_leftovers) -> None:
     """Plain QEMU: the segments sent during the switchover are lost, and TCP
     retransmits them (dozens of segments at 20 Mbit/s)."""
     res = run(guest_image, "baseline", **TCP)
-    assert res["retransmits"] >= 10, res
+    assert res["retransmits"] >= 10, str(res)
 
 
 def assert_tcp_stall(res: dict[str, Any], allowance_ms: float) -> None:
