@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 
-from .endgame import THROTTLE_BANDWIDTH, handoff_reach
+from .endgame import THROTTLE_BANDWIDTH, handoff_reach, stays_throttled
 from .errors import QMPError
 from .qmp import QMP
 from .session import Phase
@@ -71,7 +71,7 @@ class QemuControl:
 
     async def _stay_throttled(self) -> bool:
         """Armed, after a hold-back: with little enough RAM left
-        (``endgame.handoff_reach``), QEMU stays throttled and the endgame
+        (``endgame.stays_throttled``), QEMU stays throttled and the endgame
         starts at its park, rather than race a run of zero pages that could
         clear the rest faster than a throttle lands."""
         asked = time.monotonic()
@@ -80,8 +80,8 @@ class QemuControl:
         remaining = (info.get("ram") or {}).get("remaining")
         if info.get("status") != "active" or not isinstance(remaining, int):
             return False
-        reach = handoff_reach(rtt)
-        if remaining > reach:
+        reach = handoff_reach(rtt)  # (for the messages)
+        if not stays_throttled(remaining, rtt):
             log.info("session=%s armed with %d bytes of RAM left (beyond %d, QMP round trip %.1f ms): "
                      "QEMU migrates at its own bandwidth again", self.st.sid, remaining, reach, rtt * 1000)
             return False

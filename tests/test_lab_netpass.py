@@ -87,7 +87,7 @@ def assert_zero_loss(res: dict[str, Any]) -> None:
     assert rep["state"] == "done" and rep["destination_status"] == "running"
     assert rep["frames_dropped"] == {}, rep["frames_dropped"]
     assert res["src_status"] in (None, "postmigrate") and res["dst_status"] == "running"
-    assert 0 < rep["live_cpu_ms"] <= rep["migrate_cpu_ms"], rep  # (the park or stop came)
+    assert 0 < rep["live_cpu_ms"] <= rep["migrate_cpu_ms"], str(rep)  # (the park or stop came)
 
 
 PAUSED = dict(rate=2000, switchover_pause_ms=200)
@@ -97,7 +97,7 @@ def test_plain_migration_loses_hundreds(guest_image, no_leftovers) -> None:
     """The teeth of the next test: the same migration without netpass."""
     res = run(guest_image, "baseline", **PAUSED)
     assert res["lost"] >= 200, str(res)
-    assert res["sent"] - res["guest_in_echos"] >= 200, res  # they never reached the guest
+    assert res["sent"] - res["guest_in_echos"] >= 200, str(res)  # they never reached the guest
 
 
 @pytest.mark.parametrize("attempt", [1, 2, 3])

@@ -139,7 +139,7 @@ def test_strict_tcp_flow_stalls_only_for_the_pause(guest_image, no_leftovers) ->
     read_ms = rep["replay_delay_ms"] or 0.0
     assert_tcp_stall(res, max(50.0, read_ms + 25))
     assert rep["hold_tx_ms"] is not None and rep["hold_tx_ms"] <= read_ms + 20, str(rep)
-    assert rep["reordered_estimate"] - rep["reordered_group_estimate"] == 0, rep  # as in assert_strict
+    assert rep["reordered_estimate"] - rep["reordered_group_estimate"] == 0, str(rep)  # as in assert_strict
     assert rep["hold_timeout"] is False, str(rep)
     # The tap refused GSO replays before QEMU set its offloads: kept and sent
     # again, and not counted as the ring's overflow.

@@ -33,7 +33,7 @@ def assert_teeth(res: dict[str, Any], rate: float, extra_ms: float = 0.0) -> Non
     at least one probe (a kill at completion has a downtime of a few ms: at
     2,000 probes/s plain QEMU lost 4 in a CI run, 6-115 in the matrix)."""
     assert res["lost"] >= max(1, 0.5 * rate * (res["downtime_ms"] + extra_ms) / 1000), str(res)
-    assert res["sent"] - res["guest_in_echos"] >= 0.5 * res["lost"], res  # they never reached the guest
+    assert res["sent"] - res["guest_in_echos"] >= 0.5 * res["lost"], str(res)  # they never reached the guest
 
 
 # -- a kill the moment QEMU completes, with no pause: what management layers do ----------------
@@ -43,7 +43,7 @@ KILL = dict(rate=2000, switchover_pause_ms=0, kill_source=True)
 
 def test_plain_fast_kill_loses(guest_image, no_leftovers) -> None:
     res = run(guest_image, "baseline", **KILL)
-    assert res["lost"] >= 5, res  # the switchover and the LAN's learning: ~10-30 ms of probes
+    assert res["lost"] >= 5, str(res)  # the switchover and the LAN's learning: ~10-30 ms of probes
 
 
 def test_netpass_fast_kill_zero_loss(guest_image, no_leftovers) -> None:
