@@ -198,7 +198,25 @@ async def session_capture(frames: list[bytes]) -> float:
     return cpu / len(frames) * 1e6
 
 
-async def _send(frames: list[bytes], token: bytes, batch_frames: int, compress: str) -> dict[str, Any]:
+def perf_control(path: str | None, command: str) -> None:
+    """Tell a ``perf record --control=fifo:PATH`` (or ``perf stat``) to
+    ``enable`` or ``disable`` its counting: the bench profiles the transfer
+    alone, not the frames' making nor the namespaces' set-up."""
+    if path is None:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise LabError(f"--perf-control {path}: no perf reads it ({exc.strerror}); make it with "
+                       f"mkfifo and run the bench under perf record -D -1 --control=fifo:{path}") from exc
+    try:
+        os.write(fd, f"{command}\n".encode())
+    finally:
+        os.close(fd)
+
+
+async def _send(frames: list[bytes], token: bytes, batch_frames: int, compress: str,
+                perf: str | None = None) -> dict[str, Any]:
     """The source's half: drain, batch, compress, ship, with the calls ``netpass
     migrate`` makes for them; its capture path's extra work (the shadow, the
     alignment, the rollback cache) is measured apart, by :func:`session_capture`."""
@@ -211,6 +229,7 @@ async def _send(frames: list[bytes], token: bytes, batch_frames: int, compress: 
         if ready.get("op") != "ready":
             raise LabError(f"the bench receiver sent {ready!r} instead of 'ready'")
         raw_bytes = seq = n = compressed = 0
+        perf_control(perf, "enable")
         cpu0 = _cpu()
         t0 = time.monotonic()
         while n < len(frames):
@@ -232,6 +251,7 @@ async def _send(frames: list[bytes], token: bytes, batch_frames: int, compress: 
         cpu = _cpu() - cpu0
         await ch.send_json(CONTROL, {"op": "end", "frames": n})
         report = await ch.recv_json(CONTROL, timeout=120)
+        perf_control(perf, "disable")
         wire_bytes = ch.bytes_out
         await ch.close()
     finally:
@@ -424,10 +444,11 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
 
 
 def run(size: int, count: int, batch_frames: int = 512, verify: bool = False,
-        compress: str = "auto", link_mbit: int | None = None) -> dict[str, Any]:
+        compress: str = "auto", link_mbit: int | None = None, perf: str | None = None) -> dict[str, Any]:
     """Run the bench once; ``verify`` has the sink check every byte (slower);
     ``compress`` is the policy, as ``netpass migrate --compress``;
-    ``link_mbit`` limits the link between the two hosts (a tbf)."""
+    ``link_mbit`` limits the link between the two hosts (a tbf); ``perf`` is
+    a perf control FIFO, enabled for the transfer only (:func:`perf_control`)."""
     if size < 60 or size > 1514:
         raise LabError("--size is a frame size in bytes, 60 to 1514")
     if not 1 <= count <= MAX_FRAMES:
@@ -462,7 +483,7 @@ def run(size: int, count: int, batch_frames: int = 512, verify: bool = False,
             quiet_namespace()
             raw = raw_drain(frames)
             session_us = asyncio.run(session_capture(frames))
-            res = asyncio.run(_send(frames, token, batch_frames, compress))
+            res = asyncio.run(_send(frames, token, batch_frames, compress, perf))
         recv.wait(60)
     finally:
         if recv is not None and recv.poll() is None:
@@ -488,6 +509,7 @@ def _fields(res: dict[str, Any], raw: float, session_us: float, size: int, compr
     """The bench's fields, from what the source (``res``) and the receiver
     (``res["receiver"]``) measured."""
     r = res["receiver"]
+    cpu_s = res["cpu_s"] + r["receiver_cpu_s"] + r["sink_cpu_s"]
     seconds = r["t_last"] - res["t0"] if r.get("t_last") else float("inf")
     fps = res["frames"] / seconds
     out = {
@@ -505,12 +527,27 @@ def _fields(res: dict[str, Any], raw: float, session_us: float, size: int, compr
         # netpass migrate's own capture path, per frame on one core (see session_capture).
         "session_source_us_per_frame": round(session_us, 2),
         "session_source_fps": round(1e6 / session_us) if session_us else None,
-        # CPU per frame of each process while it worked: where the 2 cores go.
+        # CPU per frame of each process while it worked: where the cores go.
         "cpu_us_per_frame": {"source": round(res["cpu_s"] / res["frames"] * 1e6, 2),
                              "receiver": round(r["receiver_cpu_s"] / res["frames"] * 1e6, 2),
-                             "sink": round(r["sink_cpu_s"] / res["frames"] * 1e6, 2)},
+                             "sink": round(r["sink_cpu_s"] / res["frames"] * 1e6, 2),
+                             "total": round(cpu_s / res["frames"] * 1e6, 2)},
+        **cpu_bound(cpu_s / res["frames"], raw),
     }
     return out
+
+
+def cpu_bound(cpu_s_per_frame: float, raw: float, cpus: int | None = None) -> dict[str, Any]:
+    """What this machine's cores could carry at most with the CPU the run's
+    three processes spent per frame, every core busy all the time:
+    ``cpus / cpu_s_per_frame`` frames/s, and that as a ratio to the bare
+    read loop.  The processes share the cores (on separate hosts each side
+    has its own), so ``ratio_to_raw`` can reach ``cpu_bound_ratio`` only by
+    spending less per frame, not by waiting less."""
+    n = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    fps = n / cpu_s_per_frame if cpu_s_per_frame > 0 else None
+    return {"cpus": n, "cpu_bound_fps": round(fps) if fps else None,
+            "cpu_bound_ratio": round(fps / raw, 3) if fps and raw else None}
 
 
 def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --live: how long each rate is offered (default 2)")
     bench.add_argument("--repeat", type=_positive(int, "--repeat"), default=1, metavar="N",
                        help="run N times and report each field's median, and every run (with --json)")
+    bench.add_argument("--perf-control", metavar="FIFO",
+                       help="a FIFO that perf record/stat -D -1 --control=fifo:FIFO reads: counting is "
+                            "enabled for the transfer alone")
     bench.add_argument("--json", action="store_true")
 
     doc = sub.add_parser("doctor", help="what this host supports and what netpass will use")
@@ -541,6 +544,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.live and args.cache_cap_mib:
         raise UsageError("--live and --cache-cap-mib are two different benches: choose one")
+    if args.perf_control and (args.live or args.cache_cap_mib):
+        raise UsageError("--perf-control profiles the transfer bench, not --live or --cache-cap-mib")
+    if args.perf_control and not Path(args.perf_control).is_fifo():
+        raise UsageError(f"--perf-control {args.perf_control} is not a FIFO: make one with mkfifo, "
+                         f"and run the bench under perf record -D -1 --control=fifo:{args.perf_control}")
     runs: list[dict[str, Any]] = []
     for i in range(args.repeat):
         of = f" (run {i + 1} of {args.repeat})" if args.repeat > 1 else ""
@@ -556,7 +564,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 runs.append(cache_cap(args.cache_cap_mib, args.size))
         else:
             with err_console.status(f"bench: {args.frames} frames of {args.size} bytes{of}"):
-                runs.append(run(args.size, args.frames, compress=args.compress, link_mbit=args.link_mbit))
+                runs.append(run(args.size, args.frames, compress=args.compress, link_mbit=args.link_mbit,
+                                perf=args.perf_control))
     res = runs[0] if args.repeat == 1 else medians(runs)
     if args.json:
         print(json.dumps(res if args.repeat == 1 else {"median": res, "runs": runs}))

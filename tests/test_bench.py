@@ -31,7 +31,24 @@ def test_bench_carries_every_frame(root_required: None, size: int) -> None:
     assert res["peak_rss_mib"] > 0
     assert res["frames_dropped"] == {}  # the agent's own checks took every frame
     assert res["session_source_us_per_frame"] > 0 and res["session_source_fps"] > 0
+    cpu = res["cpu_us_per_frame"]
+    assert cpu["total"] == pytest.approx(cpu["source"] + cpu["receiver"] + cpu["sink"], abs=0.02)
+    # The cores cannot carry more than the CPU the three processes spent
+    # allows (10% for the edges of their CPU windows, which are not the clock's).
+    assert 0 < res["frames_per_second"] <= 1.1 * res["cpu_bound_fps"]
+    assert res["cpu_bound_ratio"] == pytest.approx(res["cpu_bound_fps"] / res["raw_drain_fps"], rel=0.01)
     assert set(netns.list_names()) == before  # its namespaces are gone
+
+
+def test_cpu_bound_is_the_cores_over_the_cpu_per_frame() -> None:
+    from netpass.bench import cpu_bound
+
+    # 4 us of CPU a frame on 2 cores: 500,000 frames/s at most, 0.5 of a 1,000,000 read loop.
+    assert cpu_bound(4e-6, 1_000_000.0, cpus=2) == {"cpus": 2, "cpu_bound_fps": 500_000,
+                                                    "cpu_bound_ratio": 0.5}
+    assert cpu_bound(0.0, 1_000_000.0, cpus=2)["cpu_bound_fps"] is None  # nothing measured
+    assert cpu_bound(4e-6, 0.0, cpus=2)["cpu_bound_ratio"] is None
+    assert cpu_bound(4e-6, 1.0)["cpus"] >= 1  # this process's own CPUs
 
 
 def test_cache_cap_bench_fills_past_the_cap(root_required: None) -> None:
@@ -99,3 +116,23 @@ def test_live_bench_refuses_bad_arguments() -> None:
         livebench.run(64, 0.1)
     with pytest.raises(LabError, match="--size is a frame size"):
         livebench.run(40, 1.0)
+
+
+def test_perf_control_writes_to_the_fifo_perf_reads(tmp_path) -> None:
+    import os
+
+    from netpass.bench import perf_control
+
+    fifo = tmp_path / "ctl"
+    os.mkfifo(fifo)
+    with pytest.raises(LabError, match="no perf reads it"):
+        perf_control(str(fifo), "enable")  # nobody has it open for reading
+    rd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        perf_control(str(fifo), "enable")
+        perf_control(str(fifo), "disable")
+        assert os.read(rd, 100) == b"enable\ndisable\n"
+    finally:
+        os.close(rd)
+    perf_control(None, "enable")  # no FIFO: nothing to tell
+

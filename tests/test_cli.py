@@ -30,6 +30,15 @@ def test_bad_arguments(args: list[str], needle: str) -> None:
     assert needle in res.stderr
 
 
+def test_bench_perf_control_wants_a_fifo(root_required: None, tmp_path: Path) -> None:
+    plain = tmp_path / "ctl"
+    plain.write_text("")
+    res = run_cli("bench", "--perf-control", str(plain))
+    assert res.returncode == 2 and "is not a FIFO" in res.stderr and "mkfifo" in res.stderr
+    res = run_cli("bench", "--live", "--perf-control", str(plain))
+    assert res.returncode == 2 and "not --live" in res.stderr
+
+
 def test_version() -> None:
     res = run_cli("--version")
     assert res.returncode == 0 and res.stdout.startswith("netpass ")
