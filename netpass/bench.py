@@ -542,8 +542,8 @@ def cpu_bound(cpu_s_per_frame: float, raw: float, cpus: int | None = None) -> di
     three processes spent per frame, every core busy all the time:
     ``cpus / cpu_s_per_frame`` frames/s, and that as a ratio to the bare
     read loop.  The processes share the cores (on separate hosts each side
-    has its own), so ``ratio_to_raw`` can reach ``cpu_bound_ratio`` only by
-    spending less per frame, not by waiting less."""
+    has its own): ``ratio_to_raw`` gets closer to ``cpu_bound_ratio`` when
+    they wait less on each other, and past it only when they spend less."""
     n = cpus if cpus is not None else len(os.sched_getaffinity(0))
     fps = n / cpu_s_per_frame if cpu_s_per_frame > 0 else None
     return {"cpus": n, "cpu_bound_fps": round(fps) if fps else None,
