@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from netpass.lab import scenario
+from netpass.lab import losses, scenario
 
 pytestmark = pytest.mark.lab
 
@@ -80,9 +80,25 @@ def assert_all_reached_the_guest(res: dict[str, Any]) -> None:
 
 
 def assert_zero_loss(res: dict[str, Any]) -> None:
+    """Nothing lost that netpass answers for: every probe reached the guest,
+    or the only ones missing are what the VM lost by itself outside the
+    session, where the kernel's counters show it (``netpass.lab.losses``):
+    while it ran on the source before the park (its own tap's ring full:
+    ``tap_ring_overflow``, or its kernel's receive drops), or on the
+    destination once it had caught up with the hold (that tap's drops from
+    then on).  A VM too slow for its traffic loses those with or without
+    netpass; seen only with a core kept busy: a flood (34 probes sent at
+    1.8 s with the park at 3.9 s, ``tap_ring_overflow`` 210), and once at
+    4,000 probes/s without one (19 probes sent 300 ms before the park,
+    ``tap_ring_overflow`` 19).  Nothing may be lost from the park until
+    the VM has caught up with the hold."""
     rep = res["report"]
     logs = rep.get("logs")
-    assert_all_reached_the_guest(res)
+    if res["lost"] and not (res["guest_in_echos"] == res["sent"] and res["lost"] == res["guest_icmp_out_errors"]):
+        placed = losses.place(res)
+        assert placed.in_session == 0, f"{placed.why}: {placed} {res['lost_runs_ms']} {summary(res)}"
+    else:
+        assert_all_reached_the_guest(res)
     assert res["duplicates"] == 0, (res, logs)
     assert rep["state"] == "done" and rep["destination_status"] == "running"
     assert rep["frames_dropped"] == {}, rep["frames_dropped"]

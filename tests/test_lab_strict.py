@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from .test_lab_netpass import assert_zero_loss, run, summary
-from .test_lab_zeroloss import assert_tcp_stall, assert_zero_loss_but_the_vms_own
+from .test_lab_zeroloss import assert_tcp_stall
 
 pytestmark = pytest.mark.lab
 
@@ -71,13 +71,11 @@ def test_without_the_flag_replies_are_reordered(guest_image, no_leftovers) -> No
 def test_strict_zero_loss_zero_reordering_4000pps(guest_image, no_leftovers, attempt: int) -> None:
     res = run(guest_image, "netpass", migrate_args=STRICT, **FAST)
     assert_strict(res)
-    assert res["lost"] == 0, summary(res)
 
 
 def test_strict_with_late_lan_and_killed_source(guest_image, no_leftovers) -> None:
     res = run(guest_image, "netpass", migrate_args=STRICT, **LATE)
     assert_strict(res)
-    assert res["lost"] == 0, summary(res)
     assert res["src_status"] is None  # the source QEMU was killed
 
 
@@ -86,7 +84,6 @@ def test_strict_with_a_kill_at_completion_and_no_pause(guest_image, no_leftovers
     replies reordered in the matrix): it closes when the endgame throttles."""
     res = run(guest_image, "netpass", migrate_args=STRICT, **FAST_KILL)
     assert_strict(res, tx_held=False)
-    assert res["lost"] == 0, summary(res)
     assert res["report"]["hold_late"] is False, str(res["report"])
 
 
@@ -96,7 +93,6 @@ def test_strict_with_four_queues(guest_image, no_leftovers) -> None:
     matrix): the agent keeps every frame in queue 0 until they are in."""
     res = run(guest_image, "netpass", migrate_args=STRICT, **QUEUES4)
     assert_strict(res)
-    assert res["lost"] == 0, summary(res)
     assert res["report"]["dest_one_queue_ms"][0] is not None, str(res["report"])
 
 
@@ -111,7 +107,7 @@ def test_strict_under_a_flood_the_vm_absorbs(guest_image, no_leftovers) -> None:
     destination overflow.  Strict ordering changes nothing on the source
     before the park."""
     res = run(guest_image, "netpass", migrate_args=STRICT, **FLOOD)
-    assert_zero_loss_but_the_vms_own(res)
+    assert_zero_loss(res)
     rep = res["report"]
     assert res["reordered"] == 0, summary(res)
     assert rep["dest_ring_overflow"] == 0, summary(res)
