@@ -198,6 +198,11 @@ async def session_capture(frames: list[bytes]) -> float:
     return cpu / len(frames) * 1e6
 
 
+def perf_hint(path: str) -> str:
+    """How to give ``--perf-control`` a FIFO perf reads."""
+    return f"make it with mkfifo and run the bench under perf record -D -1 --control=fifo:{path}"
+
+
 def perf_control(path: str | None, command: str) -> None:
     """Tell a ``perf record --control=fifo:PATH`` (or ``perf stat``) to
     ``enable`` or ``disable`` its counting: the bench profiles the transfer
@@ -207,8 +212,7 @@ def perf_control(path: str | None, command: str) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
     except OSError as exc:
-        raise LabError(f"--perf-control {path}: no perf reads it ({exc.strerror}); make it with "
-                       f"mkfifo and run the bench under perf record -D -1 --control=fifo:{path}") from exc
+        raise LabError(f"--perf-control {path}: no perf reads it ({exc.strerror}); {perf_hint(path)}") from exc
     try:
         os.write(fd, f"{command}\n".encode())
     finally:

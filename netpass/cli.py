@@ -540,15 +540,14 @@ def _print_report(rep: dict[str, Any]) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     _require_root("netpass bench")
-    from .bench import cache_cap, medians, run
+    from .bench import cache_cap, medians, perf_hint, run
 
     if args.live and args.cache_cap_mib:
         raise UsageError("--live and --cache-cap-mib are two different benches: choose one")
     if args.perf_control and (args.live or args.cache_cap_mib):
         raise UsageError("--perf-control profiles the transfer bench, not --live or --cache-cap-mib")
     if args.perf_control and not Path(args.perf_control).is_fifo():
-        raise UsageError(f"--perf-control {args.perf_control} is not a FIFO: make one with mkfifo, "
-                         f"and run the bench under perf record -D -1 --control=fifo:{args.perf_control}")
+        raise UsageError(f"--perf-control {args.perf_control} is not a FIFO: {perf_hint(args.perf_control)}")
     runs: list[dict[str, Any]] = []
     for i in range(args.repeat):
         of = f" (run {i + 1} of {args.repeat})" if args.repeat > 1 else ""
