@@ -34,9 +34,12 @@ tail of 2-8 MB of data: the window that reaches them clears the zero pages in
 8-15 ms and then the tail.  So, during a burst, netpass watches how much RAM
 each wire byte clears, polls finely through each burst (and from just
 before each window's start) once the RAM left is within some windows' bytes,
-and throttles in a run once the RAM left is within a few windows' reach (the
-parked window then carries the rest of the run and the tail, and gets the
-bytes to send all of it as data).  Both hold whenever a limit is set, also
+and throttles in a run once the RAM left is within a few windows' reach
+(without a limit: within what the run could clear before a throttle asked at
+the next sample lands, at this host's pace, :meth:`Endgame.zero_run_reach`).
+The parked window then carries the rest of the run and the tail, and gets the
+bytes to send all of it as data.  Such a sample is throttled even when a
+LIMIT (below) is due at it.  Both hold whenever a limit is set, also
 right after netpass's own ``LIMIT``, before its windows are seen to bind
 (polled finely until then).  The throttle stays capped by that reach:
 throttled earlier in a run, a run in the middle of the RAM left tens of MB of
@@ -81,6 +84,8 @@ NEAR_WINDOWS = 4  # poll finely once the RAM left is within this many windows
 # A burst clearing this many bytes of RAM per byte on the wire is in a run of
 # zero pages (9 bytes each: up to 455); data pages clear about 1.
 ZERO_RUN_RATIO = 4.0
+MIXED_MARGIN = 1.1  # the next window's pages may hold a little fewer data than the last's
+MIXED_MAX = 2.0  # ... and the window's reach grows with the last's RAM per byte up to this
 # In a run of zero pages, throttle once the RAM left is within this many
 # windows' reach: the window could clear the run and a tail of data behind
 # it faster than a poll and a QMP round trip (lab: 60-110 MB of zero pages in
@@ -99,11 +104,13 @@ LIMIT_SHARE = 0.5
 MIN_LIMIT = 8 << 20
 COARSE_POLL_S = 0.005
 FINE_POLL_S = 0.001
+DEFAULT_RTT_S = 0.002  # a QMP round trip, before any is seen
 DEFAULT_LEAD_S = 0.004  # park + restore, before a window starts (learned, see engaged())
 LEAD_SAFETY_S = 0.001
 PARK_S = 0.001  # switching the parking on (nft, measured 0.2-0.8 ms)
 MAX_LEAD_S = 0.03
 MAX_GAP_S = 0.005  # a longer gap between samples is a hiccup, not the polling pace
+MAX_ENGAGE_MARGIN_S = 0.04  # the engage's allowance for the gap to the next sample, at most
 ACTIVE = ("active", "setup")
 # Attached to a migration someone else started (libvirt), QEMU is held back
 # throttled until netpass is armed.  It stays throttled through the hand-off
@@ -114,6 +121,7 @@ ACTIVE = ("active", "setup")
 # instead, a busy lab host's libvirt migration cleared 81 MB in the 11 ms
 # after the hold-back ended, and QEMU stopped the VM unforeseen.
 ZERO_CLEAR_BPS = 8_000_000_000
+MAX_REACT_S = 0.05  # a react time (react_s) past this is a hiccup's
 HANDOFF_MARGIN = 1.25
 # ... and whatever the round trip, up to this much RAM left: the round trips
 # that matter are the slow ones later in the migration, which the hand-off
@@ -159,6 +167,18 @@ class Phase(enum.Enum):
     OVER = "over"
 
 
+def _slow(values: deque[float], default: float) -> float:
+    """The 90th percentile of ``values`` (``default`` before there are 8)."""
+    if len(values) < 8:
+        return default
+    return sorted(values)[int(0.9 * (len(values) - 1))]
+
+
+def _typical(values: deque[float]) -> float:
+    """The median of ``values`` (0 with none)."""
+    return sorted(values)[len(values) // 2] if values else 0.0
+
+
 def _rise(points: deque[tuple[float, int]]) -> float | None:
     """Change per second from the oldest point kept to the newest (None over
     less than 4 ms)."""
@@ -187,6 +207,13 @@ class Window:
     lo: float
     hi: float
     sent0: int = 0
+    left0: int | None = None  # the RAM left before it
+
+    def clears(self, s: Sample) -> float:
+        """RAM it cleared per byte it sent, up to ``s`` (1: none known)."""
+        if self.left0 is None or s.remaining is None or s.transferred is None or s.transferred <= self.sent0:
+            return 1.0
+        return max(1.0, (self.left0 - s.remaining) / (s.transferred - self.sent0))
 
 
 @dataclass
@@ -208,6 +235,8 @@ class Endgame:
     limited_to: int | None = None  # the limit netpass set, if it set one (LIMIT)
     held_throughout: bool = False  # throttled from the hold-back on (handed_off)
     _rtts: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    _late: deque[float] = field(default_factory=lambda: deque(maxlen=64))  # samples' gaps over the poll asked
+    _asked: float = 0.0  # the poll interval last asked for
 
     def handed_off(self, t: float, remaining: int) -> None:
         """The migration was held back throttled and stays so (see
@@ -257,7 +286,7 @@ class Endgame:
         if prev is not None and s.transferred is not None and prev.transferred is not None and \
                 s.transferred != prev.transferred:
             if self._last_move is None or s.t - self._last_move >= QUIET_S:
-                self.windows.append(Window(lo=prev.t, hi=s.t, sent0=prev.transferred))
+                self.windows.append(Window(lo=prev.t, hi=s.t, sent0=prev.transferred, left0=prev.remaining))
             self._last_move = s.t
         if s.remaining is not None:
             self._pace.append((s.t, s.remaining))
@@ -265,6 +294,7 @@ class Endgame:
             self._wire.append((s.t, s.transferred))
         if prev is not None:
             self._gap = s.t - prev.t
+            self._late.append(max(0.0, self._gap - self._asked))
             self._ratio = 0.0
             if None not in (s.transferred, prev.transferred, s.remaining, prev.remaining):
                 sent = s.transferred - prev.transferred  # type: ignore[operator]
@@ -327,6 +357,11 @@ class Endgame:
         if s.status != "active" or s.remaining is None:
             return Step.WAIT
         if self.phase is Phase.WATCHING:
+            if self._in_zero_run_near_end(s):
+                # Before any LIMIT: asked for at such a sample instead of the
+                # throttle, a limit let the run finish the RAM (a busy-core
+                # CI: limited, never throttled, stopped unforeseen).
+                return self._throttle(s)
             limit = self._limit_wanted(s)
             if limit is not None:
                 # From now on the windows are netpass's limit's, seen afresh.
@@ -341,7 +376,12 @@ class Endgame:
         # RAM: at the last sample before it that leaves the lead (the next
         # sample comes about one polling gap later, and could be too late).
         nxt = self.next_start(s.t)
-        margin = max(LEAD_SAFETY_S, min(self._gap, MAX_GAP_S))
+        # The margin: the gap the next sample likely comes after (the
+        # polling pace and how late polls came, their median).  It was the
+        # last gap capped at MAX_GAP_S: samples 21 ms apart kept stepping
+        # over the span before the window, and a model host never engaged.
+        # (Their 90th percentile parked a busy lab host 20-30 ms earlier.)
+        margin = max(LEAD_SAFETY_S, min(max(self._gap, FINE_POLL_S + _typical(self._late)), MAX_ENGAGE_MARGIN_S))
         if nxt is not None and s.t >= nxt - self.lead_s - margin and self._phase_known():
             self.phase = Phase.ENGAGED
             self.engaged_t = s.t
@@ -376,23 +416,57 @@ class Endgame:
             return False
         return t - self._last_move < QUIET_S and t - self.windows[-1].hi > PERIOD_S + QUIET_S
 
+    def react_s(self) -> float:
+        """How long a throttle decided at the next sample takes to land, as
+        this host has lately been: a slow gap between samples (the polling
+        pace, a query's round trip and however late the loop ran) and a slow
+        round trip for the throttle itself (90th percentiles)."""
+        return self._react_s(self._next_poll())
+
+    def _react_s(self, poll: float) -> float:
+        return min(MAX_REACT_S, poll + _slow(self._late, DEFAULT_RTT_S) + _slow(self._rtts, DEFAULT_RTT_S))
+
+    def zero_run_reach(self) -> int:
+        """In a run of zero pages, the RAM left within which to throttle: a
+        few windows' reach; without a limit, what the run could clear
+        (ZERO_CLEAR_BPS) before a throttle asked at the next sample lands.
+        Throttled there, the parked window carries the rest of the run,
+        which goes fast, and what lies behind it.  (That reach with a limit
+        too: a lab host's slow answers made it 60-146 MB, and the data
+        behind the run parked the frames for 50-483 ms, median 100, against
+        15-60 ms; the zero-run rule before any LIMIT is what a busy-core
+        CI's unforeseen stop wanted.)"""
+        if self.quota is None:
+            return int(ZERO_CLEAR_BPS * self.react_s())
+        return ZERO_RUN_WINDOWS * self.reach
+
+    def _in_zero_run_near_end(self, s: Sample) -> bool:
+        """A run of zero pages near the end: it and what follows may go in a
+        blink.  Whatever the limit, and whether or not it has been seen to
+        bind yet (right after netpass's own LIMIT its windows are seen
+        afresh, and a CI with a busy core finished such a run unforeseen)."""
+        assert s.remaining is not None
+        return self._ratio >= ZERO_RUN_RATIO and s.remaining <= self.zero_run_reach()
+
     def _should_throttle(self, s: Sample) -> bool:
         quota = self.quota
         assert s.remaining is not None
-        if quota is not None and self._ratio >= ZERO_RUN_RATIO and s.remaining <= ZERO_RUN_WINDOWS * self.reach:
-            # A run of zero pages near the end: it and what follows may go in
-            # a blink.  Whether or not the limit has been seen to bind yet
-            # (right after netpass's own LIMIT its windows are seen afresh,
-            # and a CI with a busy core finished such a run unforeseen).
-            return True
         if self.rate_limited(s.t):  # (so quota is not None)
             if self._last_move is None or s.t - self._last_move >= BURST_OVER_S:
                 # The burst used its window's bytes: the next window could
                 # finish what is left if it fits the window's bytes, and one
                 # page more (QEMU checks its limit after each page).  Not
                 # ``quota``: RAM of data between the two (5% of a window)
-                # was finished by a window netpass did not throttle.
-                return s.remaining <= self.reach
+                # was finished by a window netpass did not throttle.  And as
+                # many times that as the last window cleared RAM per byte:
+                # with zero pages among the data, a busy lab host's window
+                # cleared 2.50 MB with bytes for 2.34 MB, before the throttle
+                # its first sample asked for landed.
+                # (Up to MIXED_MAX times: a lab window that cleared 7 times
+                # its bytes had data behind it, and the frames stayed parked
+                # for 477-588 ms while the parked window sent 100 MB.)
+                mixed = min(self.windows[-1].clears(s), MIXED_MAX)
+                return s.remaining <= self.reach * mixed * MIXED_MARGIN
             # In the middle of a burst: throttle only if what this window may
             # still send surely finishes the RAM (the race is then near);
             # otherwise let the burst use its bytes, and the last window
@@ -411,6 +485,10 @@ class Endgame:
 
     def poll_interval(self) -> float:
         """How long until the next sample: finely near the end."""
+        self._asked = self._next_poll()
+        return self._asked
+
+    def _next_poll(self) -> float:
         if self.phase is Phase.THROTTLED:
             return FINE_POLL_S
         last = self._last
@@ -453,8 +531,7 @@ class Endgame:
         costs a whole window, 100 ms)."""
         self._rtts.append(rtt_s)
         if len(self._rtts) >= 8:
-            slow = sorted(self._rtts)[int(0.9 * (len(self._rtts) - 1))]
-            self.lead_s = max(self.lead_s, min(MAX_LEAD_S, 2 * slow + PARK_S))
+            self.lead_s = max(self.lead_s, min(MAX_LEAD_S, 2 * _slow(self._rtts, rtt_s) + PARK_S))
 
     def missed_windows(self, stop_t: float) -> int:
         """Whole windows between the aimed-at start and the stop (0: on time)."""

@@ -13,10 +13,13 @@ from netpass.endgame import (
     HANDOFF_FLOOR,
     LEAD_SAFETY_S,
     PERIOD_S,
+    ZERO_CLEAR_BPS,
+    ZERO_RUN_WINDOWS,
     Endgame,
     Phase,
     Sample,
     Step,
+    Window,
     stays_throttled,
     zero_reach,
 )
@@ -558,3 +561,86 @@ def test_handed_off_throttled_it_engages_just_before_a_window(bw: int) -> None:
     nxt = w_start if sample.t <= w_start else w_start + PERIOD_S
     assert 0 <= nxt - sample.t <= eg.lead_s + LEAD_SAFETY_S + FINE_POLL_S + 1e-9
     assert eg.release_bandwidth() == 0 if bw == 0 else eg.release_bandwidth() * PERIOD_S >= ram
+
+
+@pytest.mark.parametrize("bw", [0, 2 << 30])
+def test_a_run_of_zero_pages_seen_when_a_limit_is_due_is_throttled_not_limited(bw: int) -> None:
+    """No limit, or one the link never reaches: QEMU sends all along, and
+    netpass would set a limit for the last 0.3 s of RAM.  A sample that
+    shows a run of zero pages near the end gets the throttle: the limit
+    asked there instead let the run finish the RAM (a busy-core CI:
+    limited, never throttled, stopped unforeseen)."""
+    eg = Endgame(bw)
+    t, r, sent = 0.0, 1 << 30, 0
+    for _ in range(40):  # data at 1 GB/s, for 200 ms
+        assert eg.feed(Sample(t, "active", r, sent)) is Step.WAIT
+        t, r, sent = t + 0.005, r - 5_000_000, sent + 5_000_000
+    # A run of zero pages: 770 MB of RAM for 2 MB on the wire, 30 MB left.
+    assert eg.feed(Sample(t, "active", 30_000_000, sent + 2_000_000)) is Step.THROTTLE
+    assert eg.limited_to is None
+
+
+def test_without_a_limit_the_zero_run_reach_follows_the_host() -> None:
+    """Without a limit there is no window's reach: in a run, netpass
+    throttles within what zero pages could clear before a throttle asked at
+    the next sample lands, and that grows with slow answers."""
+    eg = Endgame(0)
+    quick = eg.zero_run_reach()
+    for _ in range(16):
+        eg.qmp_answered(0.01)
+    assert eg.zero_run_reach() >= quick + ZERO_CLEAR_BPS * 0.008
+    assert Endgame(BW).zero_run_reach() == ZERO_RUN_WINDOWS * Endgame(BW).reach
+
+
+def engage_time_with_gaps(gap: float) -> float | None:
+    """Throttled from the start, a page a window (windows 100.5 ms apart),
+    sampled every ``gap``: when the endgame engages (None: not in 3 s)."""
+    eg = Endgame(BW)
+    eg.handed_off(0.0, 100 << 20)
+    t, sent, w = 0.0, 0, 0.05
+    while t < 3.0:
+        t += gap
+        while w <= t:
+            sent, w = sent + 4105, w + PERIOD_S + 0.0005
+        if eg.feed(Sample(t, "active", 100 << 20, sent)) is Step.ENGAGE:
+            return t
+    return None
+
+
+@pytest.mark.parametrize("gap", [0.008, 0.013, 0.021, 0.034])
+def test_samples_far_apart_still_engage(gap: float) -> None:
+    """The engage waits for a sample within the lead and a margin before the
+    next window.  The margin was the last gap, capped at 5 ms: samples
+    21 ms apart (a busy host) kept stepping over that span, and the endgame
+    never engaged.  It is now the slow gap (FINE_POLL_S and how late polls
+    came), up to MAX_ENGAGE_MARGIN_S."""
+    assert engage_time_with_gaps(gap) is not None
+
+
+def mixed_misses(every: int) -> int:
+    """Of 24 rate-limited migrations of 55-107 MB whose RAM holds a zero page
+    every ``every`` pages among its data, how many finish unforeseen (QMP
+    round trips of 3 ms)."""
+    misses = 0
+    for pages in range(14_000, 26_000, 500):
+        q = Qemu([i % every == 0 for i in range(pages)], page_us=(0.6, 6.0), latency=0.003)
+        misses += q.run(Endgame(BW), poll=None)[-1] is Step.OVER
+    return misses
+
+
+def test_a_window_whose_data_holds_zero_pages_is_throttled_for_what_it_could_clear() -> None:
+    """With zero pages among the data a window clears more RAM than its
+    bytes: after a burst, netpass throttles once the RAM left is within a
+    window's reach times what the last window cleared per byte."""
+    assert [mixed_misses(k) for k in (2, 3, 5)] == [0, 0, 0]
+
+
+def test_a_window_s_reach_taken_as_all_data_missed_mixed_pages() -> None:
+    """The teeth: taken as data alone (a busy lab host's window cleared
+    2.50 MB with bytes for 2.34 MB), some of them finished unforeseen."""
+    saved = Window.clears
+    Window.clears = lambda self, s: 1.0  # type: ignore[method-assign]
+    try:
+        assert all(mixed_misses(k) > 0 for k in (2, 3, 5))
+    finally:
+        Window.clears = saved  # type: ignore[method-assign]
