@@ -109,7 +109,6 @@ DEFAULT_LEAD_S = 0.004  # park + restore, before a window starts (learned, see e
 LEAD_SAFETY_S = 0.001
 PARK_S = 0.001  # switching the parking on (nft, measured 0.2-0.8 ms)
 MAX_LEAD_S = 0.03
-MAX_GAP_S = 0.005  # a longer gap between samples is a hiccup, not the polling pace
 MAX_ENGAGE_MARGIN_S = 0.04  # the engage's allowance for the gap to the next sample, at most
 ACTIVE = ("active", "setup")
 # Attached to a migration someone else started (libvirt), QEMU is held back
@@ -378,7 +377,7 @@ class Endgame:
         nxt = self.next_start(s.t)
         # The margin: the gap the next sample likely comes after (the
         # polling pace and how late polls came, their median).  It was the
-        # last gap capped at MAX_GAP_S: samples 21 ms apart kept stepping
+        # last gap capped at 5 ms: samples 21 ms apart kept stepping
         # over the span before the window, and a model host never engaged.
         # (Their 90th percentile parked a busy lab host 20-30 ms earlier.)
         margin = max(LEAD_SAFETY_S, min(max(self._gap, FINE_POLL_S + _typical(self._late)), MAX_ENGAGE_MARGIN_S))
@@ -421,10 +420,8 @@ class Endgame:
         this host has lately been: a slow gap between samples (the polling
         pace, a query's round trip and however late the loop ran) and a slow
         round trip for the throttle itself (90th percentiles)."""
-        return self._react_s(self._next_poll())
-
-    def _react_s(self, poll: float) -> float:
-        return min(MAX_REACT_S, poll + _slow(self._late, DEFAULT_RTT_S) + _slow(self._rtts, DEFAULT_RTT_S))
+        late, rtt = _slow(self._late, DEFAULT_RTT_S), _slow(self._rtts, DEFAULT_RTT_S)
+        return min(MAX_REACT_S, self._next_poll() + late + rtt)
 
     def zero_run_reach(self) -> int:
         """In a run of zero pages, the RAM left within which to throttle: a
