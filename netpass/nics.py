@@ -168,3 +168,27 @@ async def rx_without_buffer(mon: QMP, path: str, queue: int) -> bool:
     stopped."""
     el = await mon.execute("x-query-virtio-queue-element", {"path": path, "queue": 2 * queue})
     return (int(el["avail"]["idx"]) - int(el["index"])) % 65536 == 0
+
+
+async def used_lengths(mon: QMP, path: str, queue: int, count: int) -> list[int]:
+    """The lengths QEMU wrote into the guest's last ``count`` buffers of RX
+    ``queue`` (oldest first): the used ring's entries, read from guest
+    memory (``x-query-virtio-queue-status`` for its place, the monitor's
+    ``xp``).  Only with the VM stopped: the ring is final then."""
+    st = await mon.execute("x-query-virtio-queue-status", {"path": path, "queue": 2 * queue})
+    used, num, idx = int(st["vring-used"]), int(st["vring-num"]), int(st["used-idx"])
+    count = min(count, num, idx)
+    words: list[int] = []
+    first = (idx - count) % num
+    # struct vring_used: flags, idx (2 bytes each), then {u32 id, u32 len} per slot
+    for start, n in ((first, min(count, num - first)), (0, count - min(count, num - first))):
+        if not n:
+            continue
+        text = await mon.execute("human-monitor-command",
+                                 {"command-line": f"xp /{2 * n}wx {used + 4 + 8 * start:#x}"})
+        for line in str(text).splitlines():
+            _addr, _, rest = line.partition(":")
+            words += [int(w, 16) for w in rest.split()]
+    if len(words) != 2 * count:
+        raise QMPError(f"read {len(words)} words of the used ring of {path} queue {queue}, not {2 * count}")
+    return words[1::2]

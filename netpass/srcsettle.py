@@ -20,7 +20,7 @@ from contextlib import AsyncExitStack
 
 from . import links, sacrifice, stopaccount, tapfd, wire
 from .errors import NetpassError, QMPError
-from .nics import rx_without_buffer
+from .nics import rx_without_buffer, used_lengths
 from .packet import ShadowRing
 from .qmp import QMP
 from .srcstate import SourceNic, SourceState
@@ -34,6 +34,9 @@ PARK_SETTLE_S = 0.001
 # other, with netpass's frame in a queue's ring: a reader still free has
 # taken it by then (QEMU reads a readable tap in the same loop iteration).
 SETTLE_ROUNDS = 2
+# After QEMU's own stop: the guest's last RX buffers read per queue, to
+# tell whether QEMU dropped a frame at its stop (stopaccount.MIN_EVIDENCE).
+USED_WINDOW = 32
 SETTLE_BOUND_S = 60.0  # (a management layer's pause can be long; QEMU answers meanwhile)
 
 
@@ -114,11 +117,16 @@ class Settlement:
                     pass
             self.st.stopped_by_migration = await self._stopped_by_migration()
             if self.st.stopped_by_migration:
-                self.st.notes.append("QEMU stopped the VM to complete the migration before netpass parked: a "
-                                     "frame its tap reader took while the vCPUs stopped (at most one per "
-                                     "queue) is dropped at the stop, and cannot be named")
+                await self.ask_used()
             await asyncio.sleep(2 * ShadowRing.RETIRE_MS / 1000 + 0.002)  # the last blocks handed over
             recovered = [f for sn in self.st.nics for f in self._settle_nic(sn, left, seconds, decided)]
+            if self.st.stopped_by_migration:
+                untold = sum(not sn.told(q) for sn in self.st.nics for q in range(len(sn.sacrificial)))
+                if untold:
+                    self.st.notes.append(
+                        "QEMU stopped the VM to complete the migration before netpass parked: a frame its tap "
+                        f"reader took while the vCPUs stopped (at most one per queue; {untold} queue(s) where "
+                        "the guest's receive queue could not tell) is dropped at the stop, and cannot be named")
             self.st.outq.extendleft(reversed(recovered))
         finally:
             self.st.settling = False
@@ -166,7 +174,7 @@ class Settlement:
                 sn.undecided += 1
             if held:
                 sn.qemu_held = (sn.qemu_held or 0) + 1
-            if held or sn.starved.get(q):
+            if held or sn.starved.get(q) or q in sn.used_lens:
                 recovered += self._recover(sn, q, mine.get(q), held)
         if sn.undecided:
             self.st.notes.append(f"{sn.nic.tap}: the source QEMU went before netpass could tell whether "
@@ -217,12 +225,14 @@ class Settlement:
         guest had no RX buffer then; what cannot be named is counted lost.
         ``fd``: the queue's (None if unknown: its reader took its frame)."""
         starved = bool(sn.starved.get(q))
+        used = None if starved else sn.used_lens.get(q)  # (starved: the purge at the stop is that frame)
         want = int(held) + int(starved)
         shadow = sn.shadows[q] if q < len(sn.shadows) else None
         kept = [(v, d) for v, d in shadow.frames() if d not in sn.own_set] \
             if shadow is not None and shadow.map is not None else []
         datas = [d for _v, d in kept]
         answers: set[tuple[int, ...]] = set()
+        told: set[str] = set()  # what the used ring told, for each fd tried (see _window)
         if shadow is not None and shadow.dropped:
             self.st.notes.append(f"{sn.nic.tap}: its shadow ring missed {shadow.dropped} frame(s): what QEMU "
                                  "kept at its stop cannot be named")
@@ -230,11 +240,20 @@ class Settlement:
             for f in [fd] if fd is not None else sn.fds:
                 drained = sn.drained.get(f, [])
                 found = [stopaccount.last_read_before_stop(datas, drained, held)] if starved else []
+                if used is not None:
+                    kind, i = self._window(datas, drained, held, used)
+                    told.add(kind)
+                    if kind in ("dropped", "mismatch"):
+                        found.append(i)
                 if held:
                     found.append(stopaccount.last_read_by_qemu(datas, drained))
                 if None not in found:
                     answers.add(tuple(i for i in found if i is not None))
+        if len(answers) == 1 and told in ({"dropped"}, {"got"}):
+            sn.window[q] = told == {"dropped"}  # (every fd tried told the same)
         chosen = answers.pop() if len(answers) == 1 else ()
+        if sn.window.get(q):
+            want += 1
         if len(chosen) < want:
             sn.drop("taken_by_qemu_at_its_stop", want - len(chosen))
             self.st.notes.append(f"{sn.nic.tap}: {want - len(chosen)} frame(s) QEMU kept at its stop could not "
@@ -247,10 +266,41 @@ class Settlement:
             sn.bytes_captured += len(data)
             sn.recovered += 1
             out.append(wire.Frame(sn.index, vnet, data, now))
-            log.info("session=%s %s: QEMU kept a frame at its stop (queue %d, %d of %d kept%s): sent on from "
+            log.info("session=%s %s: QEMU took a frame at its stop (queue %d, %d of %d kept%s): sent on from "
                      "the shadow ring (%s)", self.st.sid, sn.nic.tap, q, i + 1, len(kept),
                      ", the guest had no RX buffer" if starved else "", data[:48].hex())
         return out
+
+    def _window(self, datas: list[bytes], drained: list[bytes], held: bool,
+                used: list[int]) -> tuple[str, int | None]:
+        """What the guest's used ring tells of the frame QEMU's reader took
+        while the vCPUs stopped: ("dropped", its index in ``datas``), ("got",
+        None) when the guest has it or there was none, ("untold", None),
+        or ("mismatch", None) when the shadow does not end with ``drained``."""
+        last = stopaccount.last_read_by_qemu(datas, drained)
+        if last is None:
+            return "mismatch", None
+        decided, dropped = stopaccount.dropped_in_stop_window(list(map(len, datas)), last, held, used)
+        if not decided:
+            log.info("session=%s the guest's used ring does not tell: its last buffers %s, the shadow's last "
+                     "frames %s (the last QEMU read: %d of %d, held %s)", self.st.sid, used[-12:],
+                     [len(d) for d in datas[max(0, last - 11):last + 1]], last + 1, len(datas), held)
+            return "untold", None
+        return ("got", None) if dropped is None else ("dropped", dropped)
+
+    async def ask_used(self) -> None:
+        """After QEMU's own stop: the lengths of the guest's last RX
+        buffers on each queue (see :meth:`_window`); a queue left out
+        when QEMU cannot say."""
+        for sn in self.st.nics:
+            if sn.vdev is None or self.mon is None:
+                continue
+            for q in range(len(sn.sacrificial)):
+                try:
+                    sn.used_lens[q] = await used_lengths(self.mon, sn.vdev, q, USED_WINDOW)
+                except (QMPError, KeyError, TypeError, ValueError) as exc:
+                    log.info("session=%s cannot read the used ring of RX queue %d of %s after the stop: %s",
+                             self.st.sid, q, sn.nic.mac, exc)
 
     async def ask_starved(self) -> None:
         """Whether the guest had an RX buffer on each queue at the stop (see

@@ -96,6 +96,10 @@ class SourceNic:
     undecided: int = 0  # queues whose reader's state the source QEMU took with it
     vdev: str | None = None  # QOM path of its virtio device (for the RX queues' state after a stop)
     starved: dict[int, bool] = field(default_factory=dict)  # after a stop: queue -> the guest had no RX buffer
+    used_lens: dict[int, list[int]] = field(default_factory=dict)  # after QEMU's own stop: queue -> the
+    # lengths QEMU wrote into the guest's last RX buffers (see stopaccount.dropped_in_stop_window)
+    window: dict[int, bool] = field(default_factory=dict)  # ... queue -> QEMU dropped a frame its reader
+    # took while the vCPUs stopped (sent on from the shadow ring), as the guest's used ring told
     tx_at_stop: int | None = None  # the tap's tx_packets (frames read from its rings) when netpass saw the stop
     reads_at_stop: int = 0  # vm_ring_drained then (netpass's own reads count in tx_packets too)
     own_set: set[bytes] = field(default_factory=set)  # netpass's own frames (sacrificial, first and second)
@@ -103,6 +107,14 @@ class SourceNic:
 
     def __post_init__(self) -> None:
         self.own_set.update(self.sacrificial)
+
+    def told(self, q: int) -> bool:
+        """After QEMU's own stop: whether netpass knows if QEMU dropped a
+        frame its reader of queue ``q`` took while the vCPUs stopped.  The
+        guest's used ring told, or the guest had no buffer on ``q``: then
+        that reader already held a frame, read nothing more until the stop
+        purged it, and took no other."""
+        return q in self.window or bool(self.starved.get(q))
 
     @property
     def own(self) -> Injector:
@@ -191,15 +203,18 @@ class SourceState:
         ``inferred`` when QEMU's readers and the guest's RX queues settled
         it after the stop (each reader took netpass's second sacrificial
         frame, or left it: then it held a frame; a queue the guest had no
-        buffer on lost the frame QEMU held for it at the stop; each such
-        frame is sent on from the shadow ring, or counted lost);
-        ``unknown`` when the source QEMU went before they could say."""
+        buffer on lost the frame QEMU held for it at the stop; after QEMU's
+        own stop, the guest's used rings told whether QEMU dropped a frame
+        its reader took while the vCPUs stopped; each such frame is sent on
+        from the shadow ring, or counted lost); ``unknown`` when the source
+        QEMU went before they could say, or its used rings did not tell."""
         if self.stop_path() is None:
             return None
         if not self.unforeseen and self.verified_before_stop():
             return "exact"
-        if not self.stopped_by_migration and all(sn.qemu_held is not None and sn.undecided == 0 and
-               all(q in sn.starved for q in range(len(sn.sacrificial))) for sn in self.nics):
+        if all(sn.qemu_held is not None and sn.undecided == 0 and
+               all(q in sn.starved and (not self.stopped_by_migration or sn.told(q))
+                   for q in range(len(sn.sacrificial))) for sn in self.nics):
             return "inferred"
         return "unknown"
 

@@ -50,3 +50,45 @@ def last_read_before_stop(shadow: Sequence[bytes], drained: Sequence[bytes], hel
         return None
     i = len(shadow) - len(drained) - (2 if held else 1)
     return i if i >= 0 else None
+
+
+# A window of the guest's receive queue shorter than this says too little:
+# netpass does not decide on it.
+MIN_EVIDENCE = 8
+# QEMU writes a virtio-net header before each frame in the guest's buffer:
+# 12 bytes (virtio 1.0, or mergeable buffers), else 10.
+GUEST_HEADERS = (12, 10)
+
+
+def _ends_with(lengths: Sequence[int], end: int, used: Sequence[int]) -> bool:
+    """Whether the guest's last buffers (``used``: the lengths QEMU wrote,
+    oldest first) are the frames ``lengths[..end]``, each with one header."""
+    m = min(len(used), end + 1)
+    if m < MIN_EVIDENCE:
+        return False
+    return any(all(used[-1 - j] == lengths[end - j] + hdr for j in range(m)) for hdr in GUEST_HEADERS)
+
+
+def dropped_in_stop_window(lengths: Sequence[int], last_read: int, held: bool,
+                           used: Sequence[int]) -> tuple[bool, int | None]:
+    """After QEMU's own stop: whether its reader took a frame while the
+    vCPUs stopped, which QEMU then dropped (it had stopped the VM's run
+    state, so the frame could only be queued, and the stop's flush threw
+    it away).  That frame is the one before the frame its reader holds
+    (``held``), or else the last it read (``last_read``, an index in the
+    shadow, whose frames' ``lengths`` these are).
+
+    The guest's receive queue tells: ``used`` are the lengths QEMU wrote
+    into its last buffers.  If they end with that frame, the guest has it;
+    if they end one frame earlier, QEMU dropped it.  Returns (decided, the
+    index of the dropped frame or None).  Not decided when both fit (frames
+    of one size), when neither does (a frame over several buffers, one
+    QEMU filtered out), or when the window is short."""
+    cand = last_read - 1 if held else last_read
+    if cand < 0:
+        return False, None
+    got = _ends_with(lengths, cand, used)
+    lost = _ends_with(lengths, cand - 1, used)
+    if got == lost:
+        return False, None
+    return True, (cand if lost else None)

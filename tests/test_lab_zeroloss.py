@@ -204,3 +204,33 @@ def test_plain_external_stop_loses(guest_image, no_leftovers) -> None:
     pause = res["network_pause_ms"]
     assert pause is not None and res["lost"] >= max(1, 0.5 * 2000 * pause / 1000), \
         {k: res.get(k) for k in ("lost", "sent", "network_pause_ms", "downtime_ms", "guest_in_echos")}
+
+
+# -- QEMU's own stop, unforeseen: the frame it drops there, told by the guest's used ring -------
+
+# netpass's endgame off: QEMU's migration stops the VM before netpass parks.
+# Probes and a flood the guest drops: frames of two sizes, as real traffic
+# has (with one size the used ring cannot tell, and netpass says so).
+OWN_STOP = dict(rate=4000, switchover_pause_ms=200, flood_pps=1000, endgame=False)
+
+
+def test_plain_own_stop_loses(guest_image, no_leftovers) -> None:
+    assert_teeth(run(guest_image, "baseline", **OWN_STOP), 4000)
+
+
+def test_qemus_own_stop_unforeseen_loses_nothing(guest_image, no_leftovers) -> None:
+    """QEMU's tap reader takes a frame while its migration thread stops the
+    vCPUs, and QEMU drops it at the stop (before this: one probe lost in 18
+    of 20 lab runs at 4,000 probes/s, docs/results.md).  After the stop
+    netpass reads the lengths QEMU wrote into the guest's last receive
+    buffers: they end one frame before the last QEMU read when it dropped
+    one, and netpass then sends that frame on from the shadow ring."""
+    res = run(guest_image, "netpass", **OWN_STOP)
+    rep = res["report"]
+    assert rep["exit_code"] == 0 and rep["stop_path"] == "unforeseen", summary(res)
+    settle = [line for line in rep["logs"]["migrate"].splitlines() if "srcsettle" in line]
+    assert rep["swallowed_account"] == "inferred", (summary(res), settle)
+    assert_zero_loss(res)
+    # Whatever the counters say of the VM's own losses: none at its stop.
+    stop = res["src_stop_ms"]
+    assert not [r for r in res["lost_runs_ms"] if r[1] >= stop - 20], summary(res)

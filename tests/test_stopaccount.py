@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from netpass.stopaccount import last_read_before_stop, last_read_by_qemu
+from netpass.stopaccount import dropped_in_stop_window, last_read_before_stop, last_read_by_qemu
 
 F = [bytes([i]) * 60 for i in range(10)]
 
@@ -46,3 +46,61 @@ def test_the_last_frame_read_before_the_stop() -> None:
     assert last_read_before_stop(F[:6], F[4:6], held=True) == 2  # F[3] was read after the stop
     assert last_read_before_stop(F[:6], [F[3], F[5]], held=True) == 2  # F[4], amid them
     assert last_read_before_stop(F[:2], F[:2], held=False) is None
+
+
+# -- the frame QEMU's reader took while the vCPUs stopped ---------------------------------------
+
+MIXED = [98, 64, 98, 98, 64, 98, 64, 64, 98, 98, 98, 64, 98, 64]  # frame lengths, oldest first
+
+
+def guest(lengths: list[int], upto: int, hdr: int = 12) -> list[int]:
+    """What the guest's used ring says after getting frames ..upto."""
+    return [n + hdr for n in lengths[:upto + 1]]
+
+
+def test_a_frame_the_guest_got_is_not_sent_again() -> None:
+    last = len(MIXED) - 1
+    assert dropped_in_stop_window(MIXED, last, False, guest(MIXED, last)) == (True, None)
+
+
+def test_a_frame_dropped_at_the_stop_is_named() -> None:
+    last = len(MIXED) - 1
+    assert dropped_in_stop_window(MIXED, last, False, guest(MIXED, last - 1)) == (True, last)
+
+
+def test_with_a_held_frame_the_one_before_it_is_the_candidate() -> None:
+    last = len(MIXED) - 1  # the frame QEMU's reader holds
+    assert dropped_in_stop_window(MIXED, last, True, guest(MIXED, last - 2)) == (True, last - 1)
+    assert dropped_in_stop_window(MIXED, last, True, guest(MIXED, last - 1)) == (True, None)
+
+
+def test_either_header_size_fits() -> None:
+    last = len(MIXED) - 1
+    assert dropped_in_stop_window(MIXED, last, False, guest(MIXED, last - 1, hdr=10)) == (True, last)
+
+
+def test_frames_of_one_size_do_not_decide() -> None:
+    same = [98] * 40
+    assert dropped_in_stop_window(same, 39, False, guest(same, 38)) == (False, None)
+
+
+def test_a_window_that_fits_neither_does_not_decide() -> None:
+    last = len(MIXED) - 1
+    used = guest(MIXED, last)
+    used[-3] += 1500  # a frame over several buffers, or one QEMU filtered out
+    assert dropped_in_stop_window(MIXED, last, False, used) == (False, None)
+
+
+def test_a_short_window_does_not_decide() -> None:
+    short = MIXED[:5]
+    assert dropped_in_stop_window(short, 4, False, guest(short, 3)) == (False, None)
+
+
+@given(st.lists(st.sampled_from([60, 64, 98, 1514]), min_size=12, max_size=60), st.booleans(), st.booleans())
+def test_never_a_wrong_verdict(lengths: list[int], held: bool, lost: bool) -> None:
+    """Whatever the sizes: a verdict, when given, is the truth."""
+    last = len(lengths) - 1
+    cand = last - 1 if held else last
+    truth = cand if lost else None
+    decided, dropped = dropped_in_stop_window(lengths, last, held, guest(lengths, cand - 1 if lost else cand))
+    assert not decided or dropped == truth
