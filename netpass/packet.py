@@ -591,6 +591,13 @@ class ShadowRing:
         self._kept_t = now
         return min(self.MAX_KEEP_S, max(self.MIN_KEEP_S, (self.BLOCKS - self.HISTORY) / max(rate, 1.0) / 4))
 
+    @property
+    def kept_blocks(self) -> int:
+        """Blocks handed over and kept (up to ``HISTORY`` after
+        :meth:`keep_recent`).  A block holds fewer frames when the kernel
+        hands it over ``RETIRE_MS`` after its first one, before it is full."""
+        return len(self._owned)
+
     @staticmethod
     def keep_all(rings: Sequence[ShadowRing]) -> float:
         """:meth:`keep_recent` on each ring: when to call again, for the

@@ -177,14 +177,19 @@ def _numbers(shadow: ShadowRing) -> list[int]:
 def test_shadow_ring_keeps_the_newest_frames_in_order_across_wraps(tap: int) -> None:
     """30,000 frames of 1400 bytes (42 MB) through a 16 MiB ring kept as a
     migration keeps it: no drop, and what is kept is the newest frames, in
-    order, with none missing, a full history's worth."""
+    order, with none missing, a full history's worth: ``HISTORY`` blocks.
+    (Counted in blocks, not bytes: a block the kernel hands over 4 ms after
+    its first frame holds fewer, and a busy host pauses the sender that
+    long; fresh-ci on dd95e61 kept 2,450 frames of 1400 bytes, where full
+    blocks hold 2,457 in 15.)"""
     shadow = ShadowRing("tap0")
     try:
         _send_through(tap, 0, 30_000, 1400, keep=shadow)
         got = _numbers(shadow)
         assert shadow.dropped == 0
         assert got == list(range(30_000 - len(got), 30_000))
-        assert len(got) * 1600 >= (ShadowRing.HISTORY - 1) * ShadowRing.BLOCK_SIZE  # (a frame and its headers)
+        assert shadow.kept_blocks >= ShadowRing.HISTORY
+        assert len(got) >= ShadowRing.HISTORY * 10  # (4 ms of a sender that runs at all)
     finally:
         shadow.close()
 
