@@ -41,6 +41,7 @@ from .errors import KernelError
 log = logging.getLogger(__name__)
 
 SOFTNET = Path("/proc/net/softnet_stat")
+MAX_BACKLOG = Path("/proc/sys/net/core/netdev_max_backlog")
 # A fresh mount point (a tmpfs over /tmp, in the private mount namespace):
 # mounting over /sys fails where it already is this namespace's sysfs.
 _MOUNT = ("mount -t tmpfs netpass-tmp /tmp && mkdir /tmp/sys && mount -t sysfs netpass-sysfs /tmp/sys "
@@ -140,14 +141,32 @@ def parse_softnet_dropped(text: str) -> int:
     return sum(int(cols[1], 16) for cols in (line.split() for line in text.splitlines()) if len(cols) >= 2)
 
 
+def max_backlog() -> int:
+    """``net.core.netdev_max_backlog``: a CPU's backlog drops what arrives
+    past it (1,000 if it cannot be read)."""
+    try:
+        return max(1, int(MAX_BACKLOG.read_text().split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 1000
+
+
 def wait_backlogs_empty(cpus: Iterable[int], bound_s: float) -> bool:
     """Wait up to ``bound_s`` until each of ``cpus`` has been seen with an
     empty backlog; True if all were."""
+    return wait_backlogs_at_most(cpus, 0, bound_s)
+
+
+def wait_backlogs_at_most(cpus: Iterable[int], frames: int, bound_s: float) -> bool:
+    """Wait up to ``bound_s`` until each of ``cpus`` has been seen with at
+    most ``frames`` in its backlog; True if all were (and when the kernel
+    does not say)."""
     waiting = set(cpus)
     deadline = time.monotonic() + bound_s
     while True:
         now = backlogs()
-        waiting = {c for c in waiting if now.get(c, 0)}
+        if not now:
+            return True
+        waiting = {c for c in waiting if now.get(c, 0) > frames}
         if not waiting:
             return True
         if time.monotonic() >= deadline:

@@ -182,11 +182,6 @@ def shape(ns: str | None, dev: str, rate_bits: int) -> None:
     _tbf(ns, dev, "add", "1:", rate_bits, max(64 << 10, rate_bits // 8 // 250), 8 << 20)
 
 
-def tbf_pace(ns: str | None, dev: str, handle: str, rate_bytes: int, burst: int, limit: int) -> None:
-    """Let held frames through at ``rate_bytes`` per second, ``burst`` at once."""
-    _tbf(ns, dev, "change", handle, max(8, rate_bytes * 8), burst, limit)
-
-
 class QdiscReader:
     """Root qdisc counters of devices in one namespace, over one netlink
     socket kept open until :meth:`close`: cheap enough to poll (opening a

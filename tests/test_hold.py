@@ -512,9 +512,13 @@ def test_a_large_held_tx_burst_is_not_dropped_by_the_input_backlog(rig: Rig) -> 
     queues one flow's frames in one CPU's input backlog, which drops past
     net.core.netdev_max_backlog (1,000).  Let go at once, a strict hold of
     1,443 transmissions lost 608 there in the lab, and the report said
-    nothing; the release is paced now (hold.TX_RELEASE_FPS), and the report
-    counts such drops.  Here: 4,000 held frames through five bridged veth
-    hops, released from a busy core, eight times."""
+    nothing.  Paced at 100,000 frames/s, a fresh-clone CI lost 66-888 of
+    4,000 here in 7 of 8 releases (and this machine 240-627 in 2 runs of 3):
+    the backlog drains slower than that when the softirqs share a busy core.
+    The release now goes in windows, each once the backlogs have room
+    (hold._release_tx_windows), and the report counts such drops.  Here:
+    4,000 held frames through five bridged veth hops, released from a busy
+    core, eight times."""
     cpus = sorted(os.sched_getaffinity(0))
     end = _bridged_hops("v1", 5)
     busy = _busy_on(cpus[0])
