@@ -69,8 +69,8 @@ FALLBACK_RELEASE_FPS = 5000
 # the report (lab, strict, 4,000 probes/s, a 400 ms pause: 1 run in 4).  A
 # fixed pace (100,000 frames/s) was not enough either: on a host whose
 # softirqs share a busy core, 66-888 of 4,000 frames released through five
-# veth hops were dropped in 7 of 8 releases (a fresh-clone CI; here, 2 runs
-# of 3 lost 240-627 in one release).  So a window goes only once the CPUs'
+# veth hops were dropped in 7 of 8 releases (a fresh-clone CI; here, 3 runs
+# of 4 lost 240-627 in one or two of their 8 releases).  So a window goes only once the CPUs'
 # backlogs have room for it: a window is half the limit, and goes once
 # every CPU's backlog holds a quarter of it at most (a quarter left for
 # other traffic).  A window costs a tc change (2-7 ms).

@@ -513,8 +513,9 @@ def test_a_large_held_tx_burst_is_not_dropped_by_the_input_backlog(rig: Rig) -> 
     net.core.netdev_max_backlog (1,000).  Let go at once, a strict hold of
     1,443 transmissions lost 608 there in the lab, and the report said
     nothing.  Paced at 100,000 frames/s, a fresh-clone CI lost 66-888 of
-    4,000 here in 7 of 8 releases (and this machine 240-627 in 2 runs of 3):
-    the backlog drains slower than that when the softirqs share a busy core.
+    4,000 here in 7 of 8 releases (and this machine 240-627 in 1-2 releases
+    in 3 runs of 4): the backlog drains slower than that when the softirqs
+    share a busy core.
     The release now goes in windows, each once the backlogs have room
     (hold._release_tx_windows), and the report counts such drops.  Here:
     4,000 held frames through five bridged veth hops, released from a busy
