@@ -70,10 +70,10 @@ FALLBACK_RELEASE_FPS = 5000
 # fixed pace (100,000 frames/s) was not enough either: on a host whose
 # softirqs share a busy core, 66-888 of 4,000 frames released through five
 # veth hops were dropped in 7 of 8 releases (a fresh-clone CI; here, 3 runs
-# of 4 lost 240-627 in one or two of their 8 releases).  So a window goes only once the CPUs'
-# backlogs have room for it: a window is half the limit, and goes once
-# every CPU's backlog holds a quarter of it at most (a quarter left for
-# other traffic).  A window costs a tc change (2-7 ms).
+# of 4 lost 240-627 in one or two of their 8 releases).  So a window goes
+# only once the CPUs' backlogs have room for it: a window is half the
+# limit, and goes once every CPU's backlog holds a quarter of it at most (a
+# quarter left for other traffic).  A window costs a tc change (2-7 ms).
 TX_WINDOW_SHARE = 2  # a window: netdev_max_backlog / 2 frames (500)
 TX_ROOM_SHARE = 4  # the next one once the backlogs hold netdev_max_backlog / 4 at most
 TX_WINDOW_MIN = 16
