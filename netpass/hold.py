@@ -210,6 +210,7 @@ class Hold:
         self._guard: subprocess.Popen[bytes] | None = None
         self.mirror_fd: int | None = None
         self.qdiscs = tc.QdiscReader(None)  # polled while held frames leave; closed by remove()
+        self.counters = links.StatsReader(None)  # the ifbs' counters, polled likewise
         self._emptied_t = 0.0  # when an opened ifb was last seen empty (_unsteer)
         self.primers = Primers(spec.burst)  # (their sockets kept until remove())
 
@@ -512,10 +513,10 @@ class Hold:
         deadline = time.monotonic() + bound_s
         while time.monotonic() < deadline:
             if self._backlog(ifb)[0] == 0:
-                st = links.info(None, ifb)
+                st = self.counters.stats(ifb)
                 # What it took in (less our own frames, which it drops at
                 # once) against what it passed on or dropped.
-                if st.tx_packets + st.tx_dropped >= st.rx_packets - st.rx_dropped:
+                if st["tx_packets"] + st["tx_dropped"] >= st["rx_packets"] - st["rx_dropped"]:
                     return
             time.sleep(0.001)
 
@@ -609,6 +610,7 @@ class Hold:
         self.close_mirror()
         self.primers.close()
         self.qdiscs.close()
+        self.counters.close()
         if filters_left:
             # Kept: the agent's next start (recover) tries again.
             errors.append(f"{', '.join(filters_left)} still on {spec.tap}: its state file "
