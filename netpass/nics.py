@@ -170,6 +170,51 @@ async def rx_without_buffer(mon: QMP, path: str, queue: int) -> bool:
     return (int(el["avail"]["idx"]) - int(el["index"])) % 65536 == 0
 
 
+async def _xp(mon: QMP, count: int, unit: str, addr: int) -> list[int]:
+    """``count`` units (``b``, ``h``, ``w`` or ``g``: 1, 2, 4 or 8 bytes) of
+    guest memory from ``addr``, with the monitor's ``xp``."""
+    text = await mon.execute("human-monitor-command", {"command-line": f"xp /{count}{unit}x {addr:#x}"})
+    values: list[int] = []
+    for line in str(text).splitlines():
+        _addr, _, rest = line.partition(":")
+        values += [int(w, 16) for w in rest.split()]
+    if len(values) != count:
+        raise QMPError(f"read {len(values)} of {count} values of guest memory at {addr:#x}")
+    return values
+
+
+async def used_tail(mon: QMP, path: str, queue: int, size: int = 128) -> bytes | None:
+    """The first ``size`` bytes of the guest's last used buffer of RX
+    ``queue`` (the virtio-net header QEMU wrote, then the frame), from guest
+    memory: the used ring's last entry names the buffer's descriptor, which
+    holds its address.  None when there is no such entry, or when the guest
+    has posted that descriptor again (it may point at another buffer now).
+    Only with the VM stopped."""
+    st = await mon.execute("x-query-virtio-queue-status", {"path": path, "queue": 2 * queue})
+    num, idx = int(st["vring-num"]), int(st["used-idx"])
+    if not num or "last-avail-idx" not in st:
+        return None
+    desc, avail, used = int(st["vring-desc"]), int(st["vring-avail"]), int(st["vring-used"])
+    # struct vring_used: flags, idx, then {u32 id, u32 len} per slot
+    head = (await _xp(mon, 1, "w", used + 4 + 8 * ((idx - 1) % num)))[0]
+    if head >= num:
+        return None
+    # struct vring_avail: flags, idx, then u16 heads; those from the
+    # device's next one to the guest's idx are posted and not used yet.
+    avail_idx = (await _xp(mon, 1, "h", avail + 2))[0]
+    posted = (avail_idx - int(st["last-avail-idx"])) % 65536
+    if posted > num:
+        return None
+    if posted:
+        ring = await _xp(mon, num, "h", avail + 4)
+        start = int(st["last-avail-idx"]) % num
+        if head in {ring[(start + k) % num] for k in range(posted)}:
+            return None
+    # struct vring_desc: u64 addr, u32 len, u16 flags, u16 next
+    addr = (await _xp(mon, 1, "g", desc + 16 * head))[0]
+    return bytes(await _xp(mon, size, "b", addr))
+
+
 async def used_lengths(mon: QMP, path: str, queue: int, count: int) -> list[int]:
     """The lengths QEMU wrote into the guest's last ``count`` buffers of RX
     ``queue`` (oldest first): the used ring's entries, read from guest

@@ -20,7 +20,7 @@ from contextlib import AsyncExitStack
 
 from . import links, sacrifice, stopaccount, tapfd, wire
 from .errors import NetpassError, QMPError
-from .nics import rx_without_buffer, used_lengths
+from .nics import rx_without_buffer, used_lengths, used_tail
 from .packet import ShadowRing
 from .qmp import QMP
 from .srcstate import SourceNic, SourceState
@@ -226,6 +226,7 @@ class Settlement:
         ``fd``: the queue's (None if unknown: its reader took its frame)."""
         starved = bool(sn.starved.get(q))
         used = None if starved else sn.used_lens.get(q)  # (starved: the purge at the stop is that frame)
+        tail = sn.used_tails.get(q)
         want = int(held) + int(starved)
         shadow = sn.shadows[q] if q < len(sn.shadows) else None
         kept = [(v, d) for v, d in shadow.frames() if d not in sn.own_set] \
@@ -241,7 +242,7 @@ class Settlement:
                 drained = sn.drained.get(f, [])
                 found = [stopaccount.last_read_before_stop(datas, drained, held)] if starved else []
                 if used is not None:
-                    kind, i = self._window(datas, drained, held, used)
+                    kind, i = self._window(datas, drained, held, used, tail)
                     told.add(kind)
                     if kind in ("dropped", "mismatch"):
                         found.append(i)
@@ -272,26 +273,28 @@ class Settlement:
         return out
 
     def _window(self, datas: list[bytes], drained: list[bytes], held: bool,
-                used: list[int]) -> tuple[str, int | None]:
-        """What the guest's used ring tells of the frame QEMU's reader took
-        while the vCPUs stopped: ("dropped", its index in ``datas``), ("got",
-        None) when the guest has it or there was none, ("untold", None),
-        or ("mismatch", None) when the shadow does not end with ``drained``."""
+                used: list[int], tail: bytes | None) -> tuple[str, int | None]:
+        """What the guest's used ring (and its last buffer's first bytes,
+        ``tail``) tells of the frame QEMU's reader took while the vCPUs
+        stopped: ("dropped", its index in ``datas``), ("got", None) when the
+        guest has it or there was none, ("untold", None), or ("mismatch",
+        None) when the shadow does not end with ``drained``."""
         last = stopaccount.last_read_by_qemu(datas, drained)
         if last is None:
             return "mismatch", None
-        decided, dropped = stopaccount.dropped_in_stop_window(list(map(len, datas)), last, held, used)
+        decided, dropped = stopaccount.dropped_in_stop_window(list(map(len, datas)), last, held, used, datas, tail)
         if not decided:
             log.info("session=%s the guest's used ring does not tell: its last buffers %s, the shadow's last "
-                     "frames %s (the last QEMU read: %d of %d, held %s)", self.st.sid, used[-12:],
-                     [len(d) for d in datas[max(0, last - 11):last + 1]], last + 1, len(datas), held)
+                     "frames %s (the last QEMU read: %d of %d, held %s); the last buffer begins %s",
+                     self.st.sid, used[-12:], [len(d) for d in datas[max(0, last - 11):last + 1]], last + 1,
+                     len(datas), held, tail[:64].hex() if tail is not None else "unread")
             return "untold", None
         return ("got", None) if dropped is None else ("dropped", dropped)
 
     async def ask_used(self) -> None:
         """After QEMU's own stop: the lengths of the guest's last RX
-        buffers on each queue (see :meth:`_window`); a queue left out
-        when QEMU cannot say."""
+        buffers on each queue, and the first bytes of the last of them
+        (see :meth:`_window`); a queue left out when QEMU cannot say."""
         for sn in self.st.nics:
             if sn.vdev is None or self.mon is None:
                 continue
@@ -301,6 +304,15 @@ class Settlement:
                 except (QMPError, KeyError, TypeError, ValueError) as exc:
                     log.info("session=%s cannot read the used ring of RX queue %d of %s after the stop: %s",
                              self.st.sid, q, sn.nic.mac, exc)
+                    continue
+                try:
+                    tail = await used_tail(self.mon, sn.vdev, q)
+                except (QMPError, KeyError, TypeError, ValueError) as exc:
+                    log.info("session=%s cannot read the last used buffer of RX queue %d of %s after the stop: %s",
+                             self.st.sid, q, sn.nic.mac, exc)
+                    continue
+                if tail is not None:
+                    sn.used_tails[q] = tail
 
     async def ask_starved(self) -> None:
         """Whether the guest had an RX buffer on each queue at the stop (see

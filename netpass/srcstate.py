@@ -98,6 +98,8 @@ class SourceNic:
     starved: dict[int, bool] = field(default_factory=dict)  # after a stop: queue -> the guest had no RX buffer
     used_lens: dict[int, list[int]] = field(default_factory=dict)  # after QEMU's own stop: queue -> the
     # lengths QEMU wrote into the guest's last RX buffers (see stopaccount.dropped_in_stop_window)
+    used_tails: dict[int, bytes] = field(default_factory=dict)  # ... queue -> the first bytes of the last
+    # of them (see nics.used_tail)
     window: dict[int, bool] = field(default_factory=dict)  # ... queue -> QEMU dropped a frame its reader
     # took while the vCPUs stopped (sent on from the shadow ring), as the guest's used ring told
     tx_at_stop: int | None = None  # the tap's tx_packets (frames read from its rings) when netpass saw the stop

@@ -69,8 +69,34 @@ def _ends_with(lengths: Sequence[int], end: int, used: Sequence[int]) -> bool:
     return any(all(used[-1 - j] == lengths[end - j] + hdr for j in range(m)) for hdr in GUEST_HEADERS)
 
 
+# The fewest bytes of a frame the guest's last buffer must show to be
+# taken for it: an Ethernet, IPv4 and UDP header.
+MIN_TAIL = 42
+
+
+def holds_frame(tail: bytes, frame: bytes) -> bool:
+    """Whether a guest buffer's first bytes (``tail``: the virtio-net header
+    QEMU wrote, then the frame) are ``frame``'s, as far as both go."""
+    for hdr in GUEST_HEADERS:
+        m = min(len(tail) - hdr, len(frame))
+        if m >= MIN_TAIL and tail[hdr:hdr + m] == frame[:m]:
+            return True
+    return False
+
+
+def _tail_tells(frames: Sequence[bytes], cand: int, tail: bytes) -> bool | None:
+    """From the guest's last buffer's bytes: True if it holds the frame
+    before ``cand`` and not ``cand`` (so QEMU dropped ``cand``), False if
+    the other way round, None if it cannot tell (both, or neither: the
+    guest reused the buffer, or the two frames begin alike)."""
+    got = holds_frame(tail, frames[cand])
+    lost = cand >= 1 and holds_frame(tail, frames[cand - 1])
+    return None if got == lost else lost
+
+
 def dropped_in_stop_window(lengths: Sequence[int], last_read: int, held: bool,
-                           used: Sequence[int]) -> tuple[bool, int | None]:
+                           used: Sequence[int], frames: Sequence[bytes] | None = None,
+                           tail: bytes | None = None) -> tuple[bool, int | None]:
     """After QEMU's own stop: whether its reader took a frame while the
     vCPUs stopped, which QEMU then dropped (it had stopped the VM's run
     state, so the frame could only be queued, and the stop's flush threw
@@ -83,12 +109,21 @@ def dropped_in_stop_window(lengths: Sequence[int], last_read: int, held: bool,
     if they end one frame earlier, QEMU dropped it.  Returns (decided, the
     index of the dropped frame or None).  Not decided when both fit (frames
     of one size), when neither does (a frame over several buffers, one
-    QEMU filtered out), or when the window is short."""
+    QEMU filtered out), or when the window is short.
+
+    ``tail``, the first bytes of the guest's last buffer, and ``frames``,
+    the shadow's frames, decide when both fit (frames of one size), and
+    undo a decision they contradict."""
     cand = last_read - 1 if held else last_read
     if cand < 0:
         return False, None
     got = _ends_with(lengths, cand, used)
     lost = _ends_with(lengths, cand - 1, used)
+    told = _tail_tells(frames, cand, tail) if frames is not None and tail is not None else None
     if got == lost:
+        if not got or told is None:  # (neither fits: the window is odd, and so is its last buffer)
+            return False, None
+        lost = told
+    elif told is not None and told != lost:
         return False, None
     return True, (cand if lost else None)

@@ -211,6 +211,16 @@ def test_plain_external_stop_loses(guest_image, no_leftovers) -> None:
 # netpass's endgame off: QEMU's migration stops the VM before netpass parks.
 # Probes and a flood the guest drops: frames of two sizes, as real traffic
 # has (with one size the used ring cannot tell, and netpass says so).
+def assert_none_lost_at_the_stop(res: dict[str, Any]) -> None:
+    """Whatever the counters say of the VM's own losses: none sent from just
+    before its stop to the destination's resume.  (A TCG guest on the
+    destination may stop reading for a while later on, its ring then
+    overflowing: 72 probes sent 860 ms after the resume, once in 14 lab
+    runs; the VM's own, after the hold had caught up.)"""
+    stop, resume = res["src_stop_ms"], res["dst_resume_ms"] or float("inf")
+    assert not [r for r in res["lost_runs_ms"] if r[1] >= stop - 20 and r[0] <= resume], summary(res)
+
+
 OWN_STOP = dict(rate=4000, switchover_pause_ms=200, flood_pps=1000, endgame=False)
 
 
@@ -231,6 +241,26 @@ def test_qemus_own_stop_unforeseen_loses_nothing(guest_image, no_leftovers) -> N
     settle = [line for line in rep["logs"]["migrate"].splitlines() if "srcsettle" in line]
     assert rep["swallowed_account"] == "inferred", (summary(res), settle)
     assert_zero_loss(res)
-    # Whatever the counters say of the VM's own losses: none at its stop.
-    stop = res["src_stop_ms"]
-    assert not [r for r in res["lost_runs_ms"] if r[1] >= stop - 20], summary(res)
+    assert_none_lost_at_the_stop(res)
+
+
+OWN_STOP_ONE_SIZE = dict(rate=4000, switchover_pause_ms=200, endgame=False)  # probes alone: one size
+
+
+def test_plain_own_stop_with_frames_of_one_size_loses(guest_image, no_leftovers) -> None:
+    assert_teeth(run(guest_image, "baseline", **OWN_STOP_ONE_SIZE), 4000)
+
+
+def test_qemus_own_stop_with_frames_of_one_size_loses_nothing(guest_image, no_leftovers) -> None:
+    """As above, with frames of one size only: the lengths in the used ring
+    fit both endings, so netpass reads the first bytes of the guest's last
+    buffer (its descriptor's address, from guest memory) and finds which of
+    the two frames it holds (before this: one probe lost in 18 of 20 lab
+    runs, `unknown`)."""
+    res = run(guest_image, "netpass", **OWN_STOP_ONE_SIZE)
+    rep = res["report"]
+    assert rep["exit_code"] == 0 and rep["stop_path"] == "unforeseen", summary(res)
+    settle = [line for line in rep["logs"]["migrate"].splitlines() if "srcsettle" in line]
+    assert rep["swallowed_account"] == "inferred", (summary(res), settle)
+    assert_zero_loss(res)
+    assert_none_lost_at_the_stop(res)

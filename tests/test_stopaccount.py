@@ -104,3 +104,66 @@ def test_never_a_wrong_verdict(lengths: list[int], held: bool, lost: bool) -> No
     truth = cand if lost else None
     decided, dropped = dropped_in_stop_window(lengths, last, held, guest(lengths, cand - 1 if lost else cand))
     assert not decided or dropped == truth
+
+
+# -- ... and the guest's last buffer, when the lengths cannot tell ------------------------------
+
+def probe(seq: int, size: int = 98) -> bytes:
+    """Frames of one size that differ past their headers (ping's sequence)."""
+    head = bytes.fromhex("525400123456026e700000010800") + bytes(20)
+    return (head + seq.to_bytes(4, "big")).ljust(size, b"p")
+
+
+SAME = [probe(i) for i in range(20)]
+
+
+def buffer(frame: bytes, hdr: int = 12, size: int = 128) -> bytes:
+    """The guest's buffer's first ``size`` bytes: the header QEMU wrote, the
+    frame, then whatever the buffer held before."""
+    return (bytes(hdr) + frame + b"\xa5" * size)[:size]
+
+
+def test_one_size_the_last_buffer_tells() -> None:
+    lens = list(map(len, SAME))
+    last = len(SAME) - 1
+    assert dropped_in_stop_window(lens, last, False, guest(lens, last), SAME, buffer(SAME[last])) == (True, None)
+    assert dropped_in_stop_window(lens, last, False, guest(lens, last - 1), SAME,
+                                  buffer(SAME[last - 1])) == (True, last)
+    assert dropped_in_stop_window(lens, last, True, guest(lens, last - 2), SAME,
+                                  buffer(SAME[last - 2], hdr=10)) == (True, last - 1)
+
+
+def test_a_reused_buffer_or_frames_that_begin_alike_tell_nothing() -> None:
+    lens = list(map(len, SAME))
+    last = len(SAME) - 1
+    assert dropped_in_stop_window(lens, last, False, guest(lens, last), SAME, buffer(SAME[3])) == (False, None)
+    twins = SAME[:-1] + [SAME[-2]]
+    assert dropped_in_stop_window(lens, last, False, guest(lens, last), twins, buffer(twins[-1])) == (False, None)
+    assert dropped_in_stop_window(lens, last, False, guest(lens, last), SAME, buffer(SAME[last])[:40]) == \
+        (False, None)  # too few bytes to go by
+
+
+def test_a_last_buffer_against_the_lengths_undoes_their_verdict() -> None:
+    last = len(MIXED) - 1
+    frames = [probe(i, n) for i, n in enumerate(MIXED)]
+    assert dropped_in_stop_window(MIXED, last, False, guest(MIXED, last), frames, buffer(frames[last])) == \
+        (True, None)
+    assert dropped_in_stop_window(MIXED, last, False, guest(MIXED, last), frames, buffer(frames[last - 1])) == \
+        (False, None)
+
+
+@given(st.lists(st.sampled_from([60, 98, 1514]), min_size=12, max_size=40), st.booleans(), st.booleans(),
+       st.sampled_from([10, 12]), st.booleans())
+def test_never_a_wrong_verdict_with_the_last_buffer(lengths: list[int], held: bool, lost: bool, hdr: int,
+                                                    reused: bool) -> None:
+    """The guest's last buffer holds the last frame it got (or, reused,
+    something else): a verdict, when given, is still the truth."""
+    frames = [probe(i, n) for i, n in enumerate(lengths)]
+    last = len(lengths) - 1
+    cand = last - 1 if held else last
+    got = cand - 1 if lost else cand
+    tail = buffer(probe(10_000 + got), hdr) if reused else buffer(frames[got], hdr)
+    decided, dropped = dropped_in_stop_window(lengths, last, held, guest(lengths, got, hdr), frames, tail)
+    assert not decided or dropped == (cand if lost else None)
+    if len(set(lengths)) == 1 and not reused and got >= 0:
+        assert decided
