@@ -250,25 +250,45 @@ def info(ns: str | None, ifname: str) -> LinkInfo:
     )
 
 
-class StatsReader:
-    """Devices' counters in one namespace over one netlink socket kept open
-    until :meth:`close`: a poll is one request (:func:`info` opens a socket
-    and makes two, 2 ms on a busy core).  Not for two threads at once."""
+class KeptSocket:
+    """A netlink socket in one namespace, opened when first needed and kept
+    until :meth:`close`, for what is polled often (opening one per poll
+    costs more than the request).  Not for two threads at once."""
 
     def __init__(self, ns: str | None) -> None:
         self.ns = ns
         self._ipr: Any = None
+
+    def handle(self) -> Any:
+        if self._ipr is None:
+            self._ipr = NetNS(self.ns) if self.ns else IPRoute()
+        return self._ipr
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            ipr, self._ipr = self._ipr, None
+            try:
+                ipr.close()
+            except OSError:
+                pass
+
+
+class StatsReader(KeptSocket):
+    """Devices' counters over a kept socket: a poll is one request
+    (:func:`info` opens a socket and makes two, 2 ms on a busy core)."""
+
+    def __init__(self, ns: str | None) -> None:
+        super().__init__(ns)
         self._index: dict[str, int] = {}
 
     @loop_safe
     def stats(self, ifname: str) -> dict[str, int]:
         """``ifname``'s IFLA_STATS64 counters (tx_packets, rx_dropped, ...)."""
         try:
-            if self._ipr is None:
-                self._ipr = NetNS(self.ns) if self.ns else IPRoute()
+            ipr = self.handle()
             if ifname not in self._index:
-                self._index[ifname] = _index(self._ipr, ifname)
-            msg = self._ipr.get_links(self._index[ifname])[0]
+                self._index[ifname] = _index(ipr, ifname)
+            msg = ipr.get_links(self._index[ifname])[0]
         except (NetlinkError, OSError) as exc:
             self.close()
             raise KernelError(f"reading the counters of {ifname}: {exc}") from exc
@@ -276,12 +296,7 @@ class StatsReader:
 
     def close(self) -> None:
         self._index.clear()
-        if self._ipr is not None:
-            ipr, self._ipr = self._ipr, None
-            try:
-                ipr.close()
-            except OSError:
-                pass
+        super().close()
 
 
 @loop_safe

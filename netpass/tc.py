@@ -19,7 +19,6 @@ import subprocess
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2 import IPRoute, NetNS
 from pyroute2.netlink.exceptions import NetlinkError
 
 from . import links, netns
@@ -182,26 +181,20 @@ def shape(ns: str | None, dev: str, rate_bits: int) -> None:
     _tbf(ns, dev, "add", "1:", rate_bits, max(64 << 10, rate_bits // 8 // 250), 8 << 20)
 
 
-class QdiscReader:
-    """Root qdisc counters of devices in one namespace, over one netlink
-    socket kept open until :meth:`close`: cheap enough to poll (opening a
-    socket for every poll was a fifth of the agent's CPU when it paced a
-    release).  Not for two threads at once."""
-
-    def __init__(self, ns: str | None) -> None:
-        self.ns = ns
-        self._ipr: Any = None
+class QdiscReader(links.KeptSocket):
+    """Root qdisc counters of devices in one namespace, over a kept netlink
+    socket: cheap enough to poll (opening a socket for every poll was a
+    fifth of the agent's CPU when it paced a release)."""
 
     @loop_safe
     def root(self, dev: str) -> QdiscInfo | None:
         """The root qdisc of ``dev`` and its counters (None: no such device)."""
         try:
-            if self._ipr is None:
-                self._ipr = NetNS(self.ns) if self.ns else IPRoute()
-            found = self._ipr.link_lookup(ifname=dev)
+            ipr = self.handle()
+            found = ipr.link_lookup(ifname=dev)
             if not found:
                 return None
-            msgs = self._ipr.get_qdiscs(found[0])
+            msgs = ipr.get_qdiscs(found[0])
         except (NetlinkError, OSError) as exc:
             self.close()
             raise KernelError(f"reading the qdiscs of {dev}: {exc}") from exc
@@ -219,14 +212,6 @@ class QdiscReader:
                              sent_bytes=int(basic["bytes"]) if basic else 0,
                              drops=int(queue["drops"]) if queue else 0)
         return None
-
-    def close(self) -> None:
-        if self._ipr is not None:
-            ipr, self._ipr = self._ipr, None
-            try:
-                ipr.close()
-            except OSError:
-                pass
 
 
 def root_stats(ns: str | None, dev: str) -> QdiscInfo | None:

@@ -221,6 +221,17 @@ def assert_none_lost_at_the_stop(res: dict[str, Any]) -> None:
     assert not [r for r in res["lost_runs_ms"] if r[1] >= stop - 20 and r[0] <= resume], summary(res)
 
 
+def assert_own_stop_settled(res: dict[str, Any]) -> None:
+    """QEMU's own stop came unforeseen, netpass settled what its readers
+    took, and nothing was lost."""
+    rep = res["report"]
+    assert rep["exit_code"] == 0 and rep["stop_path"] == "unforeseen", summary(res)
+    settle = [line for line in rep["logs"]["migrate"].splitlines() if "srcsettle" in line]
+    assert rep["swallowed_account"] == "inferred", (summary(res), settle)
+    assert_zero_loss(res)
+    assert_none_lost_at_the_stop(res)
+
+
 OWN_STOP = dict(rate=4000, switchover_pause_ms=200, flood_pps=1000, endgame=False)
 
 
@@ -235,13 +246,7 @@ def test_qemus_own_stop_unforeseen_loses_nothing(guest_image, no_leftovers) -> N
     netpass reads the lengths QEMU wrote into the guest's last receive
     buffers: they end one frame before the last QEMU read when it dropped
     one, and netpass then sends that frame on from the shadow ring."""
-    res = run(guest_image, "netpass", **OWN_STOP)
-    rep = res["report"]
-    assert rep["exit_code"] == 0 and rep["stop_path"] == "unforeseen", summary(res)
-    settle = [line for line in rep["logs"]["migrate"].splitlines() if "srcsettle" in line]
-    assert rep["swallowed_account"] == "inferred", (summary(res), settle)
-    assert_zero_loss(res)
-    assert_none_lost_at_the_stop(res)
+    assert_own_stop_settled(run(guest_image, "netpass", **OWN_STOP))
 
 
 OWN_STOP_ONE_SIZE = dict(rate=4000, switchover_pause_ms=200, endgame=False)  # probes alone: one size
@@ -257,10 +262,4 @@ def test_qemus_own_stop_with_frames_of_one_size_loses_nothing(guest_image, no_le
     buffer (its descriptor's address, from guest memory) and finds which of
     the two frames it holds (before this: one probe lost in 18 of 20 lab
     runs, `unknown`)."""
-    res = run(guest_image, "netpass", **OWN_STOP_ONE_SIZE)
-    rep = res["report"]
-    assert rep["exit_code"] == 0 and rep["stop_path"] == "unforeseen", summary(res)
-    settle = [line for line in rep["logs"]["migrate"].splitlines() if "srcsettle" in line]
-    assert rep["swallowed_account"] == "inferred", (summary(res), settle)
-    assert_zero_loss(res)
-    assert_none_lost_at_the_stop(res)
+    assert_own_stop_settled(run(guest_image, "netpass", **OWN_STOP_ONE_SIZE))
