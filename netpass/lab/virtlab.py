@@ -90,7 +90,15 @@ class VirtLab:
     def job_info(self) -> dict[str, str]:
         """``virsh domjobinfo --completed`` on the destination (the source's
         transient domain is gone with its migration), as a dict."""
-        out = self.dst.virsh("domjobinfo", DOMAIN, "--completed")
+        try:
+            out = self.dst.virsh("domjobinfo", DOMAIN, "--completed")
+        except LabError as exc:
+            # (Seen once in a CI run, after a migration virsh called done:
+            # say where the domain is and what libvirt and the guest said last.)
+            qemu_log = _read(self.dst.root / "log" / "qemu" / f"{DOMAIN}.log").strip().splitlines()[-8:]
+            console = _read(self.dst.console).strip().splitlines()[-5:]
+            raise LabError(f"{exc}; the domain's state: {self.where()}; the destination's QEMU log ends "
+                           f"{qemu_log}; its console ends {console}") from exc
         info = {}
         for line in out.splitlines():
             key, sep, value = line.partition(":")
