@@ -183,18 +183,52 @@ async def _xp(mon: QMP, count: int, unit: str, addr: int) -> list[int]:
     return values
 
 
+# The strides between a guest's RX buffers that :func:`buffer_before`
+# believes: a buffer holds a full frame and a header, and a page frag
+# (Linux's virtio-net carves its buffers from 32 KiB ones) holds it.
+STRIDES = range(1024, 32769)
+
+
+def buffer_before(bufs: list[tuple[int, int]]) -> int | None:
+    """Where the RX buffer the guest posted just before its next posted ones
+    lies, when that can be told; ``bufs``: their (address, length), in the
+    order it posted them.  A guest that carves its buffers back to back from
+    a page (Linux's virtio-net does) posts them one buffer length apart,
+    and the one before lies one length back: a length seen as the stride
+    from the first to the second (which the third, or the first's own
+    length, confirms), or, when the first took the rest of its page (longer
+    than the stride after it), the stride from the second to the third that
+    is the second's length.  None otherwise: a new page or a new size says
+    nothing of the one before."""
+    if len(bufs) < 3:
+        return None
+    (a0, n0), (a1, n1), (a2, _n2) = bufs[:3]
+    d0, d1 = a1 - a0, a2 - a1
+    if d0 in STRIDES and d0 in (d1, n0):
+        stride = d0
+    elif d1 in STRIDES and d1 == n1 and n0 > d1:
+        stride = d1
+    else:
+        return None
+    return a0 - stride if a0 >= stride else None
+
+
 async def used_tail(mon: QMP, path: str, queue: int, size: int = 128) -> bytes | None:
     """The first ``size`` bytes of the guest's last used buffer of RX
     ``queue`` (the virtio-net header QEMU wrote, then the frame), from guest
     memory: the used ring's last entry names the buffer's descriptor, which
-    holds its address.  None when there is no such entry, or when the guest
-    has posted that descriptor again (it may point at another buffer now).
-    Only with the VM stopped."""
+    holds its address.  When the guest has taken that buffer back and posted
+    the descriptor again (it points at a new buffer then), the buffer is the
+    one posted just before the device's next one, one stride before it
+    (:func:`buffer_before`): each buffer took one descriptor (the device
+    has used all it took).  None when neither tells.  Only with the VM
+    stopped."""
     st = await mon.execute("x-query-virtio-queue-status", {"path": path, "queue": 2 * queue})
     num, idx = int(st["vring-num"]), int(st["used-idx"])
     if not num or "last-avail-idx" not in st:
         return None
     desc, avail, used = int(st["vring-desc"]), int(st["vring-avail"]), int(st["vring-used"])
+    next_avail = int(st["last-avail-idx"])
     # struct vring_used: flags, idx, then {u32 id, u32 len} per slot
     head = (await _xp(mon, 1, "w", used + 4 + 8 * ((idx - 1) % num)))[0]
     if head >= num:
@@ -202,17 +236,24 @@ async def used_tail(mon: QMP, path: str, queue: int, size: int = 128) -> bytes |
     # struct vring_avail: flags, idx, then u16 heads; those from the
     # device's next one to the guest's idx are posted and not used yet.
     avail_idx = (await _xp(mon, 1, "h", avail + 2))[0]
-    posted = (avail_idx - int(st["last-avail-idx"])) % 65536
+    posted = (avail_idx - next_avail) % 65536
     if posted > num:
         return None
-    if posted:
-        ring = await _xp(mon, num, "h", avail + 4)
-        start = int(st["last-avail-idx"]) % num
-        if head in {ring[(start + k) % num] for k in range(posted)}:
-            return None
+    ring = await _xp(mon, num, "h", avail + 4) if posted else []
+    heads = [ring[(next_avail + k) % num] for k in range(posted)]
     # struct vring_desc: u64 addr, u32 len, u16 flags, u16 next
-    addr = (await _xp(mon, 1, "g", desc + 16 * head))[0]
-    return bytes(await _xp(mon, size, "b", addr))
+    if head not in heads:
+        addr = (await _xp(mon, 1, "g", desc + 16 * head))[0]
+        return bytes(await _xp(mon, size, "b", addr))
+    if next_avail % 65536 != idx % 65536 or posted < 3:
+        return None  # (QEMU holds a buffer it took: the last used one is not the one before its next)
+    table = await _xp(mon, 2 * num, "g", desc)
+    before = buffer_before([(table[2 * h], table[2 * h + 1] & 0xffffffff) for h in heads[:3]])
+    if before is None:
+        return None
+    log.info("RX queue %d of %s: the guest posted its last used buffer's descriptor again; reading the buffer "
+             "one stride before its next (%#x)", queue, path, before)
+    return bytes(await _xp(mon, size, "b", before))
 
 
 async def used_lengths(mon: QMP, path: str, queue: int, count: int) -> list[int]:

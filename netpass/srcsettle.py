@@ -238,7 +238,7 @@ class Settlement:
             self.st.notes.append(f"{sn.nic.tap}: its shadow ring missed {shadow.dropped} frame(s): what QEMU "
                                  "kept at its stop cannot be named")
         elif kept:
-            for f in [fd] if fd is not None else sn.fds:
+            for f in [fd] if fd is not None else stopaccount.fds_of_queue(datas, sn.drained, sn.fds):
                 drained = sn.drained.get(f, [])
                 found = [stopaccount.last_read_before_stop(datas, drained, held)] if starved else []
                 if used is not None:
@@ -250,8 +250,9 @@ class Settlement:
                     found.append(stopaccount.last_read_by_qemu(datas, drained))
                 if None not in found:
                     answers.add(tuple(i for i in found if i is not None))
-        if len(answers) == 1 and told in ({"dropped"}, {"got"}):
-            sn.window[q] = told == {"dropped"}  # (every fd tried told the same)
+        verdict = stopaccount.agreed_verdict(told)
+        if len(answers) == 1 and verdict is not None:
+            sn.window[q] = verdict
         chosen = answers.pop() if len(answers) == 1 else ()
         if sn.window.get(q):
             want += 1

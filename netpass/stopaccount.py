@@ -127,3 +127,28 @@ def dropped_in_stop_window(lengths: Sequence[int], last_read: int, held: bool,
     elif told is not None and told != lost:
         return False, None
     return True, (cand if lost else None)
+
+
+def agreed_verdict(told: set[str]) -> bool | None:
+    """What the fds tried for one queue agree the guest's used ring told
+    (each fd's kind, from ``srcsettle``: "dropped", "got", "untold" or
+    "mismatch"): True if QEMU dropped the frame, False if the guest has it,
+    None if they disagree or none told.  An fd whose drained frames the
+    queue's shadow does not end with ("mismatch") is another queue's, and
+    has no say."""
+    says = told - {"mismatch"}
+    if says == {"dropped"}:
+        return True
+    if says == {"got"}:
+        return False
+    return None
+
+
+def fds_of_queue(shadow: Sequence[bytes], drained: dict[int, list[bytes]], fds: Sequence[int]) -> list[int]:
+    """Which of a NIC's ``fds`` may be the queue whose ``shadow`` this is,
+    when its own fd is not known: one that read frames after the stop that
+    the shadow ends with (``drained``: per fd) is the queue's, since a
+    frame queued toward a queue is read from its fd only.  If none did,
+    any may be (an fd that read nothing names nothing)."""
+    own = [f for f in fds if drained.get(f) and last_read_by_qemu(shadow, drained[f]) is not None]
+    return own or list(fds)

@@ -6,7 +6,14 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from netpass.stopaccount import dropped_in_stop_window, last_read_before_stop, last_read_by_qemu
+from netpass.nics import buffer_before
+from netpass.stopaccount import (
+    agreed_verdict,
+    dropped_in_stop_window,
+    fds_of_queue,
+    last_read_before_stop,
+    last_read_by_qemu,
+)
 
 F = [bytes([i]) * 60 for i in range(10)]
 
@@ -167,3 +174,55 @@ def test_never_a_wrong_verdict_with_the_last_buffer(lengths: list[int], held: bo
     assert not decided or dropped == (cand if lost else None)
     if len(set(lengths)) == 1 and not reused and got >= 0:
         assert decided
+
+
+def back_to_back(addrs: list[int], length: int = 1536) -> list[tuple[int, int]]:
+    return [(a, length) for a in addrs]
+
+
+def test_the_buffer_before_lies_one_stride_back() -> None:
+    assert buffer_before(back_to_back([0x10000, 0x10600, 0x10c00])) == 0x10000 - 0x600
+    assert buffer_before(back_to_back([0x10000, 0x10600, 0x10c00, 0x50000])) == 0xfa00  # (only the first three)
+    assert buffer_before(back_to_back([0x10000, 0x10600, 0x48000])) == 0xfa00  # (the second ends its page)
+    # the first ends its page: its length takes the page's rest
+    assert buffer_before([(0x17a00, 0x600 + 0x200), (0x48000, 0x600), (0x48600, 0x600)]) == 0x17400
+
+
+def test_no_buffer_before_when_the_strides_do_not_tell() -> None:
+    assert buffer_before(back_to_back([0x10000, 0x10600])) is None  # (too few)
+    assert buffer_before(back_to_back([0x10000, 0x10600, 0x10d00], 0x500)) is None  # (a new size, or a new page)
+    assert buffer_before(back_to_back([0x10000, 0x40000, 0x70000])) is None  # (not one page's buffers)
+    assert buffer_before(back_to_back([0x10600, 0x10000, 0xfa00])) is None  # (downward)
+    assert buffer_before(back_to_back([0x10000, 0x10040, 0x10080], 0x40)) is None  # (smaller than a frame)
+    assert buffer_before(back_to_back([0x200, 0x800, 0xe00], 0x600)) is None  # (before the start of memory)
+    assert buffer_before([(0x17a00, 0x600), (0x48000, 0x600), (0x48600, 0x600)]) is None  # (a new page, no sign)
+
+
+@given(st.integers(0, 1 << 40), st.sampled_from([1536, 1600, 2048, 4096]), st.integers(0, 2),
+       st.integers(-4096, 4096))
+def test_a_buffer_before_is_one_buffer_back_or_none(base: int, stride: int, bend: int, shift: int) -> None:
+    """Buffers carved back to back name the one before them; moved about,
+    they name one a stride seen among them back, or none."""
+    bufs = [(base + k * stride, stride) for k in range(3)]
+    assert buffer_before(bufs) == (base - stride if base >= stride else None)
+    bufs[bend] = (bufs[bend][0] + shift, stride)
+    got = buffer_before(bufs)
+    assert got is None or got in {bufs[0][0] - (bufs[1][0] - bufs[0][0]), bufs[0][0] - (bufs[2][0] - bufs[1][0])}
+
+
+def test_the_fds_tried_for_a_queue_agree_or_tell_nothing() -> None:
+    assert agreed_verdict({"dropped"}) is True and agreed_verdict({"got"}) is False
+    # another queue's fd (its drained frames are not this queue's) has no say
+    assert agreed_verdict({"dropped", "mismatch"}) is True and agreed_verdict({"got", "mismatch"}) is False
+    for told in ({"got", "dropped"}, {"got", "untold"}, {"untold"}, {"mismatch"}, set()):
+        assert agreed_verdict(told) is None
+
+
+def test_the_fd_that_read_a_queues_last_frames_is_that_queues() -> None:
+    shadow = [probe(i) for i in range(10)]
+    other = [probe(100 + i, 60) for i in range(3)]
+    assert fds_of_queue(shadow, {7: other, 8: shadow[-2:]}, [7, 8]) == [8]
+    assert fds_of_queue(shadow, {7: other, 8: [shadow[-1]]}, [7, 8]) == [8]
+    # none read one of its frames: either may be its (neither names a frame)
+    assert fds_of_queue(shadow, {7: other}, [7, 8]) == [7, 8]
+    assert fds_of_queue(shadow, {}, [7, 8]) == [7, 8]

@@ -137,6 +137,11 @@ class Libvirtd:
     def log_file(self) -> Path:
         return self.root / "libvirtd.log"
 
+    @property
+    def qemu_log(self) -> Path:
+        """libvirt's log of the lab domain's QEMU on this host."""
+        return self.root / "log" / "qemu" / f"{DOMAIN}.log"
+
     def _script(self) -> str:
         mounts = ["mount -t tmpfs -o mode=0755 netpass-libvirt /run/libvirt"]
         mounts += [f"mount --bind '{self.root / key}' '{path}'" for key, path in PRIVATE_DIRS.items()]

@@ -95,7 +95,7 @@ class VirtLab:
         except LabError as exc:
             # (Seen once in a CI run, after a migration virsh called done:
             # say where the domain is and what libvirt and the guest said last.)
-            qemu_log = _read(self.dst.root / "log" / "qemu" / f"{DOMAIN}.log").strip().splitlines()[-8:]
+            qemu_log = _read(self.dst.qemu_log).strip().splitlines()[-8:]
             console = _read(self.dst.console).strip().splitlines()[-5:]
             raise LabError(f"{exc}; the domain's state: {self.where()}; the destination's QEMU log ends "
                            f"{qemu_log}; its console ends {console}") from exc
@@ -110,8 +110,7 @@ class VirtLab:
         """What libvirt's domain logs say it tainted the domain for, per host."""
         out = {}
         for daemon in (self.src, self.dst):
-            log = daemon.root / "log" / "qemu" / f"{DOMAIN}.log"
-            out[daemon.role] = sorted(set(re.findall(r"Domain id=\d+ is tainted: (\S+)", _read(log))))
+            out[daemon.role] = sorted(set(re.findall(r"Domain id=\d+ is tainted: (\S+)", _read(daemon.qemu_log))))
         return out
 
     def where(self) -> dict[str, str | None]:
