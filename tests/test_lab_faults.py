@@ -116,10 +116,18 @@ def test_migrate_sigkilled_at_the_stop_leaves_nothing(guest_image, no_leftovers)
 
 def test_migrate_sigkilled_midway_gives_qemu_back_its_parameters(guest_image, no_leftovers) -> None:
     """Killed during the RAM phase: the migration goes on as a plain one and
-    completes (netpass's downtime-limit of 0 alone would never converge)."""
-    res = run(guest_image, "netpass", expect_ok=False, fault="migrate-sigkill-midway", **SLOW)
+    completes (netpass's downtime-limit of 0 alone would never converge).
+    A slow migration on a busy core brings QEMU 7.2's TCG guest crash
+    after the resume often (a corrupted slab freelist): plain QEMU, no
+    netpass, 2 of 8 such runs; this test's run 2 of 11.  A fresh-clone CI
+    met it twice in a row.  What this test claims does not involve the
+    guest after the resume, so such a crash is only warned of (the
+    destination QEMU then exits, and the source's state says the migration
+    completed)."""
+    res = run(guest_image, "netpass", expect_ok=False, guest_crash_ok=True, fault="migrate-sigkill-midway", **SLOW)
     assert res["report"]["exit_code"] == -9, summary(res)
-    assert res["dst_status"] == "running", summary(res)
+    assert res["src_status"] == "postmigrate", summary(res)
+    assert res["dst_status"] == "running" or res["dst_guest_fault"], summary(res)
     assert_nothing_left(res)
 
 

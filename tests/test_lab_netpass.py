@@ -17,10 +17,15 @@ from netpass.lab import losses, scenario
 pytestmark = pytest.mark.lab
 
 
-def run(image: Any, mode: str, expect_ok: bool = True, **kw: Any) -> dict[str, Any]:
+def run(image: Any, mode: str, expect_ok: bool = True, guest_crash_ok: bool = False, **kw: Any) -> dict[str, Any]:
+    """One lab migration.  ``guest_crash_ok``: the test's claims do not
+    involve the guest after the resume (see below), so a crash there is
+    only warned of."""
     res = scenario.run_migration_scenario(image, scenario.ScenarioOptions(mode=mode, **kw),
                                           lambda m: None)
-    if res.get("dst_guest_fault"):
+    if res.get("dst_guest_fault") and guest_crash_ok:
+        warnings.warn(f"destination guest kernel crashed: {res['dst_guest_fault']}", stacklevel=2)
+    elif res.get("dst_guest_fault"):
         # QEMU 7.2 under TCG sometimes migrates a guest that then crashes on
         # the destination, with or without netpass (plain QEMU: 1 of 10 at
         # 4,000 pps).  Its console says so; that is not a network verdict,
@@ -28,7 +33,8 @@ def run(image: Any, mode: str, expect_ok: bool = True, **kw: Any) -> dict[str, A
         warnings.warn(f"destination guest kernel crashed, running again: {res['dst_guest_fault']}", stacklevel=2)
         res = scenario.run_migration_scenario(image, scenario.ScenarioOptions(mode=mode, **kw),
                                               lambda m: None)
-    assert res.get("dst_guest_fault") is None, f"the destination guest kernel crashed: {res['dst_guest_fault']}"
+    assert guest_crash_ok or res.get("dst_guest_fault") is None, \
+        f"the destination guest kernel crashed: {res['dst_guest_fault']}"
     if mode == "netpass" and expect_ok:
         rep = res["report"]
         assert rep.get("exit_code") == 0, (rep.get("error"), rep.get("logs"))

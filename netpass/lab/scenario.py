@@ -206,6 +206,7 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
         _await_fresh_counters([vm.console for vm in (lab.src_vm, lab.dst_vm) if vm.alive()])
         guest = guest_counters([lab.src_vm.console, lab.dst_vm.console])
         dst_fault = guest_fault(lab.dst_vm.console)
+        dst_trace = guest_fault_trace(lab.dst_vm.console) if dst_fault else []
         stats: dict[str, Any] = json.loads(out)
         stats["proto"] = opts.proto
         if flood is not None:
@@ -235,6 +236,7 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
         if opts.metrics:
             stats["metrics_before"], stats["metrics_after"] = result.metrics_before, result.metrics_after
         stats["dst_guest_fault"] = dst_fault
+        stats["dst_guest_fault_trace"] = dst_trace
         stats["src_stop_ms"] = rel(result.src_stop_t)
         # The traffic programs' own times, on this clock (they start a little
         # after probe_t0: their own offsets would be early by that much).
@@ -832,14 +834,21 @@ GUEST_FAULTS = ("Kernel panic", "BUG:", "Oops:", "general protection fault", "do
 def guest_fault(console: Path) -> str | None:
     """The first line of a guest kernel crash or virtio ring error on this
     console, if any: a guest that died is not a network loss."""
+    trace = guest_fault_trace(console, 1)
+    return trace[0][:200] if trace else None
+
+
+def guest_fault_trace(console: Path, lines: int = 40) -> list[str]:
+    """A guest kernel crash on this console, from its first line on (up to
+    ``lines``): where it was, for whoever looks into it."""
     try:
-        text = console.read_text(errors="replace")
+        text = console.read_text(errors="replace").splitlines()
     except OSError:
-        return None
-    for line in text.splitlines():
+        return []
+    for i, line in enumerate(text):
         if any(f in line for f in GUEST_FAULTS):
-            return line.strip()[:200]
-    return None
+            return [x.strip() for x in text[i:i + lines]]
+    return []
 
 
 def _whole_lines(console: Path) -> str:
