@@ -29,6 +29,7 @@ NUD_NOARP = 0x40
 NTF_SELF = 0x02
 NTF_MASTER = 0x04
 NTF_STICKY = 0x40
+IN6_ADDR_GEN_MODE_NONE = 1  # no link-local address (linux/if_link.h)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -159,10 +160,23 @@ def add_veth(ns_a: str | None, name_a: str, ns_b: str | None, name_b: str) -> No
 @loop_safe
 def add_ifb(ns: str | None, ifname: str) -> None:
     """An intermediate functional block device, up: what tc redirects to it
-    from a device's ingress goes back into that device's receive path."""
+    from a device's ingress goes back into that device's receive path.
+
+    Silent: no IPv6 link-local address, so the device sends no router
+    solicitation or MLD report of its own.  Such a frame went through the
+    ifb's qdisc like a redirected one (a hold's plug: it took a place in a
+    window) and then counted as one of netpass's primers in the ifb's
+    drops (Hold.own_queued).  A kernel without IPv6 has nothing to silence.
+    """
     with _ipr(ns) as ipr:
         ipr.link("add", ifname=ifname, kind="ifb")
-        ipr.link("set", index=_index(ipr, ifname), state="up")
+        index = _index(ipr, ifname)
+        try:
+            ipr.link("set", index=index, IFLA_AF_SPEC={"attrs": [
+                ("AF_INET6", {"attrs": [("IFLA_INET6_ADDR_GEN_MODE", IN6_ADDR_GEN_MODE_NONE)]})]})
+        except NetlinkError as exc:
+            log.debug("%s keeps its IPv6 address generation: %s", ifname, exc)
+        ipr.link("set", index=index, state="up")
 
 
 @loop_safe
