@@ -205,8 +205,8 @@ def run_migration_scenario(image: GuestImage, opts: ScenarioOptions, say: Say,
         dst_exit = lab.dst_vm.proc.poll() if lab.dst_vm.proc else None
         _await_fresh_counters([vm.console for vm in (lab.src_vm, lab.dst_vm) if vm.alive()])
         guest = guest_counters([lab.src_vm.console, lab.dst_vm.console])
-        dst_fault = guest_fault(lab.dst_vm.console)
-        dst_trace = guest_fault_trace(lab.dst_vm.console) if dst_fault else []
+        dst_trace = guest_fault_trace(lab.dst_vm.console)
+        dst_fault = guest_fault_line(dst_trace)
         stats: dict[str, Any] = json.loads(out)
         stats["proto"] = opts.proto
         if flood is not None:
@@ -834,7 +834,11 @@ GUEST_FAULTS = ("Kernel panic", "BUG:", "Oops:", "general protection fault", "do
 def guest_fault(console: Path) -> str | None:
     """The first line of a guest kernel crash or virtio ring error on this
     console, if any: a guest that died is not a network loss."""
-    trace = guest_fault_trace(console, 1)
+    return guest_fault_line(guest_fault_trace(console, 1))
+
+
+def guest_fault_line(trace: list[str]) -> str | None:
+    """A crash trace's first line, as reports carry it."""
     return trace[0][:200] if trace else None
 
 
