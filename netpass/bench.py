@@ -29,6 +29,7 @@ import sys
 import time
 import zlib
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -219,11 +220,34 @@ def perf_control(path: str | None, command: str) -> None:
         os.close(fd)
 
 
+def _batches(fd: int, count: int, batch_frames: int, compress: str, ch: Channel,
+             seq: int = 0) -> Iterator[tuple[int, int, bytes | bytearray, bool]]:
+    """Drain the tap, each batch encoded as ``netpass migrate`` encodes it:
+    (frames, their bytes without headers, the batch, compressed)."""
+    n = 0
+    while n < count:
+        bufs = tapfd.drain(fd, batch_frames)
+        if not bufs:
+            return
+        n += len(bufs)
+        size = sum(map(len, bufs))
+        zstd = ch.should_compress(compress, size)
+        t = time.perf_counter()
+        blob = wire.encode_records(seq, bufs, 0, HDR, time.monotonic_ns() // 1000, compress=zstd)
+        if zstd:
+            ch.compressed(size, len(blob), time.perf_counter() - t)
+        yield len(bufs), size - HDR * len(bufs), blob, zstd
+        seq += 1
+
+
 async def _send(frames: list[bytes], token: bytes, batch_frames: int, compress: str,
-                perf: str | None = None) -> dict[str, Any]:
+                perf: str | None = None, free_source: bool = False) -> dict[str, Any]:
     """The source's half: drain, batch, compress, ship, with the calls ``netpass
     migrate`` makes for them; its capture path's extra work (the shadow, the
-    alignment, the rollback cache) is measured apart, by :func:`session_capture`."""
+    alignment, the rollback cache) is measured apart, by :func:`session_capture`.
+    With ``free_source`` every batch is drained and encoded before the clock
+    starts, and the clock times the rest alone: the ceiling any source,
+    however cheap its capture, could reach with this channel, receiver and VM."""
     fd = _filled_tap("npb-src", frames)
     try:
         ch = await connect(f"{DST_IP}:{PORT}", token)
@@ -233,22 +257,18 @@ async def _send(frames: list[bytes], token: bytes, batch_frames: int, compress: 
         if ready.get("op") != "ready":
             raise LabError(f"the bench receiver sent {ready!r} instead of 'ready'")
         raw_bytes = seq = n = compressed = 0
+        made = _batches(fd, len(frames), batch_frames, compress, ch)
+        if free_source:
+            # Stamped now: the latency then counts the time they waited, not
+            # only their way across.
+            made = iter(list(made))
         perf_control(perf, "enable")
         cpu0 = _cpu()
         t0 = time.monotonic()
-        while n < len(frames):
-            bufs = tapfd.drain(fd, batch_frames)
-            if not bufs:
-                break
-            n += len(bufs)
-            size = sum(map(len, bufs))
-            raw_bytes += size - HDR * len(bufs)
-            zstd = ch.should_compress(compress, size)
-            t = time.perf_counter()
-            blob = wire.encode_records(seq, bufs, 0, HDR, time.monotonic_ns() // 1000, compress=zstd)
-            if zstd:
-                ch.compressed(size, len(blob), time.perf_counter() - t)
-                compressed += 1
+        for k, raw, blob, zstd in made:
+            n += k
+            raw_bytes += raw
+            compressed += zstd
             await ch.send(BATCH, blob)
             seq += 1
         t_drained = time.monotonic()
@@ -448,11 +468,13 @@ async def _serve(token: bytes, ready: str, expect: int, verify: bool) -> None:
 
 
 def run(size: int, count: int, batch_frames: int = 512, verify: bool = False,
-        compress: str = "auto", link_mbit: int | None = None, perf: str | None = None) -> dict[str, Any]:
+        compress: str = "auto", link_mbit: int | None = None, perf: str | None = None,
+        free_source: bool = False) -> dict[str, Any]:
     """Run the bench once; ``verify`` has the sink check every byte (slower);
     ``compress`` is the policy, as ``netpass migrate --compress``;
     ``link_mbit`` limits the link between the two hosts (a tbf); ``perf`` is
-    a perf control FIFO, enabled for the transfer only (:func:`perf_control`)."""
+    a perf control FIFO, enabled for the transfer only (:func:`perf_control`);
+    ``free_source`` drains and encodes before the clock (see :func:`_send`)."""
     if size < 60 or size > 1514:
         raise LabError("--size is a frame size in bytes, 60 to 1514")
     if not 1 <= count <= MAX_FRAMES:
@@ -487,7 +509,7 @@ def run(size: int, count: int, batch_frames: int = 512, verify: bool = False,
             quiet_namespace()
             raw = raw_drain(frames)
             session_us = asyncio.run(session_capture(frames))
-            res = asyncio.run(_send(frames, token, batch_frames, compress, perf))
+            res = asyncio.run(_send(frames, token, batch_frames, compress, perf, free_source))
         recv.wait(60)
     finally:
         if recv is not None and recv.poll() is None:
@@ -501,6 +523,7 @@ def run(size: int, count: int, batch_frames: int = 512, verify: bool = False,
         netns.remove(a)
         netns.remove(b)
     out = _fields(res, raw, session_us, size, compress, link_mbit)
+    out["free_source"] = free_source
     if verify:
         expect = 0
         for f in frames:

@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --live: how long each rate is offered (default 2)")
     bench.add_argument("--repeat", type=_positive(int, "--repeat"), default=1, metavar="N",
                        help="run N times and report each field's median, and every run (with --json)")
+    bench.add_argument("--free-source", action="store_true",
+                       help="drain and encode every batch before the clock starts: the ceiling of the "
+                            "channel, the destination and the VM, whatever the source's capture costs")
     bench.add_argument("--perf-control", metavar="FIFO",
                        help="a FIFO that perf record/stat -D -1 --control=fifo:FIFO reads: counting is "
                             "enabled for the transfer alone")
@@ -546,6 +549,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--live and --cache-cap-mib are two different benches: choose one")
     if args.perf_control and (args.live or args.cache_cap_mib):
         raise UsageError("--perf-control profiles the transfer bench, not --live or --cache-cap-mib")
+    if args.free_source and (args.live or args.cache_cap_mib):
+        raise UsageError("--free-source is for the transfer bench, not --live or --cache-cap-mib")
     if args.perf_control and not Path(args.perf_control).is_fifo():
         raise UsageError(f"--perf-control {args.perf_control} is not a FIFO: {perf_hint(args.perf_control)}")
     runs: list[dict[str, Any]] = []
@@ -564,7 +569,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             with err_console.status(f"bench: {args.frames} frames of {args.size} bytes{of}"):
                 runs.append(run(args.size, args.frames, compress=args.compress, link_mbit=args.link_mbit,
-                                perf=args.perf_control))
+                                perf=args.perf_control, free_source=args.free_source))
     res = runs[0] if args.repeat == 1 else medians(runs)
     if args.json:
         print(json.dumps(res if args.repeat == 1 else {"median": res, "runs": runs}))

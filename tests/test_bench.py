@@ -18,10 +18,11 @@ def test_mixed_frames_look_like_traffic() -> None:
     assert len(set(frames)) == 500  # not repeated bytes
 
 
-@pytest.mark.parametrize("size", [64, 1500])
-def test_bench_carries_every_frame(root_required: None, size: int) -> None:
+@pytest.mark.parametrize("size,free_source", [(64, False), (1500, False), (1500, True)])
+def test_bench_carries_every_frame(root_required: None, size: int, free_source: bool) -> None:
     before = set(netns.list_names())
-    res = run(size, 3000, verify=True, compress="zstd")
+    res = run(size, 3000, verify=True, compress="zstd", free_source=free_source)
+    assert res["free_source"] is free_source
     assert res["frames"] == res["frames_sunk"] == 3000
     assert res["content_ok"]  # every byte, in order
     assert res["frames_per_second"] > 0 and res["raw_drain_fps"] > 0 and 0 < res["ratio_to_raw"]

@@ -37,6 +37,8 @@ def test_bench_perf_control_wants_a_fifo(root_required: None, tmp_path: Path) ->
     assert res.returncode == 2 and "is not a FIFO" in res.stderr and "mkfifo" in res.stderr
     res = run_cli("bench", "--live", "--perf-control", str(plain))
     assert res.returncode == 2 and "not --live" in res.stderr
+    res = run_cli("bench", "--cache-cap-mib", "8", "--free-source")
+    assert res.returncode == 2 and "--free-source is for the transfer bench" in res.stderr
 
 
 def test_version() -> None:
