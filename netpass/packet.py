@@ -516,9 +516,16 @@ class ShadowRing:
 
     BLOCK_SIZE = 256 << 10  # a 64 KiB GSO frame and its headers fit one block
     BLOCKS = 64  # 16 MiB of kernel memory a queue
-    HISTORY = 16  # blocks kept: 4 MiB, some 2,600 frames of 1500 bytes (a tap ring is 1,000)
+    HISTORY = 16  # blocks kept at least: 4 MiB, some 2,600 frames of 1500 bytes (a tap ring is 1,000)
+    # ... and more while they hold fewer frames than this: a block is handed
+    # over RETIRE_MS after its first frame, so at a few thousand small frames
+    # a second 16 blocks are 64 ms, less than a reader that holds a frame
+    # for want of a guest buffer leaves queued behind it (fresh-ci on
+    # 5d3e5fb: a frame QEMU held from 120 ms before its stop, not named).
+    KEEP_FRAMES = 2048
+    MAX_KEPT = 40  # (24 blocks, 6 MiB, stay the kernel's to fill: asked back every 10 ms at most then)
     RETIRE_MS = 4
-    MIN_KEEP_S, MAX_KEEP_S = 0.002, 0.02  # (20 ms of 2.4 Gbit/s is half the free blocks)
+    MIN_KEEP_S, MAX_KEEP_S = 0.002, 0.02  # (20 ms of 2.4 Gbit/s is half of 48 free blocks)
 
     def __init__(self, ifname: str, queue: int | None = None) -> None:
         self.ifname = ifname
@@ -577,19 +584,29 @@ class ShadowRing:
         return n
 
     def keep_recent(self) -> float:
-        """Hand all but the ``HISTORY`` newest handed-over blocks back; the
-        seconds the kernel's free blocks last at the pace since the last
-        call, a quarter of it: when to call again (2 to 20 ms: traffic can
-        start at full pace between two calls)."""
+        """Hand the oldest handed-over blocks back, keeping the newest
+        ``HISTORY``, and more while those hold fewer than ``KEEP_FRAMES``
+        frames (up to ``MAX_KEPT``); the seconds the kernel's free blocks
+        last at the pace since the last call, a quarter of it: when to call
+        again (2 to 20 ms, less with fewer free blocks: traffic can start at
+        full pace between two calls)."""
         assert self.map is not None
         now = time.monotonic()
         n = self._look()
         owned, mm, size = self._owned, self.map, self.BLOCK_SIZE
-        while len(owned) > self.HISTORY:
+        keep, frames = 0, 0
+        for _serial, b in reversed(owned):
+            if keep >= self.MAX_KEPT or (keep >= self.HISTORY and frames >= self.KEEP_FRAMES):
+                break
+            keep += 1
+            frames += _U32.unpack_from(mm, b * size + 12)[0]
+        while len(owned) > keep:
             _U32.pack_into(mm, owned.popleft()[1] * size + 8, TP_STATUS_KERNEL)
         rate = n / max(now - self._kept_t, 1e-3)
         self._kept_t = now
-        return min(self.MAX_KEEP_S, max(self.MIN_KEEP_S, (self.BLOCKS - self.HISTORY) / max(rate, 1.0) / 4))
+        free = self.BLOCKS - len(owned)
+        longest = self.MAX_KEEP_S * free / (self.BLOCKS - self.HISTORY)
+        return min(longest, max(self.MIN_KEEP_S, free / max(rate, 1.0) / 4))
 
     @property
     def kept_blocks(self) -> int:

@@ -194,6 +194,26 @@ def test_shadow_ring_keeps_the_newest_frames_in_order_across_wraps(tap: int) -> 
         shadow.close()
 
 
+def test_shadow_ring_keeps_a_tap_rings_worth_of_frames_at_a_low_pace(tap: int) -> None:
+    """100 frames every 5 ms: the kernel hands a block over 4 ms after its
+    first frame, so each holds about 100, and ``HISTORY`` blocks would be
+    only some 1,600 frames (64 ms), less than a tap ring a reader that holds
+    a frame leaves behind it.  The ring keeps ``KEEP_FRAMES`` (or all it may
+    keep, ``MAX_KEPT`` blocks), the newest, in order, none missing."""
+    shadow = ShadowRing("tap0")
+    try:
+        for start in range(0, 4000, 100):
+            _send_through(tap, start, 100, 1400, keep=shadow)
+            time.sleep(0.005)
+        got = _numbers(shadow)
+        assert shadow.dropped == 0
+        assert got == list(range(4000 - len(got), 4000))
+        assert len(got) >= ShadowRing.KEEP_FRAMES or shadow.kept_blocks >= ShadowRing.MAX_KEPT, \
+            (len(got), shadow.kept_blocks)
+    finally:
+        shadow.close()
+
+
 def test_a_shadow_ring_that_fell_behind_gives_only_what_follows_its_gap(tap: int) -> None:
     """Never kept, the ring fills and the kernel drops: nothing before the
     drops is trusted, and what comes after them, once kept again, is whole."""
